@@ -1,0 +1,182 @@
+"""``lmpipe <stage>``: the one entry point DVC stages, Prefect tasks and people all call.
+
+The CLI is thin: load and validate params.yaml (plus ``-S key=value`` overrides), open the stage's
+MLflow run, call the stage's ``run(cfg, paths)``, log its summary. ``--help`` of each stage lists
+every key of its config section, generated from the pydantic models (no second list of options).
+
+Exit codes: 0 success, 2 user error (bad config, bad data; one line, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmpipe.errors import LmpipeError
+
+log = logging.getLogger("lmpipe")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    section: str
+    help: str
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("collect", "lmpipe.data.collect", "collect", "Gather text from sources into data/raw/."),
+        Stage("clean", "lmpipe.data.clean", "clean", "Filter, redact and deduplicate data/raw/ into data/clean/."),
+        Stage("validate", "lmpipe.data.validate", "validate", "Great Expectations suites on raw and clean data."),
+        Stage("split", "lmpipe.data.split", "split", "Deterministic train/val/test split of data/clean/."),
+        Stage("tokenizer", "lmpipe.tokenizer.train", "tokenizer", "Train a sentencepiece tokenizer on the train split."),
+        Stage("tokenize", "lmpipe.tokenizer.shards", "tokenize", "Tokenize the splits into memory-mapped token shards."),
+        Stage("pretrain", "lmpipe.train.pretrain", "pretrain", "Pretrain the GPT model on the token shards."),
+    ]
+}
+
+
+def _stage_help(stage: Stage) -> str:
+    from lmpipe.config import _section_models, describe_model
+
+    models = _section_models()
+    model = models.get(stage.section)
+    if model is None:
+        return ""
+    rows = describe_model(model, stage.section)
+    width = max(len(r[0]) for r in rows) if rows else 0
+    lines = [f"params.yaml keys (section '{stage.section}'), override with -S KEY=VALUE:", ""]
+    for key, type_name, default, desc in rows:
+        head = f"  {key.ljust(width)}  {type_name}" + (f" = {default}" if default else "")
+        lines.append(head)
+        if desc:
+            lines.extend(textwrap.wrap(desc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    doc = (model.__doc__ or "").strip().splitlines()
+    if doc:
+        lines.insert(0, doc[0] + "\n")
+    return "\n".join(lines)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--params", default="params.yaml", help="Params file (default: params.yaml).")
+    parser.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="Override a params key, e.g. -S clean.near_dedup.threshold=0.7 (repeatable).",
+    )
+    parser.add_argument("--root", default=".", help="Project root holding data/, models/ ... (default: .).")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks and debug logs.")
+
+
+class _LazyHelpParser(argparse.ArgumentParser):
+    """Builds the (import-heavy) per-key epilog only when --help is asked for."""
+
+    epilog_factory: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None and not self.epilog:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmpipe",
+        description="From raw text to a small language model: each stage reads params.yaml and writes its outputs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Stages run in this order: " + " -> ".join(STAGES) + ". `lmpipe STAGE --help` lists its keys.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyHelpParser)
+    for stage in STAGES.values():
+        sp = sub.add_parser(stage.name, help=stage.help, description=stage.help,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.epilog_factory = (lambda s=stage: _stage_help(s))  # type: ignore[attr-defined]
+        _common(sp)
+    sp = sub.add_parser("params", help="Print the validated params (all sections, defaults filled in).",
+                        description="Print the validated params (all sections, defaults filled in).")
+    _common(sp)
+    sp.add_argument("section", nargs="?", help="Only this section.")
+    return parser
+
+
+def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] | None = None,
+              root: str | Path = ".") -> dict[str, Any]:
+    """Run one stage as the CLI does (params, MLflow run, summary). Returns the stage's summary."""
+    from lmpipe.config import Paths, load_params
+    from lmpipe.tracking import stage_run
+
+    stage = STAGES[name]
+    root = Path(root).resolve()
+    params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path, overrides)
+    cfg = params.section(stage.section)
+    paths = Paths(root)
+    module = importlib.import_module(stage.module)
+    with stage_run(name, params.tracking, root) as tracker:
+        tracker.log_params(cfg.model_dump(mode="json"))
+        summary: dict[str, Any] = module.run(cfg, paths)
+        tracker.log_metrics({k: v for k, v in summary.items() if k != "artifacts"})
+        for artifact in summary.get("artifacts", []):
+            tracker.log_artifact(artifact)
+    return summary
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=debug, rich_tracebacks=debug, markup=False)],
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "fsspec", "numba", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(args.debug)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "params":
+            from lmpipe.config import load_params
+
+            params = load_params(Path(args.root) / args.params, args.overrides)
+            data = params.to_dict()
+            if args.section:
+                if args.section not in data:
+                    raise LmpipeError(f"no section '{args.section}' (sections: {', '.join(data)})")
+                data = data[args.section]
+            print(json.dumps(data, indent=2))
+            return 0
+        summary = run_stage(args.command, args.params, args.overrides, args.root)
+        shown = {k: v for k, v in summary.items() if k != "artifacts"}
+        log.info("%s done: %s", args.command, json.dumps(shown, default=str))
+        return 0
+    except LmpipeError as err:
+        if args.debug:
+            log.exception("%s failed", args.command)
+        print(f"lmpipe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Typed configuration from ``params.yaml``.
+
+One pydantic model per stage section, defined next to the stage's code (``lmpipe/<area>/config.py``)
+and assembled here into :class:`Params`. Every model forbids unknown keys and validates types
+strictly (YAML already gives typed values, so ``"5"`` for an integer is a mistake, not a
+conversion), and errors name the key path: ``params.yaml: clean.quality.min_words: ...``.
+
+Overrides use the same syntax as ``dvc exp run -S``: ``section.key=value`` with a YAML value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmpipe.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config model: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=False)
+
+
+class TrackingConfig(Section):
+    """MLflow tracking."""
+
+    enabled: bool = Field(True, description="Log each stage as an MLflow run.")
+    experiment: str = Field("lmpipe", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default sqlite:///mlflow.db at the project root. "
+        "The MLFLOW_TRACKING_URI environment variable wins over both.",
+    )
+
+
+def _section_models() -> dict[str, type[Section]]:
+    """Section name -> model. Imported lazily so ``lmpipe --help`` stays fast."""
+    from lmpipe.data.config import CleanConfig, CollectConfig, SplitConfig, ValidateConfig
+
+    sections: dict[str, type[Section]] = {
+        "tracking": TrackingConfig,
+        "collect": CollectConfig,
+        "clean": CleanConfig,
+        "validate": ValidateConfig,
+        "split": SplitConfig,
+    }
+    try:
+        from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
+    except ImportError:  # pragma: no cover - area not present in a partial install
+        pass
+    else:
+        sections["tokenizer"] = TokenizerConfig
+        sections["tokenize"] = TokenizeConfig
+    try:
+        from lmpipe.train.config import PretrainConfig
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        sections["pretrain"] = PretrainConfig
+    return sections
+
+
+class Params:
+    """All sections of params.yaml, validated. Access a section as an attribute: ``params.clean``."""
+
+    def __init__(self, sections: dict[str, Section], source: str) -> None:
+        self._sections = sections
+        self.source = source
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_sections"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def section(self, name: str) -> Section:
+        return self._sections[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: model.model_dump(mode="json") for name, model in self._sections.items()}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes, relative to the project root (fixed by dvc.yaml)."""
+
+    root: Path = field(default_factory=Path.cwd)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def clean(self) -> Path:
+        return self.root / "data" / "clean"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "data" / "split"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "artifacts" / "tokenizer"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "data" / "tokens"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+# YAML 1.1 (PyYAML) reads "1e-3" as a string; YAML 1.2 and every user read it as a float.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    key, _, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key in path")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = parse_yaml(raw, f"override {key}")
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk a model class along an error location; return the model that owns the last key."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(str(part))
+        if info is None:
+            # discriminated-union tag (e.g. 'files') in the location: look it up among members
+            return None
+        current = _unwrap(info.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional/list/dict wrappers to reach a model class when there is exactly one."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is None:
+            return annotation
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+        if len(args) == 1:
+            annotation = args[0]
+            continue
+        if origin is dict and args:
+            annotation = args[-1]
+            continue
+        return annotation
+
+
+def format_validation_error(err: ValidationError, section: str, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        path = ".".join([section, *(str(p) for p in loc)])
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            hint = ""
+            if owner is not None:
+                known = list(owner.model_fields)
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            lines.append(f"{source}: {path}: unknown key{hint}")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{source}: {path}: {item['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_params(
+    path: str | Path = "params.yaml",
+    overrides: list[str] | None = None,
+    sections: list[str] | None = None,
+) -> Params:
+    """Read and validate params.yaml (missing sections take their defaults).
+
+    Raises ConfigError naming the file and key path for unknown keys, wrong types and
+    impossible values.
+    """
+    path = Path(path)
+    if path.is_file():
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    elif path.name == "params.yaml" and not path.exists():
+        data = {}
+    else:
+        raise ConfigError(f"{path}: params file not found")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides or []:
+        apply_override(data, override)
+    models = _section_models()
+    unknown = [key for key in data if key not in models]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(models), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(models)})"
+        raise ConfigError(f"{path}: {unknown[0]}: unknown section{hint}")
+    validated: dict[str, Section] = {}
+    wanted = sections or list(models)
+    for name in models:
+        if name not in wanted:
+            continue
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: {name}: must be a mapping, got {type(raw).__name__}")
+        try:
+            validated[name] = models[name].model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, name, models[name], str(path))) from None
+    return Params(validated, str(path))
+
+
+def describe_model(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, description) for every key of a section, nested ones too."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        members = _union_models(info.annotation)
+        if members:
+            rows.append((f"{key}[]", "list", "", info.description or ""))
+            for member in members:
+                tag = member.model_fields["type"].annotation
+                label = get_args(tag)[0] if get_args(tag) else member.__name__
+                doc = (member.__doc__ or "").strip().splitlines()
+                rows.append((f"{key}[type={label}]", member.__name__, "", doc[0] if doc else ""))
+                rows.extend(r for r in describe_model(member, f"{key}[type={label}]") if not r[0].endswith(".type"))
+            continue
+        inner = _unwrap(info.annotation)
+        type_name = _type_name(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and get_origin(info.annotation) is None:
+            rows.append((key, type_name, "", info.description or ""))
+            rows.extend(describe_model(inner, key))
+            continue
+        default = "" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        if len(default) > 60:
+            default = default[:57] + "..."
+        rows.append((key, type_name, default, info.description or ""))
+    return rows
+
+
+def _union_models(annotation: Any) -> list[type[BaseModel]]:
+    """Members of a (list of a) discriminated union of models, e.g. collect.sources."""
+    while get_origin(annotation) in (list, Annotated):
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(members) > 1 and all("type" in m.model_fields for m in members):
+            return members
+    return []
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if get_origin(annotation) is None else None
+    if text:
+        return text
+    return re.sub(r"\b(typing|lmpipe\.[\w.]+)\.", "", str(annotation)).replace("NoneType", "None")

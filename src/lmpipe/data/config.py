@@ -1,0 +1,236 @@
+"""Config sections of the data stages: ``collect``, ``clean``, ``validate``, ``split``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from lmpipe.config import Section
+
+# ---------------------------------------------------------------------------------------- collect
+
+
+class _SourceBase(Section):
+    name: str = Field(..., min_length=1, description="Name recorded in the `source` column.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Relative share of the mixture. The mixture is as large as the sources allow "
+        "at these proportions (and collect.max_docs).",
+    )
+    max_docs: int | None = Field(None, gt=0, description="Read at most this many documents.")
+
+
+class HFSource(_SourceBase):
+    """A Hugging Face dataset by hub name, or a local dataset directory / data files."""
+
+    type: Literal["hf"]
+    path: str = Field(..., description="Hub name ('wikitext'), a local dataset dir or a builder ('json', 'parquet').")
+    config_name: str | None = Field(None, description="Dataset configuration (e.g. 'wikitext-2-raw-v1').")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Git revision of a hub dataset (pin it for reproducibility).")
+    data_files: str | list[str] | None = Field(None, description="Files for builder datasets ('json', 'parquet').")
+    text_field: str = Field("text", description="Column holding the text.")
+    streaming: bool = Field(False, description="Stream instead of downloading the whole dataset first.")
+
+
+class FilesSource(_SourceBase):
+    """Local files: txt, jsonl, parquet, csv/tsv; paths may be globs."""
+
+    type: Literal["files"]
+    paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.")
+    format: Literal["auto", "txt", "jsonl", "parquet", "csv", "tsv"] = Field(
+        "auto", description="File format; 'auto' picks by extension."
+    )
+    text_field: str = Field("text", description="Column/field holding the text (jsonl, parquet, csv).")
+    txt_split: Literal["file", "paragraph", "line"] = Field(
+        "paragraph", description="For txt: one document per file, per blank-line paragraph, or per line."
+    )
+
+
+class UrlSource(_SourceBase):
+    """A file downloaded over HTTP(S), verified against its sha256."""
+
+    type: Literal["url"]
+    url: str = Field(..., description="http(s) URL of a txt/jsonl/parquet/csv file.")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of the downloaded file.")
+    format: Literal["auto", "txt", "jsonl", "parquet", "csv", "tsv"] = Field("auto", description="File format.")
+    text_field: str = Field("text", description="Column/field holding the text.")
+    txt_split: Literal["file", "paragraph", "line"] = Field("paragraph", description="How txt splits into documents.")
+    retries: int = Field(4, ge=0, description="Retries with exponential backoff on network errors.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+
+
+class SyntheticSource(_SourceBase):
+    """The embedded default: generated documents with real structure and deliberate noise."""
+
+    type: Literal["synthetic"]
+    num_docs: int = Field(4000, gt=0, description="Clean documents to generate (noise is added on top).")
+    noise_fraction: float = Field(
+        0.15, ge=0, le=1, description="Extra noisy documents (duplicates, boilerplate, PII, other languages...) as a fraction of num_docs."
+    )
+    kinds: dict[str, float] = Field(
+        default_factory=lambda: {"story": 0.5, "review": 0.3, "instruction": 0.2},
+        description="Mix of document kinds: story, review (labelled sentiment), instruction.",
+    )
+
+
+Source = Annotated[HFSource | FilesSource | UrlSource | SyntheticSource, Field(discriminator="type")]
+
+
+class CollectConfig(Section):
+    """Gather documents from sources, mix them by weight, write data/raw/ parquet shards."""
+
+    seed: int = Field(1234, description="Seed for generation and mixture sampling.")
+    max_docs: int | None = Field(None, gt=0, description="Cap on the whole mixture.")
+    shard_docs: int = Field(20_000, gt=0, description="Documents per output parquet shard.")
+    sources: list[Source] = Field(
+        default_factory=lambda: [SyntheticSource(type="synthetic", name="synthetic")],
+        min_length=1,
+        description="Where text comes from (type: hf | files | url | synthetic).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CollectConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ clean
+
+
+class NormalizeRule(Section):
+    enabled: bool = Field(True, description="Unicode normalisation and control-character removal.")
+    form: Literal["NFC", "NFKC"] = Field("NFC", description="Unicode normal form.")
+
+
+class EncodingRule(Section):
+    enabled: bool = Field(True, description="Drop documents with broken encodings (U+FFFD, mojibake).")
+    max_bad_fraction: float = Field(0.001, ge=0, le=1, description="Max fraction of characters that look broken.")
+
+
+class LengthRule(Section):
+    enabled: bool = True
+    min_chars: int = Field(50, ge=0, description="Drop documents shorter than this.")
+    max_chars: int = Field(200_000, gt=0, description="Drop documents longer than this.")
+
+
+class QualityRule(Section):
+    """Gopher quality rules (Rae et al. 2021, appendix A.1.1); defaults are the paper's thresholds."""
+
+    enabled: bool = True
+    min_words: int = Field(50, ge=0, description="Gopher: at least 50 words.")
+    max_words: int = Field(100_000, gt=0, description="Gopher: at most 100,000 words.")
+    min_mean_word_length: float = Field(3.0, ge=0, description="Gopher: mean word length >= 3 characters.")
+    max_mean_word_length: float = Field(10.0, gt=0, description="Gopher: mean word length <= 10 characters.")
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description="Gopher: '#' and '...' per word <= 0.1.")
+    max_ellipsis_line_fraction: float = Field(0.3, ge=0, le=1, description="Gopher: lines ending in '...' <= 30%.")
+    max_bullet_line_fraction: float = Field(0.9, ge=0, le=1, description="Gopher: lines starting with a bullet <= 90%.")
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="Gopher: >= 80% of words contain a letter.")
+    min_stop_words: int = Field(2, ge=0, description="Gopher: at least 2 of the, be, to, of, and, that, have, with (English only).")
+
+
+class RepetitionRule(Section):
+    """Gopher repetition rules (Rae et al. 2021, table A1)."""
+
+    enabled: bool = True
+    max_dup_line_fraction: float = Field(0.30, ge=0, le=1, description="Duplicate lines / lines.")
+    max_dup_para_fraction: float = Field(0.30, ge=0, le=1, description="Duplicate paragraphs / paragraphs.")
+    max_dup_line_char_fraction: float = Field(0.20, ge=0, le=1, description="Characters in duplicate lines / characters.")
+    max_dup_para_char_fraction: float = Field(0.20, ge=0, le=1, description="Characters in duplicate paragraphs / characters.")
+    top_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> max fraction of characters covered by the most frequent word n-gram.",
+    )
+    dup_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> max fraction of characters inside word n-grams that occur more than once.",
+    )
+
+
+class LanguageRule(Section):
+    enabled: bool = True
+    keep: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep (e.g. en, zh).")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Drop when the detector's confidence is below this.")
+
+
+class PiiRule(Section):
+    enabled: bool = True
+    email: bool = Field(True, description="Replace e-mail addresses with <EMAIL>.")
+    phone: bool = Field(True, description="Replace phone numbers with <PHONE>.")
+    ip: bool = Field(True, description="Replace IPv4 addresses with <IP_ADDRESS>.")
+
+
+class ExactDedupRule(Section):
+    enabled: bool = Field(True, description="Drop documents whose normalised text (case, whitespace, punctuation) was seen before.")
+
+
+class NearDedupRule(Section):
+    enabled: bool = Field(True, description="MinHash LSH near-duplicate removal.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity at or above which a document is a duplicate.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_size: int = Field(5, ge=1, description="Word n-gram size of the shingles.")
+    seed: int = Field(1, description="Seed of the hash permutations.")
+
+
+class DecontaminateRule(Section):
+    enabled: bool = True
+    ngram: int = Field(13, ge=3, description="Drop documents sharing a word n-gram of this size with an eval set (GPT-3 used 13).")
+    eval_files: list[str] = Field(default_factory=list, description="Eval sets (txt/jsonl/parquet/csv files or globs).")
+    eval_text_field: str = Field("text", description="Text field of structured eval files.")
+
+
+class CleanConfig(Section):
+    """Normalise, filter, redact and deduplicate data/raw/ into data/clean/ with clean_report.json."""
+
+    normalize: NormalizeRule = Field(default_factory=NormalizeRule)
+    encoding: EncodingRule = Field(default_factory=EncodingRule)
+    length: LengthRule = Field(default_factory=LengthRule)
+    language: LanguageRule = Field(default_factory=LanguageRule)
+    quality: QualityRule = Field(default_factory=QualityRule)
+    repetition: RepetitionRule = Field(default_factory=RepetitionRule)
+    pii: PiiRule = Field(default_factory=PiiRule)
+    exact_dedup: ExactDedupRule = Field(default_factory=ExactDedupRule)
+    near_dedup: NearDedupRule = Field(default_factory=NearDedupRule)
+    decontaminate: DecontaminateRule = Field(default_factory=DecontaminateRule)
+    examples_per_rule: int = Field(5, ge=0, le=100, description="Examples of removed documents kept per rule in the report.")
+    shard_docs: int = Field(20_000, gt=0, description="Documents per output parquet shard.")
+    workers: int | None = Field(None, gt=0, description="Worker threads/processes; default: all cores.")
+
+
+# --------------------------------------------------------------------------------------- validate
+
+
+class ValidateConfig(Section):
+    """Great Expectations suites on data/raw and data/clean; a failed suite fails the stage."""
+
+    raw_suite: str | None = Field(None, description="Suite JSON for raw data; default: the suite shipped with lmpipe.")
+    clean_suite: str | None = Field(None, description="Suite JSON for clean data; default: the suite shipped with lmpipe.")
+    min_chars: int = Field(1, ge=0, description="Every clean document has at least this many characters.")
+    max_chars: int = Field(200_000, gt=0, description="Every clean document has at most this many characters.")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="Languages clean data may contain.")
+    min_language_fraction: float = Field(0.99, ge=0, le=1, description="Fraction of clean docs whose language is in `languages`.")
+    min_docs: int = Field(100, ge=1, description="Clean data must have at least this many documents.")
+
+
+# ------------------------------------------------------------------------------------------ split
+
+
+class SplitConfig(Section):
+    """Deterministic train/val/test split by hash of `id` (a document never moves between splits)."""
+
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of documents in val.")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of documents in test.")
+    salt: str = Field("lmpipe", description="Salt of the split hash; change it to draw a different split.")
+    decontaminate_train: bool = Field(True, description="Drop train documents sharing an n-gram with val/test.")
+    ngram: int = Field(13, ge=3, description="n-gram size for train decontamination.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1 (train would be empty)")
+        return self

@@ -1,0 +1,195 @@
+"""Atomic writes, manifests and fingerprints shared by every stage.
+
+Nothing in lmpipe writes a final output path directly. Files go to a temporary sibling and are
+renamed into place (``os.replace`` is atomic on POSIX within one filesystem); directories are built
+in a temporary sibling directory and swapped in as a whole. An interrupted stage therefore leaves
+either the previous complete output or nothing, never a half-written output that looks complete.
+
+Every stage output directory carries ``manifest.json``: the producing stage, a hash of its config,
+fingerprints of its inputs, counts, and the sha256 of each file, so lineage can be checked without
+DVC and a corrupt or partial copy is detectable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lmpipe import __version__
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stable_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace variation: the basis of config hashes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of a config section (a pydantic model or plain data), stable across runs."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return sha256_bytes(stable_json(config).encode())
+
+
+def fingerprint_path(path: str | os.PathLike[str]) -> str:
+    """Fingerprint of a file or directory.
+
+    A directory with a manifest is fingerprinted by its manifest's file hashes (cheap and exactly
+    what was produced); other directories by the sorted (relative path, sha256) of their files.
+    """
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(path)
+    manifest = path / MANIFEST_NAME
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+        return sha256_bytes(stable_json(files).encode())
+    entries = sorted(
+        (str(p.relative_to(path)), sha256_file(p)) for p in path.rglob("*") if p.is_file()
+    )
+    return sha256_bytes(stable_json(entries).encode())
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
+    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write pretty JSON atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, ensure_ascii=False, default=str)
+        handle.write("\n")
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and swap it in as a whole on success.
+
+    Yields the temporary directory. On success the old ``path`` (if any) is replaced; on an
+    exception the temporary directory is deleted and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(
+    directory: str | os.PathLike[str],
+    *,
+    stage: str,
+    config: Any,
+    inputs: Mapping[str, str | os.PathLike[str]] | None = None,
+    counts: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``manifest.json`` into ``directory`` describing every file already in it.
+
+    ``inputs`` maps a name to a path; each is fingerprinted with :func:`fingerprint_path`.
+    No timestamps are written, so the same inputs and config give a byte-identical manifest.
+    """
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
+    }
+    manifest: dict[str, Any] = {
+        "stage": stage,
+        "lmpipe_version": __version__,
+        "config_hash": config_hash(config),
+        "inputs": {name: fingerprint_path(p) for name, p in sorted((inputs or {}).items())},
+        "counts": dict(counts or {}),
+        "files": files,
+    }
+    if extra:
+        manifest.update(extra)
+    write_json(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a stage output's manifest; a missing one means the output is incomplete."""
+    from lmpipe.errors import DataError
+
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            "no manifest.json: this is not a complete stage output (run the stage that produces it)",
+            path=str(directory),
+        )
+    return json.loads(path.read_text())
+
+
+def verify_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file listed in the manifest exists with the recorded sha256."""
+    from lmpipe.errors import DataError
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name, digest in manifest["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise DataError(f"listed in manifest but missing: {name}", path=str(directory))
+        if sha256_file(file) != digest:
+            raise DataError(f"sha256 differs from manifest: {name}", path=str(directory))
+    return manifest

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from lmpipe.cli import STAGES, main
+
+
+def test_every_stage_help_lists_its_keys(capsys) -> None:
+    for name in ("collect", "clean", "validate", "split"):
+        try:
+            main([name, "--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0
+        out = capsys.readouterr().out
+        assert f"params.yaml keys (section '{name}')" in out
+
+
+def test_clean_help_documents_nested_keys(capsys) -> None:
+    try:
+        main(["clean", "--help"])
+    except SystemExit:
+        pass
+    out = capsys.readouterr().out
+    for key in ("clean.near_dedup.threshold", "clean.quality.min_words", "clean.decontaminate.ngram"):
+        assert key in out
+
+
+def test_user_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("clean: {quality: {min_words: abc}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmpipe.cli", "params", "--root", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "clean.quality.min_words" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_stage_names_match_dvc_yaml(repo_root: Path) -> None:
+    import yaml
+
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert name in STAGES
+        assert stage["cmd"].startswith(f"lmpipe {name}")

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmpipe.config import apply_override, load_params, parse_yaml
+from lmpipe.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_params_are_valid(repo_root: Path) -> None:
+    params = load_params(repo_root / "params.yaml")
+    assert params.clean.near_dedup.enabled
+    assert params.collect.sources[0].type == "synthetic"
+
+
+def test_missing_sections_take_defaults(tmp_path: Path) -> None:
+    params = load_params(write(tmp_path, "split: {val_fraction: 0.1}\n"))
+    assert params.split.val_fraction == 0.1
+    assert params.clean.quality.min_words == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("clean: {quality: {min_words: abc}}", "clean.quality.min_words: Input should be a valid integer"),
+        ("clean: {quality: {min_wrds: 3}}", "clean.quality.min_wrds: unknown key (did you mean 'min_words'?)"),
+        ("clen: {}", "clen: unknown section (did you mean 'clean'?)"),
+        ("clean: {near_dedup: {threshold: 1.5}}", "clean.near_dedup.threshold: Input should be less than or equal to 1"),
+        ("split: {val_fraction: 0.6, test_fraction: 0.5}", "val_fraction + test_fraction must be < 1"),
+        ("collect: {sources: [{type: files, name: a}]}", "collect.sources.0.files.paths: Field required"),
+        ("collect: {sources: [{type: ftp, name: a}]}", "collect.sources.0"),
+        ("clean: {quality: {min_words: '50'}}", "clean.quality.min_words: Input should be a valid integer (got '50')"),
+        ("clean: [1, 2]", "clean: must be a mapping"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, text))
+    assert expected in str(err.value)
+    assert str(tmp_path / "params.yaml") in str(err.value)
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write(tmp_path, "clean: {quality: [\n"))
+
+
+def test_overrides_use_dvc_syntax(tmp_path: Path) -> None:
+    params = load_params(write(tmp_path, ""), ["clean.near_dedup.threshold=0.7", "clean.language.keep=[en, zh]"])
+    assert params.clean.near_dedup.threshold == 0.7
+    assert params.clean.language.keep == ["en", "zh"]
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_params(write(tmp_path, ""), ["clean.near_dedup.threshold"])
+
+
+def test_yaml_reads_exponent_floats() -> None:
+    assert parse_yaml("lr: 3e-4") == {"lr": 3e-4}
+    data: dict = {}
+    apply_override(data, "a.b=1e-3")
+    assert data == {"a": {"b": 1e-3}}
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "other.yaml")

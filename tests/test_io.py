@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmpipe.errors import DataError
+from lmpipe.io import (
+    atomic_dir,
+    atomic_write,
+    config_hash,
+    fingerprint_path,
+    read_manifest,
+    verify_manifest,
+    write_json,
+    write_manifest,
+)
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(target) as handle:
+        handle.write("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_dir_swaps_whole_directory(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "1"
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("3")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_manifest_records_files_inputs_and_is_deterministic(tmp_path: Path) -> None:
+    src = tmp_path / "input.txt"
+    src.write_text("input")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.bin").write_bytes(b"abc")
+    first = write_manifest(out, stage="demo", config={"k": 1}, inputs={"input": src}, counts={"docs": 3})
+    second = write_manifest(out, stage="demo", config={"k": 1}, inputs={"input": src}, counts={"docs": 3})
+    assert first == second
+    assert first["files"] == {"x.bin": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    assert first["config_hash"] == config_hash({"k": 1}) != config_hash({"k": 2})
+    assert read_manifest(out)["counts"] == {"docs": 3}
+    verify_manifest(out)
+    (out / "x.bin").write_bytes(b"abd")
+    with pytest.raises(DataError, match="sha256 differs"):
+        verify_manifest(out)
+
+
+def test_missing_manifest_is_incomplete_output(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a complete stage output"):
+        read_manifest(tmp_path)
+
+
+def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a").write_text("1")
+    before = fingerprint_path(d)
+    (d / "a").write_text("2")
+    assert fingerprint_path(d) != before
+    write_json(tmp_path / "j.json", {"b": 1})
+    assert json.loads((tmp_path / "j.json").read_text()) == {"b": 1}
