@@ -4,24 +4,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lmpipe.cli import STAGES, main
 
 
 def test_every_stage_help_lists_its_keys(capsys) -> None:
     for name in ("collect", "clean", "validate", "split"):
-        try:
+        with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
-        except SystemExit as exit_:
-            assert exit_.code == 0
+        assert exit_.value.code == 0
         out = capsys.readouterr().out
         assert f"params.yaml keys (section '{name}')" in out
 
 
 def test_clean_help_documents_nested_keys(capsys) -> None:
-    try:
+    with pytest.raises(SystemExit):
         main(["clean", "--help"])
-    except SystemExit:
-        pass
     out = capsys.readouterr().out
     for key in ("clean.near_dedup.threshold", "clean.quality.min_words", "clean.decontaminate.ngram"):
         assert key in out

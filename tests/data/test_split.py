@@ -11,7 +11,7 @@ from lmpipe.data.config import SplitConfig
 from lmpipe.data.shards import ShardWriter, doc_id, make_table, read_documents
 from lmpipe.errors import DataError
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
 
 
 def doc(i: int) -> str:
