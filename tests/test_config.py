@@ -70,3 +70,13 @@ def test_yaml_reads_exponent_floats() -> None:
 def test_missing_params_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "other.yaml")
+
+
+def test_overrides_index_into_lists(tmp_path: Path) -> None:
+    path = write(tmp_path, "collect: {sources: [{type: synthetic, name: s}]}\n")
+    params = load_params(path, ["collect.sources.0.num_docs=10"])
+    assert params.collect.sources[0].num_docs == 10
+    with pytest.raises(ConfigError, match="not an index"):
+        load_params(path, ["collect.sources.3.num_docs=10"])
+    with pytest.raises(ConfigError, match="unknown kind"):
+        load_params(path, ["collect.sources.0.kinds={poem: 1}"])

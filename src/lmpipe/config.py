@@ -172,13 +172,33 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key in path")
-    node = data
+    node: Any = data
     for part in parts[:-1]:
+        if isinstance(node, list):
+            node = _list_item(node, part, override)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ConfigError(f"override {override!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = parse_yaml(raw, f"override {key}")
+    value = parse_yaml(raw, f"override {key}")
+    if isinstance(node, list):
+        index = int(parts[-1]) if parts[-1].isdigit() else None
+        if index is None or index >= len(node):
+            raise ConfigError(f"override {override!r}: {parts[-1]} is not an index of the list")
+        node[index] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_item(items: list[Any], part: str, override: str) -> Any:
+    """``sources.0.name``: a numeric path part indexes a list (e.g. collect.sources)."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {override!r}: {part} is not an index of a {len(items)}-item list")
+    item = items[int(part)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {override!r}: item {part} is not a section")
+    return item
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

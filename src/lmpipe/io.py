@@ -26,6 +26,9 @@ from lmpipe import __version__
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
+# mkstemp/mkdtemp create owner-only paths; outputs should get the usual umask-based modes.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -89,6 +92,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: A
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -118,6 +122,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmpipe.config import Section
 
@@ -74,6 +74,17 @@ class SyntheticSource(_SourceBase):
         default_factory=lambda: {"story": 0.5, "review": 0.3, "instruction": 0.2},
         description="Mix of document kinds: story, review (labelled sentiment), instruction.",
     )
+
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(kinds) - {"story", "review", "instruction"})
+        if unknown:
+            raise ValueError(f"unknown kind(s) {', '.join(unknown)}; kinds are story, review, instruction")
+        if any(w < 0 for w in kinds.values()) or sum(kinds.values()) <= 0:
+            raise ValueError("kind weights must be >= 0 and sum to more than 0")
+        return kinds
 
 
 Source = Annotated[HFSource | FilesSource | UrlSource | SyntheticSource, Field(discriminator="type")]

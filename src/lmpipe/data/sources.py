@@ -1,0 +1,495 @@
+"""Readers for the sources of ``collect``: local files, Hugging Face datasets and URLs.
+
+Every reader is a generator of ``(text, meta)`` records, read in a streaming fashion so a large
+corpus never sits in memory. ``meta`` says where the record came from (file and line or row, hub
+name and split, URL) and carries the record's other scalar fields (labels, ids) under ``fields``,
+so later stages (a classifier fine-tune, say) can use them.
+
+Bad input raises :class:`~lmpipe.errors.DataError` naming the file and line/row; empty texts in
+structured files are skipped and counted in :class:`SourceStats` instead. URLs are downloaded
+into ``data/downloads/`` (resumable, verified against their sha256) and then parsed like files.
+The ``synthetic`` source lives in :mod:`lmpipe.data.synthetic`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import gzip
+import http.client
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import Progress
+
+from lmpipe import __version__
+from lmpipe.data.config import FilesSource, HFSource, UrlSource
+from lmpipe.errors import ChecksumError, DataError
+from lmpipe.io import sha256_file
+
+log = logging.getLogger(__name__)
+
+Record = tuple[str, dict[str, Any]]
+
+# extension (after stripping .gz) -> format
+EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl",
+              ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
+_SCALARS = (str, int, float, bool)
+_BATCH_ROWS = 4096
+
+
+@dataclass
+class SourceStats:
+    """What reading one source found besides its documents."""
+
+    skipped_empty: int = 0
+    inputs: dict[str, Path] = field(default_factory=dict)  # local files read, for the manifest
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def display_path(path: Path, root: Path) -> str:
+    """``path`` relative to the project root when inside it (stable across clones), else absolute."""
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def resolve_paths(patterns: list[str], root: Path) -> list[Path]:
+    """Expand files and glob patterns (relative to ``root``) into a sorted, de-duplicated list.
+
+    Raises DataError for a plain path that does not exist or a glob that matches no file.
+    """
+    found: list[Path] = []
+    for pattern in patterns:
+        full = Path(pattern) if Path(pattern).is_absolute() else root / pattern
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"glob matched no files (relative to {root})", path=pattern)
+            found.extend(matches)
+        elif full.is_file():
+            found.append(full)
+        else:
+            what = "is a directory, not a file (use a glob such as dir/*.txt)" if full.is_dir() else "file not found"
+            raise DataError(f"{what} (relative to {root})", path=pattern)
+    return list(dict.fromkeys(found))  # de-duplicated, first occurrence wins
+
+
+def detect_format(path: Path | str, fmt: str) -> str:
+    """The format to parse ``path`` with: ``fmt`` itself unless it is 'auto' (then by extension)."""
+    if fmt != "auto":
+        return fmt
+    ext = os.path.splitext(str(path).lower().removesuffix(".gz"))[1]
+    if ext not in EXTENSIONS:
+        raise DataError(f"cannot tell the format from the extension '{ext or '(none)'}'; set the source's "
+                        f"`format` ({', '.join(sorted(set(EXTENSIONS.values())))})", path=str(path))
+    return EXTENSIONS[ext]
+
+
+# ---------------------------------------------------------------------------------- file readers
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115 - closed by the caller's with-block
+
+
+def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line with its newline) of a UTF-8 (optionally gzipped) file.
+
+    Raises DataError with the line and byte offset of the first byte that is not valid UTF-8.
+    """
+    offset = 0
+    try:
+        with _open_binary(path) as handle:
+            for lineno, raw in enumerate(handle, 1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"not valid UTF-8 at byte offset {offset + err.start} ({err.reason}); "
+                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                        path=str(path), line=lineno,
+                    ) from None
+                offset += len(raw)
+                yield lineno, text
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise DataError(f"not a readable gzip file: {err}", path=str(path)) from None
+
+
+def _scalar_fields(obj: dict[str, Any], text_field: str) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS)}
+
+
+def iter_txt(path: Path, split: str, where: str) -> Iterator[Record]:
+    """Plain text: the whole file, each blank-line separated paragraph, or each line is a document."""
+    if split == "file":
+        text = "".join(line for _, line in decoded_lines(path)).replace("\r\n", "\n")
+        if text.strip():
+            yield text, {"path": where}
+        return
+    if split == "line":
+        for lineno, line in decoded_lines(path):
+            if line.strip():
+                yield line.strip(), {"path": where, "line": lineno}
+        return
+    start, lines = 0, list[str]()
+    for lineno, line in decoded_lines(path):
+        if line.strip():
+            if not lines:
+                start = lineno
+            lines.append(line.rstrip("\r\n"))
+        elif lines:
+            yield "\n".join(lines).strip(), {"path": where, "line": start}
+            lines = []
+    if lines:
+        yield "\n".join(lines).strip(), {"path": where, "line": start}
+
+
+def iter_jsonl(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
+    """JSON Lines: one object per line, the text in ``text_field``; blank lines are ignored."""
+    for lineno, line in decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"not valid JSON ({err.msg} at column {err.colno}); each line must be one JSON object",
+                path=str(path), line=lineno,
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
+        if text_field not in obj:
+            raise DataError(
+                f"no field '{text_field}' (fields: {', '.join(obj) or 'none'}); set the source's text_field",
+                path=str(path), line=lineno,
+            )
+        value = obj[text_field]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            stats.skipped_empty += 1
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"field '{text_field}' is a {type(value).__name__}, expected a string",
+                            path=str(path), line=lineno)
+        yield value, {"path": where, "line": lineno, "fields": _scalar_fields(obj, text_field)}
+
+
+def _is_text_type(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
+
+
+def _is_scalar_type(dtype: pa.DataType) -> bool:
+    return _is_text_type(dtype) or any(check(dtype) for check in (pa.types.is_integer, pa.types.is_floating,
+                                                                   pa.types.is_boolean))
+
+
+def iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
+    """Parquet read in row batches; ``text_field`` must be a string column. ``row`` is 0-based."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"no column '{text_field}' (columns: {', '.join(schema.names)}); set the source's text_field",
+                        path=str(path))
+    if not _is_text_type(schema.field(text_field).type):
+        raise DataError(f"column '{text_field}' has type {schema.field(text_field).type}, expected string",
+                        path=str(path))
+    if parquet.metadata.num_rows == 0:
+        raise DataError("parquet file has no rows (empty file)", path=str(path))
+    extra = [f.name for f in schema if f.name != text_field and _is_scalar_type(f.type)]
+    row = 0
+    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field, *extra]):
+        data = batch.to_pydict()
+        for i, text in enumerate(data[text_field]):
+            if text is None or not text.strip():
+                stats.skipped_empty += 1
+            else:
+                fields = {name: data[name][i] for name in extra if data[name][i] is not None}
+                yield text, {"path": where, "row": row + i, "fields": fields}
+        row += batch.num_rows
+
+
+def iter_csv(path: Path, text_field: str, where: str, stats: SourceStats, delimiter: str) -> Iterator[Record]:
+    """CSV/TSV with a header row; ``text_field`` names the text column. ``row`` is 0-based."""
+    lines = (line for _, line in decoded_lines(path))
+    reader = csv.reader(lines, delimiter=delimiter)
+    # Default limit is 128 KiB per field; whole documents in one cell are routinely larger.
+    csv.field_size_limit(1 << 30)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError("file is empty (no header row)", path=str(path))
+        if text_field not in header:
+            raise DataError(f"no column '{text_field}' (columns: {', '.join(header)}); set the source's text_field",
+                            path=str(path), line=1)
+        col = header.index(text_field)
+        row = 0
+        for values in reader:
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise DataError(f"row has {len(values)} fields, the header has {len(header)}",
+                                path=str(path), line=reader.line_num)
+            text = values[col]
+            if not text.strip():
+                stats.skipped_empty += 1
+            else:
+                fields = {name: value for name, value in zip(header, values, strict=True) if name != text_field}
+                yield text, {"path": where, "row": row, "fields": fields}
+            row += 1
+    except csv.Error as err:
+        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {err}",
+                        path=str(path), line=reader.line_num) from None
+    if row == 0:
+        raise DataError("has a header row but no data rows (empty file)", path=str(path))
+
+
+def read_file(path: Path, fmt: str, text_field: str, txt_split: str, where: str,
+              stats: SourceStats) -> Iterator[Record]:
+    """Parse one local file in ``fmt`` (or by extension for 'auto'). Raises DataError on bad input."""
+    fmt = detect_format(path, fmt)
+    if path.stat().st_size == 0:
+        raise DataError("file is empty (0 bytes); remove it or fix the source's paths", path=str(path))
+    produced = 0
+    if fmt == "txt":
+        records = iter_txt(path, txt_split, where)
+    elif fmt == "jsonl":
+        records = iter_jsonl(path, text_field, where, stats)
+    elif fmt == "parquet":
+        records = iter_parquet(path, text_field, where, stats)
+    else:
+        records = iter_csv(path, text_field, where, stats, "\t" if fmt == "tsv" else ",")
+    skipped_before = stats.skipped_empty
+    for record in records:
+        produced += 1
+        yield record
+    if produced == 0 and stats.skipped_empty == skipped_before:
+        raise DataError("file is empty (no text in it)", path=str(path))
+
+
+def read_files_source(source: FilesSource, root: Path,
+                      stats: SourceStats) -> Generator[Record, None, None]:
+    """All files of a ``files`` source, in sorted path order per pattern."""
+    files = resolve_paths(source.paths, root)
+    for file in files:
+        detect_format(file, source.format)  # fail on an unknown extension before reading anything
+    for file in files:
+        where = display_path(file, root)
+        stats.inputs[f"{source.name}:{where}"] = file
+        yield from read_file(file, source.format, source.text_field, source.txt_split, where, stats)
+
+
+# ------------------------------------------------------------------------------------ hf datasets
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_hf(source: HFSource, root: Path, stats: SourceStats) -> Any:
+    import datasets
+
+    local = Path(source.path) if Path(source.path).is_absolute() else root / source.path
+    try:
+        if local.is_dir() and _is_saved_dataset(local):
+            stats.inputs[f"{source.name}:{display_path(local, root)}"] = local
+            loaded = datasets.load_from_disk(str(local))
+            if isinstance(loaded, datasets.DatasetDict):
+                if source.split not in loaded:
+                    raise DataError(f"no split '{source.split}' (splits: {', '.join(loaded)})", path=str(local))
+                loaded = loaded[source.split]
+            return loaded.to_iterable_dataset() if source.streaming else loaded
+        data_files = source.data_files
+        if data_files is not None:
+            listed = [data_files] if isinstance(data_files, str) else list(data_files)
+            absolute = [f if "://" in f or Path(f).is_absolute() else str(root / f) for f in listed]
+            for file in resolve_paths([f for f in listed if "://" not in f], root):
+                stats.inputs[f"{source.name}:{display_path(file, root)}"] = file
+            data_files = absolute
+        path = str(local) if local.exists() else source.path
+        return datasets.load_dataset(path, name=source.config_name, split=source.split, revision=source.revision,
+                                     data_files=data_files, streaming=source.streaming)
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load split '{source.split}': {first} (check path/config_name/split; "
+                        "offline, point `path` at local files)", path=f"hf dataset '{source.path}'") from None
+
+
+def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generator[Record, None, None]:
+    """Rows of a Hugging Face dataset (hub or local), streamed when ``streaming`` is set."""
+    import datasets
+
+    dataset = _load_hf(source, root, stats)
+    where = f"hf dataset '{source.path}'"
+    features = dataset.features
+    if features is not None:
+        if source.text_field not in features:
+            raise DataError(f"no column '{source.text_field}' (columns: {', '.join(features)}); set text_field",
+                            path=where)
+        feature = features[source.text_field]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise DataError(f"column '{source.text_field}' has type {feature}, expected string", path=where)
+        extra = [name for name, f in features.items()
+                 if name != source.text_field and isinstance(f, datasets.Value | datasets.ClassLabel)]
+        dataset = dataset.select_columns([source.text_field, *extra])
+    base = {"dataset": source.path, "config": source.config_name, "split": source.split}
+    if source.revision:
+        base["revision"] = source.revision
+    row = 0
+    try:
+        for batch in dataset.iter(batch_size=1000):
+            if source.text_field not in batch:
+                raise DataError(f"no column '{source.text_field}' (columns: {', '.join(batch)}); set text_field",
+                                path=where)
+            texts = batch[source.text_field]
+            for i, text in enumerate(texts):
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"row {row + i}: '{source.text_field}' is a {type(text).__name__}, "
+                                    "expected a string", path=where)
+                if text is None or not text.strip():
+                    stats.skipped_empty += 1
+                    continue
+                fields = {k: v[i] for k, v in batch.items() if k != source.text_field and isinstance(v[i], _SCALARS)}
+                yield text, {**base, "row": row + i, "fields": fields}
+            row += len(texts)
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        raise DataError(f"reading failed at row {row}: {err}", path=where) from None
+
+
+# ------------------------------------------------------------------------------------------- urls
+
+DOWNLOADS = Path("data") / "downloads"
+# HTTP client errors that another attempt cannot fix (408 Request Timeout and 429 Too Many
+# Requests are transient and retried like server errors).
+_TRANSIENT_4XX = {408, 429}
+
+
+def download_path(source: UrlSource, root: Path) -> Path:
+    """Where a URL source is kept: ``data/downloads/<sha256 prefix>-<file name>``.
+
+    Keyed by the expected checksum, so a verified download is reused by later runs and a new
+    ``sha256`` in params.yaml fetches the new file.
+    """
+    name = os.path.basename(urllib.parse.urlparse(source.url).path) or "download"
+    return root / DOWNLOADS / f"{source.sha256[:16]}-{name}"
+
+
+def _fetch(url: str, part: Path, timeout_s: float, progress: Progress | None) -> None:
+    """Append the rest of ``url`` to ``part`` (HTTP Range from its current size)."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": f"lmpipe/{__version__}"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - user-configured URL
+        content_range = response.headers.get("Content-Range", "")
+        if offset and getattr(response, "status", 200) == 206 and content_range.startswith(f"bytes {offset}-"):
+            mode = "ab"
+            log.info("resuming %s at byte %d", url, offset)
+        else:  # the server ignored the Range header and sends the whole file
+            mode, offset = "wb", 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        task = progress.add_task(f"download {part.name}", total=total, completed=offset) if progress else None
+        with open(part, mode) as handle:
+            while chunk := response.read(1 << 20):
+                handle.write(chunk)
+                if progress is not None and task is not None:
+                    progress.advance(task, len(chunk))
+        if progress is not None and task is not None:
+            progress.remove_task(task)
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise http.client.IncompleteRead(b"", total - size)
+
+
+def download(url: str, dest: Path, sha256: str, *, retries: int = 4, timeout_s: float = 60.0,
+             backoff_s: float = 1.0, progress: Progress | None = None) -> Path:
+    """Download ``url`` to ``dest`` and verify its sha256; return ``dest``.
+
+    Reads/writes ``dest`` and ``dest.part``: bytes arrive in the ``.part`` file, which a later
+    attempt (or run) resumes with an HTTP Range request; only a verified file is renamed to
+    ``dest``, and an existing verified ``dest`` is reused without network. Network errors and
+    5xx/408/429 responses are retried ``retries`` times with exponential backoff
+    (``backoff_s * 2**k``).
+
+    Raises ChecksumError when the file does not match (the ``.part`` is deleted), DataError for
+    other HTTP errors (4xx at once, the rest after the retries).
+    """
+    if dest.is_file():
+        if sha256_file(dest) == sha256:
+            log.info("using verified download %s", dest)
+            return dest
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    resumed = part.exists() and part.stat().st_size > 0
+    error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("download of %s failed (%s); retry %d/%d in %.1fs", url, error, attempt, retries, delay)
+            time.sleep(delay)
+        try:
+            _fetch(url, part, timeout_s, progress)
+            break
+        except urllib.error.HTTPError as err:
+            if err.code == 416 and part.exists():  # Range not satisfiable: the .part is already whole
+                break
+            error = f"HTTP {err.code} {err.reason}"
+            if 400 <= err.code < 500 and err.code not in _TRANSIENT_4XX:
+                raise DataError(f"download failed: {error}; check the URL", path=url) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            error = str(getattr(err, "reason", None) or err) or type(err).__name__
+    else:
+        raise DataError(f"download failed after {retries + 1} attempt(s): {error}", path=url)
+    actual = sha256_file(part)
+    if actual != sha256:
+        part.unlink()
+        if resumed:  # a stale partial file from another version: start over once
+            log.warning("resumed download of %s does not match its sha256; downloading it again", url)
+            return download(url, dest, sha256, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
+                            progress=progress)
+        raise ChecksumError(
+            f"sha256 mismatch: expected {sha256}, got {actual}; the download was deleted "
+            "(update the source's sha256 if the file changed upstream)",
+            path=url,
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def read_url_source(source: UrlSource, root: Path, stats: SourceStats,
+                    progress: Progress | None = None) -> Generator[Record, None, None]:
+    """Download a ``url`` source (see :func:`download`) and parse it like a local file."""
+    fmt = detect_format(urllib.parse.urlparse(source.url).path, source.format)
+    dest = download(source.url, download_path(source, root), source.sha256, retries=source.retries,
+                    timeout_s=source.timeout_s, progress=progress)
+    stats.inputs[f"{source.name}:{source.url}"] = dest
+    for text, meta in read_file(dest, fmt, source.text_field, source.txt_split, display_path(dest, root), stats):
+        meta.pop("path", None)
+        yield text, {"url": source.url, **meta}

@@ -1,0 +1,96 @@
+"""Fixtures for the data-stage tests: project paths in tmp_path and a real local HTTP server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmpipe.config import Paths
+from lmpipe.data.config import CollectConfig
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return Paths(tmp_path)
+
+
+@pytest.fixture
+def collect_config() -> Callable[..., CollectConfig]:
+    """Build a validated collect section from source dicts, as params.yaml would give it."""
+
+    def make(*sources: dict[str, Any], **options: Any) -> CollectConfig:
+        return CollectConfig.model_validate({"sources": list(sources), **options})
+
+    return make
+
+
+@dataclass
+class FileServer:
+    """Serves ``files`` (url path -> bytes) with HTTP Range support on 127.0.0.1.
+
+    ``cut_after`` (url path -> n) makes the next response for that path send n bytes and then
+    drop the connection, once, as a flaky network would. ``log`` records each request's
+    (path, Range header, status).
+    """
+
+    port: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)
+    cut_after: dict[str, int] = field(default_factory=dict)
+    log: list[tuple[str, str | None, int]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = server.files.get(self.path)
+            byte_range = self.headers.get("Range")
+            if body is None:
+                server.log.append((self.path, byte_range, 404))
+                self.send_error(404, "Not Found")
+                return
+            start = int(byte_range.removeprefix("bytes=").split("-")[0]) if byte_range else 0
+            if start >= len(body) and byte_range:
+                server.log.append((self.path, byte_range, 416))
+                self.send_error(416, "Range Not Satisfiable")
+                return
+            status = 206 if byte_range else 200
+            server.log.append((self.path, byte_range, status))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body) - start))
+            if byte_range:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            payload = body[start:]
+            cut = server.cut_after.pop(self.path, None)
+            self.wfile.write(payload if cut is None else payload[:cut])
+            if cut is not None:
+                self.wfile.flush()
+                self.close_connection = True
+
+    return Handler
+
+
+@pytest.fixture
+def file_server() -> Iterator[FileServer]:
+    state = FileServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

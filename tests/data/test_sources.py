@@ -1,0 +1,274 @@
+"""Source readers: every file format, globs, Hugging Face datasets, URL downloads, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmpipe.data.config import FilesSource, HFSource, UrlSource
+from lmpipe.data.sources import (
+    SourceStats,
+    download,
+    download_path,
+    read_files_source,
+    read_hf_source,
+    read_url_source,
+)
+from lmpipe.errors import ChecksumError, DataError
+
+STORY = "The fox ran.\nIt was fast.\n\nThe dog slept.\n\n\nThe end came."
+
+
+def files_source(*paths: str, **options: Any) -> FilesSource:
+    return FilesSource.model_validate({"type": "files", "name": "local", "paths": list(paths), **options})
+
+
+def read(root: Path, *paths: str, **options: Any) -> tuple[list[tuple[str, dict[str, Any]]], SourceStats]:
+    stats = SourceStats()
+    return list(read_files_source(files_source(*paths, **options), root, stats)), stats
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+@pytest.mark.parametrize(("split", "texts", "lines"), [
+    ("paragraph", ["The fox ran.\nIt was fast.", "The dog slept.", "The end came."], [1, 4, 7]),
+    ("line", ["The fox ran.", "It was fast.", "The dog slept.", "The end came."], [1, 2, 4, 7]),
+    ("file", [STORY], [None]),
+])
+def test_txt_splits(tmp_path: Path, split: str, texts: list[str], lines: list[int | None]) -> None:
+    (tmp_path / "story.txt").write_text(STORY)
+    records, _ = read(tmp_path, "story.txt", txt_split=split)
+    assert [t for t, _ in records] == texts
+    assert [m.get("line") for _, m in records] == lines
+    assert all(m["path"] == "story.txt" for _, m in records)
+
+
+def test_jsonl_keeps_scalar_fields_and_skips_empty_texts(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "first doc", "label": 1, "tags": ["x"]}, {"text": None},
+                                       {"text": "  "}, {"text": "second doc", "label": 0}])
+    records, stats = read(tmp_path, "a.jsonl")
+    assert [t for t, _ in records] == ["first doc", "second doc"]
+    assert records[0][1] == {"path": "a.jsonl", "line": 1, "fields": {"label": 1}}
+    assert records[1][1]["line"] == 4
+    assert stats.skipped_empty == 2
+
+
+def test_parquet_csv_tsv_and_gzip(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"body": ["p one", None, "p two"], "score": [1.5, 2.0, 3.0]}), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text('id,body\n1,"csv, with comma"\n2,\n3,"multi\nline"\n')
+    (tmp_path / "d.tsv").write_text("label\tbody\r\n0\ttsv one\r\n1\ttsv two\r\n")
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"body": "gz doc"}) + "\n")
+    records, stats = read(tmp_path, "d.parquet", "d.csv", "d.tsv", "z.jsonl.gz", text_field="body")
+    assert [t for t, _ in records] == ["p one", "p two", "csv, with comma", "multi\nline", "tsv one", "tsv two", "gz doc"]
+    assert records[1][1] == {"path": "d.parquet", "row": 2, "fields": {"score": 3.0}}
+    assert records[3][1] == {"path": "d.csv", "row": 2, "fields": {"id": "3"}}
+    assert records[5][1]["fields"] == {"label": "1"}
+    assert stats.skipped_empty == 2  # parquet null + csv empty cell
+    assert set(stats.inputs.values()) == {tmp_path / n for n in ("d.parquet", "d.csv", "d.tsv", "z.jsonl.gz")}
+
+
+def test_globs_are_relative_to_root_sorted_and_deduplicated(tmp_path: Path) -> None:
+    for name in ("b.txt", "a.txt", "sub/c.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(f"text of {name}")
+    records, _ = read(tmp_path, "*.txt", "a.txt", "**/c.txt")
+    assert [m["path"] for _, m in records] == ["a.txt", "b.txt", "sub/c.txt"]
+
+
+def test_explicit_format_overrides_extension(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "data.log", [{"text": "from a .log file"}])
+    records, _ = read(tmp_path, "data.log", format="jsonl")
+    assert records[0][0] == "from a .log file"
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+def _error(root: Path, *paths: str, **options: Any) -> str:
+    with pytest.raises(DataError) as info:
+        read(root, *paths, **options)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n')
+    assert _error(tmp_path, "bad.jsonl").startswith(f"{tmp_path / 'bad.jsonl'}:3: not valid JSON")
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('["text"]\n')
+    assert "bad.jsonl:1: expected a JSON object, got list" in _error(tmp_path, "bad.jsonl")
+
+
+def test_non_utf8_names_line_and_byte_offset(tmp_path: Path) -> None:
+    (tmp_path / "latin.txt").write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    message = _error(tmp_path, "latin.txt")
+    assert "latin.txt:2: not valid UTF-8 at byte offset 14" in message
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert "empty.jsonl: file is empty" in _error(tmp_path, "empty.jsonl")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    assert "blank.txt: file is empty" in _error(tmp_path, "blank.txt")
+
+
+def test_missing_text_field_lists_what_exists(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"content": "x", "id": 1}])
+    assert "a.jsonl:1: no field 'text' (fields: content, id)" in _error(tmp_path, "a.jsonl")
+    (tmp_path / "a.csv").write_text("content,id\nx,1\n")
+    assert "a.csv:1: no column 'text' (columns: content, id)" in _error(tmp_path, "a.csv")
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "a.parquet")
+    assert "no column 'text' (columns: content)" in _error(tmp_path, "a.parquet")
+
+
+def test_parquet_text_column_must_be_string(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    assert "column 'text' has type int64, expected string" in _error(tmp_path, "ints.parquet")
+
+
+def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("text,id\nfine,1\nbroken\n")
+    assert "a.csv:3: row has 1 fields, the header has 2" in _error(tmp_path, "a.csv")
+
+
+def test_glob_matching_nothing_and_missing_file(tmp_path: Path) -> None:
+    assert "corpus/*.txt: glob matched no files" in _error(tmp_path, "corpus/*.txt")
+    assert "nope.txt: file not found" in _error(tmp_path, "nope.txt")
+
+
+def test_unknown_extension_asks_for_format(tmp_path: Path) -> None:
+    (tmp_path / "data.xml").write_text("<a/>")
+    assert "cannot tell the format from the extension '.xml'" in _error(tmp_path, "data.xml")
+
+
+# --------------------------------------------------------------------------------------------- hf
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the datasets cache inside the test directory."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return tmp_path / "hf-cache"
+
+
+def hf_read(root: Path, **options: Any) -> tuple[list[tuple[str, dict[str, Any]]], SourceStats]:
+    stats = SourceStats()
+    source = HFSource.model_validate({"type": "hf", "name": "hub", **options})
+    return list(read_hf_source(source, root, stats)), stats
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hf_builder_with_local_data_files(tmp_path: Path, hf_cache: Path, streaming: bool) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "alpha", "label": 1}, {"text": ""}, {"text": "beta", "label": 0}])
+    records, stats = hf_read(tmp_path, path="json", data_files="train.jsonl", streaming=streaming)
+    assert [t for t, _ in records] == ["alpha", "beta"]
+    assert records[1][1]["row"] == 2 and records[1][1]["split"] == "train" and records[1][1]["dataset"] == "json"
+    assert stats.skipped_empty == 1
+    assert stats.inputs == {"hub:train.jsonl": tmp_path / "train.jsonl"}
+
+
+def test_hf_parquet_builder(tmp_path: Path, hf_cache: Path) -> None:
+    pq.write_table(pa.table({"content": ["one", "two"]}), tmp_path / "p.parquet")
+    records, _ = hf_read(tmp_path, path="parquet", data_files=["p.parquet"], text_field="content")
+    assert [t for t, _ in records] == ["one", "two"]
+
+
+def test_hf_save_to_disk_directory(tmp_path: Path, hf_cache: Path) -> None:
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t1", "t2"], "label": [0, 1]}),
+                                   "test": datasets.Dataset.from_dict({"text": ["e1"], "label": [1]})})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    records, _ = hf_read(tmp_path, path="saved", split="test")
+    assert records == [("e1", {"dataset": "saved", "config": None, "split": "test", "row": 0, "fields": {"label": 1}})]
+    with pytest.raises(DataError, match="no split 'validation' \\(splits: train, test\\)"):
+        hf_read(tmp_path, path="saved", split="validation")
+
+
+def test_hf_missing_column_and_missing_files(tmp_path: Path, hf_cache: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"body": "x"}])
+    with pytest.raises(DataError, match="no column 'text' \\(columns: body\\)"):
+        hf_read(tmp_path, path="json", data_files="a.jsonl")
+    with pytest.raises(DataError, match="glob matched no files"):
+        hf_read(tmp_path, path="json", data_files="missing/*.jsonl")
+
+
+# ------------------------------------------------------------------------------------------- urls
+
+
+def url_source(url: str, body: bytes, **options: Any) -> UrlSource:
+    return UrlSource.model_validate({"type": "url", "name": "web", "url": url,
+                                     "sha256": hashlib.sha256(body).hexdigest(), **options})
+
+
+BODY = b"".join(json.dumps({"text": f"web document {i}"}).encode() + b"\n" for i in range(200))
+
+
+def test_url_download_verify_and_parse(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    source = url_source(file_server.url("/c.jsonl"), BODY)
+    stats = SourceStats()
+    records = list(read_url_source(source, tmp_path, stats))
+    assert len(records) == 200 and records[0] == ("web document 0", {"url": source.url, "line": 1, "fields": {}})
+    assert download_path(source, tmp_path).read_bytes() == BODY
+    # a verified download is reused: no second request
+    list(read_url_source(source, tmp_path, SourceStats()))
+    assert len(file_server.log) == 1
+
+
+def test_url_checksum_mismatch_keeps_nothing(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    source = url_source(file_server.url("/c.jsonl"), b"other content")
+    with pytest.raises(ChecksumError, match=f"expected {source.sha256}, got {hashlib.sha256(BODY).hexdigest()}"):
+        list(read_url_source(source, tmp_path, SourceStats()))
+    assert list(download_path(source, tmp_path).parent.iterdir()) == []
+
+
+def test_url_resumes_partial_download_with_range(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    source = url_source(file_server.url("/c.jsonl"), BODY)
+    dest = download_path(source, tmp_path)
+    dest.parent.mkdir(parents=True)
+    dest.with_name(dest.name + ".part").write_bytes(BODY[:1000])
+    download(source.url, dest, source.sha256)
+    assert dest.read_bytes() == BODY
+    assert file_server.log == [("/c.jsonl", "bytes=1000-", 206)]
+
+
+def test_url_dropped_connection_is_retried_and_resumed(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    file_server.cut_after["/c.jsonl"] = 700
+    dest = tmp_path / "c.jsonl"
+    download(file_server.url("/c.jsonl"), dest, hashlib.sha256(BODY).hexdigest(), backoff_s=0.01)
+    assert dest.read_bytes() == BODY
+    assert [entry[1:] for entry in file_server.log] == [(None, 200), ("bytes=700-", 206)]
+
+
+def test_url_404_fails_at_once(tmp_path: Path, file_server: Any) -> None:
+    with pytest.raises(DataError, match="HTTP 404"):
+        download(file_server.url("/missing.txt"), tmp_path / "m.txt", "0" * 64, retries=3, backoff_s=0.01)
+    assert len(file_server.log) == 1
+
+
+def test_url_connection_error_after_retries(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="download failed after 3 attempt\\(s\\)"):  # nothing listens on port 1
+        download("http://127.0.0.1:1/x.txt", tmp_path / "x.txt", "0" * 64, retries=2, backoff_s=0.01)
