@@ -120,4 +120,10 @@ def read_documents(directory: str | os.PathLike[str]) -> pa.Table:
 
 
 def count_documents(directory: str | os.PathLike[str]) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_files(directory))
+    total = 0
+    for path in shard_files(directory):
+        try:
+            total += pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
+    return total

@@ -1,0 +1,197 @@
+"""The ``tokenize`` stage and the token reader: order, EOS, dtype, fingerprints, atomicity."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lmpipe.config import Paths
+from lmpipe.data.shards import ShardWriter, doc_id
+from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
+from lmpipe.tokenizer import shards, train
+from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
+
+SENTENCES = [
+    "The baker opened the shop before dawn.", "Rain fell on the quiet village all night.",
+    "She wrote 3 letters in 2024, then 17 more.", "Children ran to the market square!",
+    "北京的秋天很美。", "An old map showed the river bending east.", "Why did the lamp flicker?",
+]
+
+
+def documents(n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    docs = ["\n".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 5))) for _ in range(n_docs)]
+    docs[3] = "<|user|>What is 2+2?<|end|>\n<|assistant|>4<|end|>"
+    docs[5] = "  indented\n\tand tabbed  \n\n"
+    return docs
+
+
+def write_split(root: Path, split: str, docs: list[str], shard_docs: int = 25) -> None:
+    writer = ShardWriter(root / "data" / "split" / split, shard_docs=shard_docs)
+    writer.write(pa.table({"id": [doc_id(d) for d in docs], "text": docs,
+                           "source": ["test"] * len(docs), "meta": ["{}"] * len(docs)}))
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Paths, dict[str, list[str]]]:
+    """A split with a trained tiny tokenizer; val has an empty document, which is skipped."""
+    root = tmp_path_factory.mktemp("shards")
+    docs = {"train": documents(120, 0), "val": documents(30, 1), "test": documents(10, 2)}
+    docs["val"][7] = ""
+    for split, texts in docs.items():
+        write_split(root, split, texts)
+    paths = Paths(root)
+    train.run(TokenizerConfig.model_validate({"vocab_size": 320, "num_threads": 1}), paths)
+    return paths, {split: [d for d in texts if d] for split, texts in docs.items()}
+
+
+def tokenize(paths: Paths, **options: object) -> dict[str, object]:
+    return shards.run(TokenizeConfig.model_validate({"workers": 1, **options}), paths)
+
+
+def test_shards_decode_back_to_the_documents_with_eos_between(project: tuple[Paths, dict[str, list[str]]]) -> None:
+    paths, docs = project
+    # Small batches and two worker processes: results must still land in document order.
+    summary = tokenize(paths, workers=2, batch_bytes=300)
+    sp, info = train.load_tokenizer(paths.tokenizer)
+    reader = shards.TokenShardReader(paths.tokens, info.fingerprint)
+    for split, texts in docs.items():
+        ids = reader.tokens(split)
+        assert isinstance(ids, np.memmap) and ids.dtype == np.dtype("<u2")
+        assert ids[-1] == info.eos_id and int((ids == info.eos_id).sum()) == len(texts)
+        ends = np.flatnonzero(ids == info.eos_id)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        decoded = [sp.decode(ids[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+        assert decoded == texts
+        assert summary[f"{split}_documents"] == len(texts)
+        assert summary[f"{split}_tokens"] == len(ids)
+    meta = reader.meta
+    assert meta["splits"]["val"]["empty_documents"] == 1
+    assert meta["splits"]["train"]["bytes"] == sum(len(d.encode()) for d in docs["train"])
+    assert meta["tokenizer_fingerprint"] == info.fingerprint and meta["eos_id"] == 2 and meta["pad_id"] == 3
+    assert meta["special_tokens"]["<|assistant|>"] == 6
+    # One process or two, any batch size: the same bytes.
+    two_workers = (paths.tokens / "train.bin").read_bytes()
+    tokenize(paths, workers=1, batch_bytes=10_000)
+    assert (paths.tokens / "train.bin").read_bytes() == two_workers
+    assert (paths.tokens / "manifest.json").is_file()
+
+
+def test_dtype_is_uint16_when_the_vocab_fits() -> None:
+    assert shards.token_dtype(320) == np.dtype("<u2")
+    assert shards.token_dtype(65_536) == np.dtype("<u2")  # ids 0..65535
+    assert shards.token_dtype(65_537) == np.dtype("<u4")
+    assert shards.token_dtype(320, "uint32") == np.dtype("<u4")
+    with pytest.raises(ConfigError, match="uint16 cannot hold"):
+        shards.token_dtype(100_000, "uint16")
+
+
+def test_uint32_shards_hold_the_same_ids(project: tuple[Paths, dict[str, list[str]]]) -> None:
+    paths, _ = project
+    tokenize(paths, splits=["val"])
+    small = np.array(shards.open_tokens(paths.tokens, "val", paths.tokenizer)[0])
+    tokenize(paths, splits=["val"], dtype="uint32")
+    wide, meta = shards.open_tokens(paths.tokens, "val", paths.tokenizer)
+    assert meta["dtype"] == "uint32" and wide.dtype == np.dtype("<u4")
+    assert (paths.tokens / "val.bin").stat().st_size == 4 * len(small)
+    assert np.array_equal(wide, small)
+
+
+def test_shards_of_another_tokenizer_are_refused(project: tuple[Paths, dict[str, list[str]]], tmp_path: Path) -> None:
+    paths, _ = project
+    tokenize(paths)
+    made_with = train.read_tokenizer_info(paths.tokenizer).fingerprint
+    other = Paths(tmp_path)
+    shutil.copytree(paths.split, other.split)
+    train.run(TokenizerConfig.model_validate({"vocab_size": 340, "num_threads": 1}), other)
+    in_use = train.read_tokenizer_info(other.tokenizer).fingerprint
+    with pytest.raises(FingerprintMismatch) as err:
+        shards.open_tokens(paths.tokens, "train", other.tokenizer)
+    message = str(err.value)
+    assert made_with in message and in_use in message and "dvc repro tokenize" in message
+
+
+def test_truncated_or_missing_split_is_refused(project: tuple[Paths, dict[str, list[str]]], tmp_path: Path) -> None:
+    paths, _ = project
+    tokenize(paths, splits=["train", "val"])
+    fingerprint = train.read_tokenizer_info(paths.tokenizer).fingerprint
+    copy = tmp_path / "tokens"
+    shutil.copytree(paths.tokens, copy)
+    reader = shards.TokenShardReader(copy, fingerprint)
+    with pytest.raises(DataError, match="'test' was not tokenized"):
+        reader.tokens("test")
+    with open(copy / "val.bin", "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(DataError, match="incomplete"):
+        reader.tokens("val")
+    with pytest.raises(DataError, match="no meta.json"):
+        shards.TokenShardReader(tmp_path / "nowhere", fingerprint)
+
+
+def test_failed_tokenize_leaves_previous_output_or_none(project: tuple[Paths, dict[str, list[str]]], tmp_path: Path) -> None:
+    paths, _ = project
+    broken = Paths(tmp_path)
+    shutil.copytree(paths.split, broken.split)
+    shutil.copytree(paths.tokenizer, broken.tokenizer)
+    (broken.split / "test" / "part-00000.parquet").write_bytes(b"not parquet")  # fails after train and val
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        tokenize(broken, workers=2, batch_bytes=200)
+    assert not broken.tokens.exists()
+    assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".tokens")]
+    # With a previous complete output, a failed run leaves it untouched.
+    tokenize(broken, splits=["train", "val"])
+    before = {p.name: p.read_bytes() for p in broken.tokens.iterdir()}
+    with pytest.raises(DataError):
+        tokenize(broken)
+    assert {p.name: p.read_bytes() for p in broken.tokens.iterdir()} == before
+
+
+def test_missing_split_or_tokenizer_is_a_clear_error(project: tuple[Paths, dict[str, list[str]]], tmp_path: Path) -> None:
+    paths, _ = project
+    with pytest.raises(DataError, match="no tokenizer.json: train the tokenizer first"):
+        tokenize(Paths(tmp_path))
+    partial = Paths(tmp_path)
+    shutil.copytree(paths.tokenizer, partial.tokenizer)
+    write_split(tmp_path, "train", ["one document"])
+    with pytest.raises(DataError, match="split 'val' not found"):
+        tokenize(partial)
+    (partial.tokenizer / "tokenizer.model").write_bytes(b"edited")
+    with pytest.raises(DataError, match="has sha256 .* but tokenizer.json records"):
+        tokenize(partial, splits=["train"])
+
+
+def test_tokenize_config_rejects_repeated_splits() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        TokenizeConfig.model_validate({"splits": ["train", "train"]})
+
+
+@pytest.mark.slow
+def test_cli_runs_both_stages_and_logs_to_mlflow(project: tuple[Paths, dict[str, list[str]]], tmp_path: Path) -> None:
+    """`lmpipe tokenizer` then `lmpipe tokenize` from params.yaml, each an MLflow run with metrics."""
+    import mlflow
+
+    from lmpipe.cli import main
+
+    paths, docs = project
+    shutil.copytree(paths.split, tmp_path / "data" / "split")
+    (tmp_path / "params.yaml").write_text(
+        "tracking:\n  experiment: tokenizer-cli-test\n"
+        "tokenizer:\n  vocab_size: 330\n  num_threads: 1\n"
+        "tokenize:\n  workers: 1\n"
+    )
+    assert main(["tokenizer", "--root", str(tmp_path)]) == 0
+    assert main(["tokenize", "--root", str(tmp_path), "-S", "tokenize.splits=[train, val]"]) == 0
+    fingerprint = train.read_tokenizer_info(tmp_path / "artifacts" / "tokenizer").fingerprint
+    reader = shards.TokenShardReader(tmp_path / "data" / "tokens", fingerprint)
+    assert reader.splits == ["train", "val"] and reader.vocab_size == 330
+    runs = mlflow.search_runs(experiment_names=["tokenizer-cli-test"], output_format="list")
+    by_name = {run.info.run_name: run for run in runs}
+    assert by_name["tokenizer"].data.metrics["bytes_per_token"] > 1
+    assert by_name["tokenizer"].data.tags["tokenizer.fingerprint"] == reader.meta["tokenizer_fingerprint"]
+    assert by_name["tokenize"].data.metrics["val_documents"] == len(docs["val"])
