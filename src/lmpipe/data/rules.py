@@ -1,0 +1,439 @@
+"""The per-document cleaning rules of the ``clean`` stage.
+
+Each rule has a stable name (the key in ``clean_report.json`` and in the stage's metrics), is
+switched on and tuned by its section of ``clean`` in params.yaml, and decides keep or drop for every
+document of a batch at once, from statistics computed in one compiled pass
+(:mod:`lmpipe.data.textstats`). Rules run in a fixed order and a document is charged to the first
+rule that drops it, so the removals of all rules add up to the documents removed.
+
+Order: ``normalize`` (rewrites, never drops), ``encoding``, ``length.*``, ``language``,
+``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1); then
+``pii`` rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
+
+Chinese and Japanese have no spaces between words: the tokenizer makes each ideograph/kana a word,
+so word counts and repetition n-grams stay meaningful, and the mean-word-length and English
+stop-word checks are skipped for documents that are mostly CJK (stop words: English only).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numba
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pycld2
+
+from lmpipe.data.config import CleanConfig, PiiRule
+from lmpipe.data.textstats import (
+    HAS_AT,
+    HAS_CONTROL,
+    HAS_CR,
+    HAS_DIGIT_DOT,
+    HAS_DIGITS,
+    HAS_NON_ASCII,
+    NGRAM_BASE,
+    TokenizedBatch,
+    count_get,
+    count_insert,
+    mix64,
+    scan_flags,
+    table_mask,
+    token_hashes,
+    tokenize,
+)
+
+# Characters removed by `normalize`: C0/C1 controls except tab and newline, zero-width space,
+# word joiner and byte-order mark. CR and CRLF become LF first.
+CONTROL_PATTERN = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\x{200B}\x{2060}\x{FEFF}]"
+# Broken encodings: the replacement character, and UTF-8 read as cp1252/latin-1 ("Ã©" for "é",
+# "â€™" for "’", "Â " for a no-break space); counted on the raw text, before controls are removed.
+MOJIBAKE_PATTERN = r"\x{FFFD}|Ã[\x{80}-\x{BF}]|â€|â\x{80}[\x{80}-\x{BF}]|Â[\x{A0}-\x{BF}]"
+
+EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_PATTERN = rf"(?-u:\b){_OCTET}(?:\.{_OCTET}){{3}}(?-u:\b)"
+# Phone numbers: international (+CC ...), a parenthesised area code, NNN-NNN-NNNN / NNN.NNN.NNNN, or
+# a national number with a trunk 0 in groups (020 7946 0018). Plain digit runs and other
+# space-separated numbers are left alone (years, quantities, ids).
+PHONE_PATTERN = (
+    r"\+[0-9]{1,3}[ .\-]?(?:\([0-9]{1,4}\)[ .\-]?)?[0-9]{1,4}(?:[ .\-]?[0-9]{2,4}){2,4}(?-u:\b)"
+    r"|\([0-9]{2,4}\)[ .\-]?[0-9]{3,4}[ .\-][0-9]{3,4}(?-u:\b)"
+    r"|(?-u:\b)[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}(?-u:\b)"
+    r"|(?-u:\b)0[0-9]{2,4}[ \-][0-9]{3,4}[ \-][0-9]{3,4}(?-u:\b)"
+)
+_PII_NEEDS = {"email": HAS_AT, "ip": HAS_DIGIT_DOT, "phone": HAS_DIGITS}
+# (kind, pattern, placeholder), applied in this order: e-mails first, since they may hold digits
+PII_KINDS = (
+    ("email", EMAIL_PATTERN, "<EMAIL>"),
+    ("ip", IPV4_PATTERN, "<IP_ADDRESS>"),
+    ("phone", PHONE_PATTERN, "<PHONE>"),
+)
+
+# Gopher's stop words (Rae et al. 2021, A.1.1)
+STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+# A document counts as CJK (no word-length or stop-word checks) when most of its words are CJK.
+CJK_DOC_FRACTION = 0.5
+# cld2 reads at most this many leading characters: detection is ~4x faster on long documents and
+# a thousand characters is far more than cld2 needs for a confident answer.
+LANG_SAMPLE_CHARS = 1000
+UNKNOWN_LANGUAGE = "und"  # ISO 639-2 "undetermined"
+# English fast path. cld2 costs 40-150 us per document, more than every other rule together, and
+# most documents of an English corpus are unmistakable: in running English text these function
+# words make up 15-25% of all words, in other languages (even ones sharing the Latin alphabet)
+# well under 2%. Words that are also frequent elsewhere (a, to, of, in, is, on, an, so, was, for,
+# her, he, had, will, at, by, me, my, we, has, also: Romance, Dutch, German, Scandinavian, Slavic) are
+# left out on purpose.
+# A document with at least ENGLISH_FAST_MIN_WORDS words and an ENGLISH_FAST_SHARE share of these
+# is labelled English without cld2; everything else goes to cld2. Tests check the two agree.
+ENGLISH_FUNCTION_WORDS = (
+    "the", "and", "that", "with", "which", "this", "from", "were", "been", "their", "they", "would",
+    "there", "what", "she", "his", "not", "are", "but", "have", "you", "said", "could", "about", "into",
+    "than", "them", "these", "who", "its", "our", "your", "because", "should", "when", "where", "while",
+    "it", "be", "or",
+)
+WORD_SETS = (token_hashes(list(STOP_WORDS)), token_hashes(list(ENGLISH_FUNCTION_WORDS)))
+ENGLISH_FAST_SHARE = 0.10
+ENGLISH_FAST_MIN_WORDS = 20
+ENGLISH_FAST_CONFIDENCE = 0.99
+
+QUALITY_CHECKS = (
+    "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio",
+    "max_ellipsis_line_fraction", "max_bullet_line_fraction", "min_alpha_word_fraction", "min_stop_words",
+)
+REPETITION_CHECKS = (
+    "max_dup_line_fraction", "max_dup_para_fraction", "max_dup_line_char_fraction", "max_dup_para_char_fraction",
+)
+
+
+def document_rule_names(cfg: CleanConfig) -> list[str]:
+    """Names of the rules that judge single documents, in the order they are applied."""
+    names = ["encoding", "length.min_chars", "length.max_chars", "language"]
+    names += [f"quality.{check}" for check in QUALITY_CHECKS]
+    names += [f"repetition.{check}" for check in REPETITION_CHECKS]
+    names += [f"repetition.top_ngram_char_fraction.{n}" for n in sorted(cfg.repetition.top_ngram_char_fraction)]
+    names += [f"repetition.dup_ngram_char_fraction.{n}" for n in sorted(cfg.repetition.dup_ngram_char_fraction)]
+    return names
+
+
+# --------------------------------------------------------------------------------- text rewrites
+
+
+def _rewrite(texts: pl.Series, rows: np.ndarray, pattern: str, replacement: str) -> pl.Series:
+    if len(rows) == 0:
+        return texts
+    return texts.scatter(rows, texts.gather(rows).str.replace_all(pattern, replacement))
+
+
+def normalize(texts: pl.Series, form: Literal["NFC", "NFKC"], flags: np.ndarray) -> pl.Series:
+    """Unicode normal form ``form``, LF line ends, no control or zero-width characters.
+
+    ``flags`` (:func:`scan_flags` of ``texts``) limit each rewrite to the documents it can change;
+    ASCII text, for one, is in every normal form already. Returns a new series (``texts`` is left
+    as it was: polars' scatter works in place).
+    """
+    texts = texts.clone()
+    texts = _rewrite(texts, np.flatnonzero(flags & HAS_CR), "\r\n?", "\n")
+    texts = _rewrite(texts, np.flatnonzero(flags & HAS_CONTROL), CONTROL_PATTERN, "")
+    rows = np.flatnonzero(flags & HAS_NON_ASCII)
+    if len(rows):
+        fixed = [unicodedata.normalize(form, t) for t in texts.gather(rows).to_list()]
+        texts = texts.scatter(rows, pl.Series(fixed, dtype=pl.String))
+    return texts
+
+
+def bad_char_fraction(raw: pl.Series, chars: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Share of characters that belong to a broken-encoding marker (see MOJIBAKE_PATTERN)."""
+    bad = np.zeros(len(raw), np.float64)
+    rows = np.flatnonzero(flags & HAS_NON_ASCII)  # every marker is non-ASCII
+    if len(rows):
+        bad[rows] = raw.gather(rows).str.count_matches(MOJIBAKE_PATTERN).fill_null(0).to_numpy()
+    return np.divide(bad, chars, out=np.zeros_like(bad), where=chars > 0)
+
+
+def redact_pii(texts: pl.Series, cfg: PiiRule, flags: np.ndarray | None = None) -> tuple[pl.Series, dict[str, int], np.ndarray]:
+    """Replace e-mails, IPv4 addresses and phone numbers with placeholders.
+
+    Returns the new texts, matches per kind, and a mask of the documents that changed. Only
+    documents that can match (``flags`` from :func:`scan_flags`: an '@', digits) are searched,
+    and only those with a match go through the replacement.
+    """
+    flags = scan_flags(texts.to_arrow()) if flags is None else flags
+    texts = texts.clone()  # scatter below works in place; the caller's series stays as it was
+    modified = np.zeros(len(texts), np.bool_)
+    counts: dict[str, int] = {}
+    wanted = {"email": cfg.email, "ip": cfg.ip, "phone": cfg.phone}
+    for kind, pattern, placeholder in PII_KINDS:
+        counts[kind] = 0
+        candidates = np.flatnonzero(flags & _PII_NEEDS[kind])
+        if not (cfg.enabled and wanted[kind]) or len(candidates) == 0:
+            continue
+        hits = texts.gather(candidates).str.count_matches(pattern).fill_null(0).to_numpy()
+        rows = candidates[hits > 0]
+        if len(rows) == 0:
+            continue
+        counts[kind] = int(hits.sum())
+        modified[rows] = True
+        texts = texts.scatter(rows, texts.gather(rows).str.replace_all(pattern, placeholder, literal=False))
+    return texts, counts, modified
+
+
+# ------------------------------------------------------------------------------------- language
+
+
+def _detect(text: str) -> tuple[str, float]:
+    try:
+        _, _, details = pycld2.detect(text, bestEffort=True)
+    except pycld2.error:
+        # cld2 rejects a few code points (surrogates, some non-characters): drop them and retry
+        text = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
+        try:
+            _, _, details = pycld2.detect(text, bestEffort=True)
+        except pycld2.error:
+            return UNKNOWN_LANGUAGE, 0.0
+    _, code, percent, _ = details[0]
+    if code in ("un", "xxx") or percent == 0:
+        return UNKNOWN_LANGUAGE, 0.0
+    return code.split("-")[0], percent / 100.0
+
+
+def tokenize_for_rules(texts: pa.Array | pa.ChunkedArray) -> TokenizedBatch:
+    """Tokenize with the word counts the rules need (stop words, English function words)."""
+    return tokenize(texts, WORD_SETS)
+
+
+def clearly_english(batch: TokenizedBatch) -> np.ndarray:
+    """Documents whose share of English function words leaves no doubt (see ENGLISH_FUNCTION_WORDS)."""
+    words = batch.stat("words")
+    share = _ratio(batch.set_counts[:, 1], words)
+    return (words >= ENGLISH_FAST_MIN_WORDS) & (share >= ENGLISH_FAST_SHARE)
+
+
+def detect_languages(texts: pl.Series | list[str], batch: TokenizedBatch | None = None,
+                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ISO 639-1 code (``"und"`` when unknown) and confidence in [0, 1] of texts, with cld2.
+
+    Confidence is the share of the sampled text cld2 assigns to the top language. With the
+    tokenized ``batch`` of the texts, clearly English documents skip cld2 (ENGLISH_FAST_SHARE).
+    Only ``rows`` (default all) are detected; the others get ``"und"`` and 0.
+    """
+    n = len(texts)
+    langs = np.full(n, UNKNOWN_LANGUAGE, dtype=object)
+    conf = np.zeros(n, np.float64)
+    todo = np.ones(n, np.bool_) if rows is None else np.isin(np.arange(n), rows)
+    if batch is not None:
+        fast = todo & clearly_english(batch)
+        langs[fast] = "en"
+        conf[fast] = ENGLISH_FAST_CONFIDENCE
+        todo &= ~fast
+    todo_rows = np.flatnonzero(todo)
+    sample = pl.Series(texts, dtype=pl.String).gather(todo_rows).str.slice(0, LANG_SAMPLE_CHARS).to_list()
+    for idx, text in zip(todo_rows, sample, strict=True):
+        langs[idx], conf[idx] = _detect(text or "")
+    return langs, conf
+
+
+# ---------------------------------------------------------------------------- repetition n-grams
+
+
+@numba.njit(cache=True, nogil=True)
+def _repetition_kernel(tok_hash, tok_chars, tok_offsets, select, first_n, top_ns, dup_ns, top_frac, dup_frac,
+                       keys, stamps, counts, grams, multi_prev, multi, csum):  # pragma: no cover - compiled
+    n_max = top_ns.shape[0] - 1
+    stamp = 0
+    for d in range(tok_offsets.shape[0] - 1):
+        if not select[d]:
+            continue
+        t0 = tok_offsets[d]
+        m = tok_offsets[d + 1] - t0
+        csum[0] = 0
+        for k in range(m):
+            csum[k + 1] = csum[k] + tok_chars[t0 + k]
+            grams[k] = tok_hash[t0 + k]
+        total = csum[m]
+        if total == 0:
+            continue
+        mask = table_mask(m)
+        for n in range(1, n_max + 1):
+            count = m - n + 1
+            if count <= 0:
+                break
+            if n > 1:
+                for p in range(count):
+                    grams[p] = grams[p] * NGRAM_BASE + tok_hash[t0 + p + n - 1]
+            if n < first_n:
+                continue
+            # an n-gram occurring twice implies both of its (n-1)-grams occur twice: test only those
+            stamp += 1
+            any_multi = False
+            for p in range(count):
+                cand = n == first_n or (multi_prev[p] and multi_prev[p + 1])
+                if cand:
+                    count_insert(keys, stamps, counts, mask, stamp, mix64(grams[p]))
+            for p in range(count):
+                cand = n == first_n or (multi_prev[p] and multi_prev[p + 1])
+                multi[p] = cand and count_get(keys, stamps, counts, mask, stamp, mix64(grams[p])) > 1
+                any_multi = any_multi or multi[p]
+            if top_ns[n]:
+                # characters covered by the most frequent n-gram (Gopher: only repeated ones count)
+                best = 0
+                best_chars = 0
+                for p in range(count):
+                    if multi[p]:
+                        c = count_get(keys, stamps, counts, mask, stamp, mix64(grams[p]))
+                        gc = csum[p + n] - csum[p]
+                        if c > best or (c == best and gc > best_chars):
+                            best = c
+                            best_chars = gc
+                top_frac[d, n] = best * best_chars / total
+            if dup_ns[n] and any_multi:
+                # characters inside repeated occurrences (every occurrence after the first)
+                stamp += 1
+                covered = 0
+                cover_end = 0
+                for p in range(count):
+                    if multi[p] and count_insert(keys, stamps, counts, mask, stamp, mix64(grams[p])) > 1:
+                        lo = max(p, cover_end)
+                        hi = p + n
+                        if hi > lo:
+                            covered += csum[hi] - csum[lo]
+                            cover_end = hi
+                dup_frac[d, n] = covered / total
+            if not any_multi:
+                break
+            for p in range(count):
+                multi_prev[p] = multi[p]
+            multi_prev[count] = False
+
+
+def repetition_stats(batch: TokenizedBatch, top_ns: list[int], dup_ns: list[int],
+                     select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gopher repetition statistics (Rae et al. 2021, table A1) per document.
+
+    Returns ``(top, dup)``, each ``[docs, max_n + 1]``: ``top[d, n]`` is the fraction of word
+    characters covered by the most frequent repeated n-gram, ``dup[d, n]`` the fraction inside
+    repeated occurrences of any n-gram. Documents with ``select[d]`` False are skipped (zeros).
+    """
+    n_docs = len(batch)
+    wanted = sorted(set(top_ns) | set(dup_ns))
+    n_max = wanted[-1] if wanted else 0
+    top = np.zeros((n_docs, n_max + 1), np.float64)
+    dup = np.zeros((n_docs, n_max + 1), np.float64)
+    if not wanted or n_docs == 0:
+        return top, dup
+    top_mask = np.zeros(n_max + 1, np.bool_)
+    dup_mask = np.zeros(n_max + 1, np.bool_)
+    top_mask[list(top_ns)] = True
+    dup_mask[list(dup_ns)] = True
+    longest = int(np.max(np.diff(batch.tok_offsets)))
+    size = table_mask(longest) + 1
+    select = np.ones(n_docs, np.bool_) if select is None else np.ascontiguousarray(select, np.bool_)
+    _repetition_kernel(
+        batch.tok_hash, batch.tok_chars, batch.tok_offsets, select, wanted[0], top_mask, dup_mask, top, dup,
+        np.empty(size, np.uint64), np.zeros(size, np.int64), np.empty(size, np.int32),
+        np.empty(longest + 1, np.uint64), np.zeros(longest + 2, np.bool_), np.zeros(longest + 2, np.bool_),
+        np.empty(longest + 2, np.int64),
+    )
+    return top, dup
+
+
+# ----------------------------------------------------------------------------------------- rules
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(len(num), np.float64), where=den > 0)
+
+
+def stop_word_counts(batch: TokenizedBatch) -> np.ndarray:
+    """Occurrences of Gopher's English stop words per document."""
+    return batch.set_counts[:, 0]
+
+
+@dataclass
+class Judgement:
+    """``codes[d]``: 0 = kept, else 1 + index of the dropping rule in ``names``; ``values[d]``: what
+    that rule measured (a count, length or fraction)."""
+
+    names: list[str]
+    codes: np.ndarray
+    values: np.ndarray
+    code_of: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, name: str, value: np.ndarray, fails: np.ndarray) -> None:
+        new = fails & (self.codes == 0)
+        self.codes[new] = self.code_of[name]
+        self.values[new] = value[new]
+
+
+def judge(cfg: CleanConfig, *, chars: np.ndarray, bad_fraction: np.ndarray, langs: np.ndarray,
+          confidence: np.ndarray, batch: TokenizedBatch) -> Judgement:
+    """Apply every enabled document rule in order; return which rule (if any) drops each doc.
+
+    ``batch`` comes from :func:`tokenize_for_rules` of the same (normalised) texts.
+    """
+    if batch.set_counts.shape[1] != len(WORD_SETS):
+        raise ValueError("judge() needs a batch from tokenize_for_rules()")
+    names = document_rule_names(cfg)
+    n = len(chars)
+    out = Judgement(names, np.zeros(n, np.int16), np.zeros(n, np.float64), {k: i + 1 for i, k in enumerate(names)})
+    if cfg.encoding.enabled:
+        out.drop("encoding", bad_fraction, bad_fraction > cfg.encoding.max_bad_fraction)
+    if cfg.length.enabled:
+        out.drop("length.min_chars", chars, chars < cfg.length.min_chars)
+        out.drop("length.max_chars", chars, chars > cfg.length.max_chars)
+    if cfg.language.enabled:
+        wrong = ~np.isin(langs.astype(str), cfg.language.keep) | (confidence < cfg.language.min_confidence)
+        out.drop("language", confidence, wrong)
+    words = batch.stat("words")
+    cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
+    if cfg.quality.enabled:
+        _quality(cfg, out, batch, words, cjk_doc, langs)
+    if cfg.repetition.enabled:
+        _repetition(cfg, out, batch, chars)
+    return out
+
+
+def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, words: np.ndarray,
+             cjk_doc: np.ndarray, langs: np.ndarray) -> None:
+    q = cfg.quality
+    lines = batch.stat("lines")
+    mean_len = _ratio(batch.stat("word_chars"), words)
+    symbols = _ratio(np.maximum(batch.stat("hashes"), batch.stat("ellipses")), words)
+    out.drop("quality.min_words", words, words < q.min_words)
+    out.drop("quality.max_words", words, words > q.max_words)
+    out.drop("quality.min_mean_word_length", mean_len, (mean_len < q.min_mean_word_length) & ~cjk_doc)
+    out.drop("quality.max_mean_word_length", mean_len, (mean_len > q.max_mean_word_length) & ~cjk_doc)
+    out.drop("quality.max_symbol_word_ratio", symbols, symbols > q.max_symbol_word_ratio)
+    ellipsis = _ratio(batch.stat("ellipsis_lines"), lines)
+    out.drop("quality.max_ellipsis_line_fraction", ellipsis, ellipsis > q.max_ellipsis_line_fraction)
+    bullets = _ratio(batch.stat("bullet_lines"), lines)
+    out.drop("quality.max_bullet_line_fraction", bullets, bullets > q.max_bullet_line_fraction)
+    alpha = _ratio(batch.stat("alpha_words"), words)
+    out.drop("quality.min_alpha_word_fraction", alpha, alpha < q.min_alpha_word_fraction)
+    if q.min_stop_words > 0:
+        stops = stop_word_counts(batch)
+        english = (langs == "en") & ~cjk_doc
+        out.drop("quality.min_stop_words", stops, english & (stops < q.min_stop_words))
+
+
+def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, chars: np.ndarray) -> None:
+    r = cfg.repetition
+    checks = (
+        ("max_dup_line_fraction", _ratio(batch.stat("dup_lines"), batch.stat("lines"))),
+        ("max_dup_para_fraction", _ratio(batch.stat("dup_paras"), batch.stat("paras"))),
+        ("max_dup_line_char_fraction", _ratio(batch.stat("dup_line_chars"), chars)),
+        ("max_dup_para_char_fraction", _ratio(batch.stat("dup_para_chars"), chars)),
+    )
+    for check, value in checks:
+        out.drop(f"repetition.{check}", value, value > getattr(r, check))
+    # n-gram statistics are the costliest: compute them only for documents still in
+    top, dup = repetition_stats(batch, list(r.top_ngram_char_fraction), list(r.dup_ngram_char_fraction),
+                                select=out.codes == 0)
+    for n, limit in sorted(r.top_ngram_char_fraction.items()):
+        value = np.minimum(top[:, n], 1.0)
+        out.drop(f"repetition.top_ngram_char_fraction.{n}", value, value > limit)
+    for n, limit in sorted(r.dup_ngram_char_fraction.items()):
+        out.drop(f"repetition.dup_ngram_char_fraction.{n}", dup[:, n], dup[:, n] > limit)

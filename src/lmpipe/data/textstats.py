@@ -1,0 +1,484 @@
+"""Compiled text statistics shared by the cleaning rules, dedup and decontamination.
+
+One pass over the UTF-8 bytes of a batch of documents (an Arrow string array, zero-copy) splits
+each document into tokens and lines and records what every rule needs, so no rule loops over words
+in Python. The loops are numba-compiled (``cache=True``: compiled once per machine, then loaded).
+
+Tokens are maximal runs of non-space characters, except that each CJK ideograph or kana is a token
+of its own: Chinese and Japanese have no spaces, and treating a whole sentence as one "word" would
+make every word-based rule meaningless for them. CJK punctuation separates tokens like a space.
+
+Each token gets a 64-bit hash of its *normalised* form: letters and digits only, ASCII and Latin-1
+letters lower-cased. So ``"The,"`` and ``"the"`` hash alike, which is what exact dedup (case and
+punctuation insensitive), MinHash shingles, decontamination n-grams and stop-word counts want.
+A token with no letter or digit (``"--"``, ``"#"``) hashes its raw characters and is flagged
+``EMPTY_NORM``; dedup and decontamination skip such tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import pyarrow as pa
+
+# token flags
+HAS_LETTER = np.uint8(1)
+IS_CJK = np.uint8(2)
+EMPTY_NORM = np.uint8(4)
+
+# per-document columns of TokenizedBatch.doc_stats
+DOC_STATS = (
+    "chars", "words", "word_chars", "alpha_words", "cjk_words", "hashes", "ellipses",
+    "lines", "ellipsis_lines", "bullet_lines", "dup_lines", "dup_line_chars",
+    "paras", "dup_paras", "dup_para_chars",
+)
+COL = {name: idx for idx, name in enumerate(DOC_STATS)}
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+# odd 64-bit multiplier of the polynomial n-gram hash (any large odd constant works)
+NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
+_PARA_SALT = np.uint64(0xA0761D6478BD642F)
+_SET_MAX_CHARS = 12  # word-set members (stop words, function words) are short; skip longer tokens
+
+SEP, LETTER, DIGIT, PUNCT, CJK = 0, 1, 2, 3, 4
+_ASCII_CLASS = np.full(128, PUNCT, dtype=np.uint8)
+_ASCII_CLASS[[9, 10, 11, 12, 13, 32]] = SEP
+_ASCII_CLASS[:9] = SEP
+_ASCII_CLASS[14:32] = SEP
+_ASCII_CLASS[ord("0"): ord("9") + 1] = DIGIT
+_ASCII_CLASS[ord("a"): ord("z") + 1] = LETTER
+_ASCII_CLASS[ord("A"): ord("Z") + 1] = LETTER
+# bullets that start list lines (Gopher's bullet-line rule): - * • ‣ ⁃ ◦ ● ○ ■ □ ▪ ·
+_BULLETS = np.array([0x2D, 0x2A, 0x2022, 0x2023, 0x2043, 0x25E6, 0x25CF, 0x25CB, 0x25A0, 0x25A1,
+                     0x25AA, 0xB7], dtype=np.int64)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def mix64(x: np.uint64) -> np.uint64:
+    """splitmix64 finaliser: spreads hash bits so table slots and MinHash inputs are uniform."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(cache=True, nogil=True)
+def char_class(cp: int, ascii_class: np.ndarray) -> int:
+    if cp < 128:
+        return ascii_class[cp]
+    if cp == 0x85 or cp == 0xA0 or cp == 0x1680 or 0x2000 <= cp <= 0x200A or cp == 0x2028 \
+            or cp == 0x2029 or cp == 0x202F or cp == 0x205F or cp == 0x3000:
+        return SEP
+    if 0x3040 <= cp <= 0x30FF or 0x3400 <= cp <= 0x4DBF or 0x4E00 <= cp <= 0x9FFF \
+            or 0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x2FA1F:
+        return CJK
+    # CJK and full-width punctuation separate tokens like spaces do
+    if 0x3001 <= cp <= 0x303F or 0xFF01 <= cp <= 0xFF0F or 0xFF1A <= cp <= 0xFF20 \
+            or 0xFF3B <= cp <= 0xFF40 or 0xFF5B <= cp <= 0xFF65:
+        return SEP
+    # Latin-1 punctuation, general punctuation, currency, symbols, arrows, box drawing, emoji
+    if cp < 0xC0 or cp == 0xD7 or cp == 0xF7 or 0x2010 <= cp <= 0x2BFF or 0xFE00 <= cp <= 0xFE0F \
+            or 0x1F000 <= cp <= 0x1FAFF or 0xFFF0 <= cp <= 0xFFFF:
+        return PUNCT
+    return LETTER
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _decode(data: np.ndarray, i: int, end: int) -> tuple[np.int64, int]:
+    """Code point at byte ``i`` and its byte length (input is valid UTF-8; bounds still checked)."""
+    b0 = np.int64(data[i])
+    if b0 < 0x80:
+        return b0, 1
+    if b0 < 0xE0 and i + 1 < end:
+        return ((b0 & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F), 2
+    if b0 < 0xF0 and i + 2 < end:
+        return ((b0 & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F), 3
+    if i + 3 < end:
+        return (((b0 & 0x07) << 18) | ((np.int64(data[i + 1]) & 0x3F) << 12)
+                | ((np.int64(data[i + 2]) & 0x3F) << 6) | (np.int64(data[i + 3]) & 0x3F)), 4
+    return np.int64(0xFFFD), 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lower(cp: int) -> int:
+    if 0x41 <= cp <= 0x5A or (0xC0 <= cp <= 0xDE and cp != 0xD7):
+        return cp + 0x20
+    return cp
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def count_insert(keys: np.ndarray, stamps: np.ndarray, counts: np.ndarray, mask: int, stamp: int,
+                 key: np.uint64) -> int:
+    """Add one to ``key``'s count in an open-addressing table; slots of older stamps are empty."""
+    i = np.int64(key & np.uint64(mask))
+    while True:
+        if stamps[i] != stamp:
+            stamps[i] = stamp
+            keys[i] = key
+            counts[i] = 1
+            return 1
+        if keys[i] == key:
+            counts[i] += 1
+            return counts[i]
+        i = (i + 1) & mask
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def count_get(keys: np.ndarray, stamps: np.ndarray, counts: np.ndarray, mask: int, stamp: int,
+              key: np.uint64) -> int:
+    i = np.int64(key & np.uint64(mask))
+    while stamps[i] == stamp:
+        if keys[i] == key:
+            return counts[i]
+        i = (i + 1) & mask
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def table_mask(n: int) -> int:
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    return size - 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_dups(hashes: np.ndarray, chars: np.ndarray, n: int, keys: np.ndarray, stamps: np.ndarray,
+               counts: np.ndarray, stamp: int) -> tuple[int, int]:
+    """(duplicates, characters in duplicates) of n line/paragraph hashes; first occurrences count as unique."""
+    mask = table_mask(n)
+    dup = 0
+    dup_chars = 0
+    for k in range(n):
+        if count_insert(keys, stamps, counts, mask, stamp, hashes[k]) > 1:
+            dup += 1
+            dup_chars += chars[k]
+    return dup, dup_chars
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _ends_with_ellipsis(data: np.ndarray, start: int, end: int) -> bool:
+    """Does ``data[start:end]`` end with '...' or U+2026 (UTF-8 E2 80 A6)?"""
+    if end - start < 3:
+        return False
+    if data[end - 1] == 0x2E and data[end - 2] == 0x2E and data[end - 3] == 0x2E:
+        return True
+    return data[end - 3] == 0xE2 and data[end - 2] == 0x80 and data[end - 1] == 0xA6
+
+
+@numba.njit(cache=True, nogil=True)
+def _tokenize(data, offsets, ascii_class, bullets, tok_hash, tok_chars, tok_flags, tok_offsets, stats,
+              keys, stamps, counts, line_hash, line_chars, para_hash, para_chars, set_hashes, set_bits,
+              set_filter, set_counts):  # pragma: no cover - compiled
+    n_docs = offsets.shape[0] - 1
+    t = 0
+    stamp = 0
+    for d in range(n_docs):
+        start, end = offsets[d], offsets[d + 1]
+        tok_offsets[d] = t
+        chars = 0
+        in_tok = False
+        tok_start = 0
+        h = _FNV_OFFSET
+        n_chars = 0
+        flags = np.uint8(0)
+        hashes = 0
+        ellipses = 0
+        dots = 0
+        n_lines = 0
+        n_paras = 0
+        line_first = -1
+        line_last_end = -1
+        first_cp = -1
+        lchars_first = 0
+        lchars_last = 0
+        lh = np.uint64(0)
+        ell_lines = 0
+        bullet_lines = 0
+        p_hash = np.uint64(0)
+        p_chars = 0
+        p_lines = 0
+        i = start
+        while i <= end:
+            if i < end:
+                b0 = data[i]
+                if b0 < 0x80:
+                    cp = np.int64(b0)
+                    nb = 1
+                    cls = ascii_class[b0]
+                else:
+                    cp, nb = _decode(data, i, end)
+                    cls = char_class(cp, ascii_class)
+            else:
+                cp, nb, cls = 10, 1, SEP  # a virtual newline closes the last token and line
+            if cp != 0x2E:
+                dots = 0
+            if LETTER <= cls <= PUNCT:  # letter, digit or punctuation: part of a token
+                if not in_tok:
+                    in_tok = True
+                    tok_start = i
+                    h = _FNV_OFFSET
+                    n_chars = 0
+                    flags = EMPTY_NORM
+                n_chars += 1
+                if cls != PUNCT:
+                    h = (h ^ np.uint64(_lower(cp))) * _FNV_PRIME
+                    flags &= ~EMPTY_NORM
+                    if cls == LETTER:
+                        flags |= HAS_LETTER
+                elif cp == 0x23:  # '#', Gopher's symbol-to-word ratio
+                    hashes += 1
+                elif cp == 0x2E:
+                    dots += 1
+                    if dots == 3:
+                        ellipses += 1
+                        dots = 0
+                elif cp == 0x2026:
+                    ellipses += 1
+                if line_first < 0:
+                    line_first = i
+                    first_cp = cp
+                    lchars_first = chars
+                line_last_end = i + nb
+                lchars_last = chars + 1
+            else:
+                if in_tok:
+                    if flags & EMPTY_NORM:  # no letter or digit: hash the raw characters instead
+                        h = _FNV_OFFSET
+                        for k in range(tok_start, i):
+                            h = (h ^ np.uint64(data[k])) * _FNV_PRIME
+                    th = mix64(h)
+                    tok_hash[t] = th
+                    tok_chars[t] = n_chars
+                    tok_flags[t] = flags
+                    t += 1
+                    in_tok = False
+                    lh = lh * NGRAM_BASE + th
+                    if n_chars <= _SET_MAX_CHARS and set_filter[(th >> np.uint64(6)) & np.uint64(63)] \
+                            & (np.uint64(1) << (th & np.uint64(63))):
+                        pos = np.searchsorted(set_hashes, th)
+                        if pos < set_hashes.shape[0] and set_hashes[pos] == th:
+                            for k in range(set_counts.shape[1]):
+                                if set_bits[pos] & (1 << k):
+                                    set_counts[d, k] += 1
+                if cls == CJK:
+                    th = mix64((_FNV_OFFSET ^ np.uint64(cp)) * _FNV_PRIME)
+                    tok_hash[t] = th
+                    tok_chars[t] = 1
+                    tok_flags[t] = HAS_LETTER | IS_CJK
+                    t += 1
+                    lh = lh * NGRAM_BASE + th
+                    if line_first < 0:
+                        line_first = i
+                        first_cp = cp
+                        lchars_first = chars
+                    line_last_end = i + nb
+                    lchars_last = chars + 1
+                elif cp == 10:
+                    # lines are compared by their tokens (stripped, case and punctuation kept apart)
+                    if line_first >= 0:
+                        lh = mix64(lh)
+                        lc = lchars_last - lchars_first
+                        line_hash[n_lines] = lh
+                        line_chars[n_lines] = lc
+                        n_lines += 1
+                        if _ends_with_ellipsis(data, line_first, line_last_end):
+                            ell_lines += 1
+                        for b in bullets:
+                            if first_cp == b:
+                                bullet_lines += 1
+                                break
+                        p_hash = p_hash * NGRAM_BASE + lh
+                        p_chars += lc
+                        p_lines += 1
+                    elif p_lines > 0:  # a blank line ends the paragraph
+                        para_hash[n_paras] = mix64(p_hash ^ _PARA_SALT)
+                        para_chars[n_paras] = p_chars
+                        n_paras += 1
+                        p_hash = np.uint64(0)
+                        p_chars = 0
+                        p_lines = 0
+                    line_first = -1
+                    lh = np.uint64(0)
+            if i < end:
+                chars += 1
+            i += nb
+        if p_lines > 0:
+            para_hash[n_paras] = mix64(p_hash ^ _PARA_SALT)
+            para_chars[n_paras] = p_chars
+            n_paras += 1
+        t0 = tok_offsets[d]
+        word_chars = 0
+        alpha = 0
+        cjk = 0
+        for k in range(t0, t):
+            word_chars += tok_chars[k]
+            if tok_flags[k] & HAS_LETTER:
+                alpha += 1
+            if tok_flags[k] & IS_CJK:
+                cjk += 1
+        stamp += 1
+        dl, dlc = _line_dups(line_hash, line_chars, n_lines, keys, stamps, counts, stamp)
+        stamp += 1
+        dp, dpc = _line_dups(para_hash, para_chars, n_paras, keys, stamps, counts, stamp)
+        row = stats[d]
+        row[0] = chars
+        row[1] = t - t0
+        row[2] = word_chars
+        row[3] = alpha
+        row[4] = cjk
+        row[5] = hashes
+        row[6] = ellipses
+        row[7] = n_lines
+        row[8] = ell_lines
+        row[9] = bullet_lines
+        row[10] = dl
+        row[11] = dlc
+        row[12] = n_paras
+        row[13] = dp
+        row[14] = dpc
+    tok_offsets[n_docs] = t
+    return t
+
+
+# flags of scan_flags: which (costlier) rewrites a document may need
+HAS_CR, HAS_CONTROL, HAS_NON_ASCII, HAS_AT, HAS_DIGITS, HAS_DIGIT_DOT = 1, 2, 4, 8, 16, 32
+_MIN_PHONE_DIGITS = 6  # the shortest phone number the PII patterns accept has 6 digits
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_flags(data, offsets, out):  # pragma: no cover - compiled
+    for d in range(offsets.shape[0] - 1):
+        start, end = offsets[d], offsets[d + 1]
+        high = 0
+        digits = 0
+        at = 0
+        cr = 0
+        control = 0
+        digit_dot = 0
+        prev_digit = 0
+        for i in range(start, end):  # branch-free, so it vectorises
+            b = np.int64(data[i])
+            digit = np.int64(48 <= b <= 57)
+            high |= b >> 7
+            digits += digit
+            at |= np.int64(b == 0x40)
+            cr |= np.int64(b == 0x0D)
+            control |= np.int64((b < 0x20 and b != 0x09 and b != 0x0A) or b == 0x7F)
+            digit_dot |= prev_digit & np.int64(b == 0x2E)
+            prev_digit = digit
+        flags = HAS_NON_ASCII * high + HAS_AT * at + HAS_CR * cr + HAS_CONTROL * control + HAS_DIGIT_DOT * digit_dot
+        if digits >= _MIN_PHONE_DIGITS:
+            flags |= HAS_DIGITS
+        if high and not control:
+            # C1 controls (C2 80-9F), zero-width space (E2 80 8B), word joiner (E2 81 A0), BOM (EF BB BF)
+            for i in range(start, end - 1):
+                b, c = data[i], data[i + 1]
+                if (b == 0xC2 and 0x80 <= c <= 0x9F) or (i + 2 < end and (
+                        (b == 0xE2 and c == 0x80 and data[i + 2] == 0x8B)
+                        or (b == 0xE2 and c == 0x81 and data[i + 2] == 0xA0)
+                        or (b == 0xEF and c == 0xBB and data[i + 2] == 0xBF))):
+                    flags |= HAS_CONTROL
+                    break
+        out[d] = flags
+
+
+def scan_flags(texts: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+    """Per document, HAS_* bits saying which rewrites can change it (one fast pass over the bytes)."""
+    data, offsets = utf8_buffers(texts)
+    out = np.zeros(len(offsets) - 1, np.uint8)
+    _scan_flags(data, offsets, out)
+    return out
+
+
+@dataclass
+class TokenizedBatch:
+    """Tokens and per-document statistics of a batch of documents.
+
+    ``tok_hash[tok_offsets[d]:tok_offsets[d + 1]]`` are document ``d``'s token hashes (likewise
+    ``tok_chars``, ``tok_flags``); ``doc_stats[d, COL[name]]`` its counts (see ``DOC_STATS``);
+    ``set_counts[d, k]`` how many of its tokens belong to the k-th word set given to :func:`tokenize`.
+    """
+
+    tok_hash: np.ndarray
+    tok_chars: np.ndarray
+    tok_flags: np.ndarray
+    tok_offsets: np.ndarray
+    doc_stats: np.ndarray
+    set_counts: np.ndarray
+
+    def __len__(self) -> int:
+        return self.doc_stats.shape[0]
+
+    def stat(self, name: str) -> np.ndarray:
+        return self.doc_stats[:, COL[name]]
+
+
+def utf8_buffers(texts: pa.Array | pa.ChunkedArray | list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, offsets) of a string array without copying the text (nulls read as empty)."""
+    if isinstance(texts, list):
+        texts = pa.array(texts, pa.large_string())
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    if texts.type != pa.large_string():
+        texts = texts.cast(pa.large_string())
+    if texts.null_count:
+        texts = texts.fill_null("")
+    _, off_buf, data_buf = texts.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64)[texts.offset: texts.offset + len(texts) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return data, offsets
+
+
+def tokenize(texts: pa.Array | pa.ChunkedArray | list[str], word_sets: tuple[np.ndarray, ...] = ()) -> TokenizedBatch:
+    """Tokenize a batch of documents and count what the rules need (one compiled pass over the bytes).
+
+    ``word_sets`` are arrays of token hashes (from :func:`token_hashes`); occurrences of each set's
+    words are counted per document. Reads only the given array; allocates token arrays bounded
+    by the batch's byte size.
+    """
+    if len(word_sets) > 8:
+        raise ValueError("at most 8 word sets")
+    union = np.unique(np.concatenate([np.asarray(ws, np.uint64) for ws in word_sets])) if word_sets \
+        else np.zeros(0, np.uint64)
+    bits = np.zeros(len(union), np.int64)
+    for k, ws in enumerate(word_sets):
+        bits[np.isin(union, ws)] |= 1 << k
+    # 4096-bit filter in front of the sorted lookup: almost every token misses it at once
+    set_filter = np.zeros(64, np.uint64)
+    np.bitwise_or.at(set_filter, (union >> np.uint64(6)) & np.uint64(63), np.uint64(1) << (union & np.uint64(63)))
+    data, offsets = utf8_buffers(texts)
+    n_docs = len(offsets) - 1
+    n_bytes = int(offsets[-1] - offsets[0]) if n_docs else 0
+    # a token is at least one byte followed by a separator, or a 3-byte CJK character
+    max_tokens = n_bytes // 2 + n_docs + 1
+    longest = int(np.max(np.diff(offsets))) if n_docs else 0
+    max_lines = longest // 2 + 2  # a line is at least one byte plus its newline
+    size = table_mask(max_lines) + 1
+    tok_hash = np.empty(max_tokens, np.uint64)
+    tok_chars = np.empty(max_tokens, np.int32)
+    tok_flags = np.empty(max_tokens, np.uint8)
+    tok_offsets = np.empty(n_docs + 1, np.int64)
+    stats = np.zeros((n_docs, len(DOC_STATS)), np.float64)
+    set_counts = np.zeros((n_docs, len(word_sets)), np.float64)
+    used = _tokenize(
+        data, offsets, _ASCII_CLASS, _BULLETS, tok_hash, tok_chars, tok_flags, tok_offsets, stats,
+        np.empty(size, np.uint64), np.zeros(size, np.int64), np.empty(size, np.int32),
+        np.empty(max_lines, np.uint64), np.empty(max_lines, np.int64),
+        np.empty(max_lines, np.uint64), np.empty(max_lines, np.int64),
+        union, bits, set_filter, set_counts,
+    )
+    return TokenizedBatch(tok_hash[:used], tok_chars[:used], tok_flags[:used], tok_offsets, stats, set_counts)
+
+
+def token_hashes(words: list[str]) -> np.ndarray:
+    """Normalised hash of each given word (as the tokenizer would hash it), e.g. for stop words."""
+    batch = tokenize(words)
+    out = np.zeros(len(words), np.uint64)
+    for idx in range(len(words)):
+        lo, hi = batch.tok_offsets[idx], batch.tok_offsets[idx + 1]
+        if hi - lo == 1:
+            out[idx] = batch.tok_hash[lo]
+    return out
