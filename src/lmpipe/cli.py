@@ -44,6 +44,10 @@ STAGES: dict[str, Stage] = {
         Stage("tokenizer", "lmpipe.tokenizer.train", "tokenizer", "Train a sentencepiece tokenizer on the train split."),
         Stage("tokenize", "lmpipe.tokenizer.shards", "tokenize", "Tokenize the splits into memory-mapped token shards."),
         Stage("pretrain", "lmpipe.train.pretrain", "pretrain", "Pretrain the GPT model on the token shards."),
+        Stage("finetune", "lmpipe.train.finetune", "finetune", "Instruction tuning and classification heads (LoRA optional)."),
+        Stage("distill", "lmpipe.train.distill", "distill", "Distil a teacher model into a smaller student."),
+        Stage("evaluate", "lmpipe.evaluate.run", "evaluate", "Perplexity, bits per byte, task metrics, speed; the HTML report."),
+        Stage("register", "lmpipe.registry.register", "register", "Register trained models in MLflow and promote by the gate."),
     ]
 }
 
@@ -103,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.epilog_factory = (lambda s=stage: _stage_help(s))  # type: ignore[attr-defined]
         _common(sp)
+    sp = sub.add_parser("promote", help="Promote a registered model version to champion (gate applies unless --force).",
+                        description="Without NAME: run the gate for every model's candidate. With NAME --version N: "
+                        "promote that version if it passes the gate against the current champion (or always, with --force).")
+    _common(sp)
+    sp.add_argument("name", nargs="?", help="Registered model name, e.g. lmpipe-pretrain.")
+    sp.add_argument("--version", type=int, help="Version to promote.")
+    sp.add_argument("--force", action="store_true", help="Move champion even if the gate fails (recorded as forced).")
+    sp = sub.add_parser("rollback", help="Move champion back to the previous champion.",
+                        description="Move champion back to the previous champion.")
+    _common(sp)
+    sp.add_argument("name", help="Registered model name.")
+    sp.add_argument("--force", action="store_true", help="Roll back even if the previous version fails checks.")
+    sp = sub.add_parser("export-hf", help="Export a model as a Hugging Face transformers directory (verified).",
+                        description="Export a model as a Hugging Face transformers directory; the export is loaded "
+                        "back with transformers and its logits compared before it is kept.")
+    _common(sp)
+    sp.add_argument("--model", default="models/pretrain", help="Model directory (default: models/pretrain).")
+    sp.add_argument("--out", help="Output directory (default: artifacts/hf/<model dir name>).")
     sp = sub.add_parser("params", help="Print the validated params (all sections, defaults filled in).",
                         description="Print the validated params (all sections, defaults filled in).")
     _common(sp)
@@ -129,6 +151,37 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
         for artifact in summary.get("artifacts", []):
             tracker.log_artifact(artifact)
     return summary
+
+
+def _registry_command(args: argparse.Namespace) -> int:
+    """promote / rollback / export-hf: people's commands on the registry and models."""
+    from lmpipe.config import Paths, load_params
+    from lmpipe.tracking import setup_mlflow
+
+    root = Path(args.root).resolve()
+    if args.command == "export-hf":
+        from lmpipe.registry.export_hf import run_export
+
+        result = run_export(Paths(root), args.model, args.out)
+        log.info("export-hf done: %s", json.dumps(result, default=str))
+        return 0
+    params = load_params(root / args.params, args.overrides)
+    setup_mlflow(params.tracking, root)
+    from lmpipe.registry import promote as registry
+
+    if args.command == "rollback":
+        decision = registry.rollback(args.name, force=args.force)
+        print(decision.message)
+        return 0 if decision.moved else 2
+    if args.name is None:
+        for decision in registry.promote_candidates(params.register):
+            print(decision.message)
+        return 0
+    if args.version is None:
+        raise LmpipeError("promote NAME needs --version N (or no NAME to gate every candidate)")
+    decision = registry.promote(args.name, args.version, cfg=params.register, force=args.force)
+    print(decision.message)
+    return 0 if decision.moved or decision.passed else 2
 
 
 def _setup_logging(debug: bool) -> None:
@@ -164,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                 data = data[args.section]
             print(json.dumps(data, indent=2))
             return 0
-        summary = run_stage(args.command, args.params, args.overrides, args.root)
+        if args.command in ("promote", "rollback", "export-hf"):
+            return _registry_command(args)
+        extra = ["finetune.only=" + args.task] if getattr(args, "task", None) else []
+        summary = run_stage(args.command, args.params, [*args.overrides, *extra], args.root)
         shown = {k: v for k, v in summary.items() if k != "artifacts"}
         log.info("%s done: %s", args.command, json.dumps(shown, default=str))
         return 0

@@ -11,6 +11,7 @@ Overrides use the same syntax as ``dvc exp run -S``: ``section.key=value`` with 
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +60,18 @@ def _section_models() -> dict[str, type[Section]]:
     else:
         sections["tokenizer"] = TokenizerConfig
         sections["tokenize"] = TokenizeConfig
-    try:
-        from lmpipe.train.config import PretrainConfig
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        sections["pretrain"] = PretrainConfig
+    optional = [
+        ("pretrain", "lmpipe.train.config", "PretrainConfig"),
+        ("finetune", "lmpipe.train.finetune_config", "FinetuneConfig"),
+        ("distill", "lmpipe.train.distill_config", "DistillConfig"),
+        ("evaluate", "lmpipe.evaluate.config", "EvaluateConfig"),
+        ("register", "lmpipe.registry.config", "RegisterConfig"),
+    ]
+    for name, module, attr in optional:
+        try:
+            sections[name] = getattr(importlib.import_module(module), attr)
+        except ImportError:  # pragma: no cover - area not present in a partial install
+            continue
     return sections
 
 

@@ -1,0 +1,153 @@
+"""The ``register`` stage against a local SQLite MLflow store: registration, lineage tags, the
+gate on a first and a worse model, manual promote / rollback, and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from lmpipe.config import Paths
+from lmpipe.errors import DataError, FingerprintMismatch
+from lmpipe.io import write_json
+from lmpipe.registry import register
+from lmpipe.registry.config import RegisterConfig
+from lmpipe.registry.promote import RegistryError, promote, rollback
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def pretrain_only(prefix: str) -> RegisterConfig:
+    return RegisterConfig.model_validate({
+        "name_prefix": prefix, "models": [{"stage": "pretrain", "metrics": {"val_bpb": "metrics/pretrain.json:val_bpb"}}],
+        "gate": {"val_bpb": {"direction": "lower", "min_improvement": 0.0}},
+    })
+
+
+def git_commit_all(root: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (root / "README.md").write_text("project\n")
+    git("add", "README.md")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "init")
+    return git("rev-parse", "HEAD")
+
+
+def write_lineage_inputs(paths: Paths, register_md5: str) -> None:
+    write_json(paths.tokens / "meta.json", {"dtype": "uint16", "train_tokens": 123})
+    lock = {"schema": "2.0", "stages": {
+        "tokenize": {"cmd": "lmpipe tokenize", "outs": [{"path": "data/tokens", "md5": "abc.dir"}]},
+        "register": {"cmd": "lmpipe register", "outs": [{"path": "metrics/register.json", "md5": register_md5}]},
+    }}
+    (paths.root / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+@pytest.mark.slow
+def test_first_model_is_champion_and_a_worse_one_leaves_it(project: Paths, sqlite_store: str, models: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's registration run twice: the first model is promoted; a deliberately worse
+    second candidate leaves champion where it was, and the reason is returned and recorded."""
+    commit = git_commit_all(project.root)
+    write_lineage_inputs(project, register_md5="1")
+    client = MlflowClient()
+    mlflow.set_experiment("lmpipe")
+    parent = client.create_run(mlflow.get_experiment_by_name("lmpipe").experiment_id).info.run_id
+    monkeypatch.setenv("LMPIPE_PARENT_RUN_ID", parent)
+    cfg = pretrain_only("first")
+    name = "first-pretrain"
+
+    models.pretrain(project, seed=0, val_bpb=1.50)
+    summary = register.run(cfg, project)
+    assert summary["registered"] == 1 and summary["promoted"] == 1 and summary[f"{name}/version"] == 1
+    assert aliases_of(client, name) == {"candidate": "1", "champion": "1"}
+    v1 = client.get_model_version(name, "1")
+    tags = v1.tags
+    assert tags["lmpipe.git_commit"] == commit and tags["lmpipe.git_dirty"] == "false"
+    assert tags["lmpipe.tokenizer_fingerprint"] == read_json(project.tokenizer / "tokenizer.json")["fingerprint"]
+    assert tags["lmpipe.data_fingerprint"] == hashlib.sha256((project.tokens / "meta.json").read_bytes()).hexdigest()
+    assert tags["lmpipe.pipeline_run_id"] == parent
+    assert tags["lmpipe.metric.val_bpb"] == "1.5" and tags["lmpipe.promote"] == "passed"
+    assert client.get_run(tags["lmpipe.run_id"]).data.tags["mlflow.parentRunId"] != ""
+    dvc_fp = tags["lmpipe.dvc_fingerprint"]
+    assert len(dvc_fp) == 64
+
+    write_lineage_inputs(project, register_md5="2")  # only the register stage's own lock entry changed
+    models.pretrain(project, seed=1, val_bpb=1.90)  # deliberately worse
+    summary = register.run(cfg, project)
+    assert summary[f"{name}/version"] == 2 and summary["promoted"] == 0
+    aliases = aliases_of(client, name)
+    assert aliases == {"candidate": "2", "champion": "1"}, "the worse candidate must not move champion"
+    report = read_json(project.metrics / "register.json")["models"][0]
+    assert report["gate"]["passed"] is False and report["champion"] == 1
+    assert "val_bpb 1.9 vs champion 1.5" in report["gate"]["message"] and "worse by 0.4" in report["gate"]["message"]
+    v2 = client.get_model_version(name, "2")
+    assert v2.tags["lmpipe.promote"] == "failed" and "worse" in v2.tags["lmpipe.promote_reason"]
+    assert v2.tags["lmpipe.dvc_fingerprint"] == dvc_fp
+
+    # People: the same gate by hand, then forced, then a rollback to the previous champion.
+    decision = promote(name, 2, cfg=cfg)
+    assert not decision.moved and aliases_of(client, name)["champion"] == "1"
+    decision = promote(name, 2, cfg=cfg, force=True)
+    assert decision.moved and decision.forced
+    assert aliases_of(client, name) == {"candidate": "2", "champion": "2", "previous": "1"}
+    assert client.get_model_version(name, "2").tags["lmpipe.promote"] == "forced"
+    decision = rollback(name)
+    assert decision.moved and decision.version == 1
+    assert aliases_of(client, name) == {"candidate": "2", "champion": "1"}
+    assert client.get_model_version(name, "2").tags["lmpipe.rolled_back"] == "true"
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(name)
+    with pytest.raises(RegistryError, match="has no version 7"):
+        promote(name, 7, cfg=cfg)
+
+
+def test_model_without_its_metric_is_registered_but_never_promoted(project: Paths, sqlite_store: str, models: Any) -> None:
+    models.pretrain(project, seed=0, val_bpb=None)  # metrics/pretrain.json has no val_bpb
+    summary = register.run(pretrain_only("nometric"), project)
+    assert summary["registered"] == 1 and summary["promoted"] == 0
+    model = MlflowClient()
+    assert aliases_of(model, "nometric-pretrain") == {"candidate": "1"}
+    entry = read_json(project.metrics / "register.json")["models"][0]
+    assert "candidate val_bpb is missing" in entry["gate"]["message"]
+    assert entry["metric_problems"] == ["val_bpb: no key 'val_bpb' in metrics/pretrain.json"]
+
+
+def test_model_from_another_tokenizer_is_refused(project: Paths, models: Any) -> None:
+    models.pretrain(project, seed=0, val_bpb=1.0)
+    config_path = project.models / "pretrain" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_fingerprint"] = "0" * 64
+    config_path.write_text(json.dumps(config))
+    (project.models / "pretrain" / "manifest.json").unlink(missing_ok=True)
+    with pytest.raises(FingerprintMismatch, match="trained with tokenizer 000000000000"):
+        register.run(pretrain_only("wrongtok"), project)
+
+
+def test_masked_lm_and_missing_models_are_clear_errors(project: Paths, models: Any) -> None:
+    with pytest.raises(DataError, match="no model directory"):
+        register.run(pretrain_only("missing"), project)
+    models.pretrain(project, seed=0, val_bpb=1.0, bidirectional=True)
+    with pytest.raises(DataError, match="masked-LM"):
+        register.run(pretrain_only("mlm"), project)
+
+
+def test_corrupt_metrics_file_names_the_file(project: Paths, models: Any) -> None:
+    models.pretrain(project, seed=0, val_bpb=1.0)
+    (project.metrics / "pretrain.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"pretrain\.json: not valid JSON"):
+        register.run(pretrain_only("corrupt"), project)
