@@ -27,14 +27,14 @@ run: setup
 	$(BIN)/python pipelines/flow.py
 
 test: setup
-	$(BIN)/ruff check src tests pipelines benchmarks
+	$(BIN)/ruff check src tests pipelines benchmarks infra
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check src tests pipelines benchmarks
+	$(BIN)/ruff check src tests pipelines benchmarks infra
 	$(BIN)/mypy
 
 bench: setup

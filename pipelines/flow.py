@@ -5,12 +5,19 @@ do (content hashes of deps, params and code), so a scheduled run, ``dvc repro`` 
 ``lmpipe <stage>`` do exactly the same work and share one cache. One MLflow parent run per flow
 run; each stage's MLflow run nests under it through ``LMPIPE_PARENT_RUN_ID``.
 
+A flow process that dies mid-stage (killed, OOM, node lost) takes its stage down with it (see
+:func:`_guarded`), so a rerun finds no orphan holding DVC's lock or racing it for the same
+outputs: DVC skips every stage recorded in ``dvc.lock`` and reruns the interrupted one, whose
+output was never swapped into place (stages build outputs in temp dirs, ``lmpipe.io.atomic_dir``).
+
 Run it: ``python pipelines/flow.py`` (what ``make run`` does) or ``python pipelines/flow.py --stages collect clean``.
+Schedules and deployments: ``pipelines/deployments.py`` and ``prefect.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import subprocess
@@ -19,14 +26,32 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.tasks import exponential_backoff
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lmpipe.cli import STAGES  # noqa: E402
 
-PIPELINE_STAGES = [name for name in STAGES if (ROOT / "dvc.yaml").is_file() and name in (ROOT / "dvc.yaml").read_text()]
 NETWORK_STAGES = {"collect", "register"}
+# Stages that download or talk to a registry fail transiently; 3 retries 30 s, 60 s, 120 s apart
+# (with jitter, so several pipelines do not retry in lockstep).
+NETWORK_RETRIES = 3
+NETWORK_BACKOFF_SECONDS = 30.0
+# Seconds an interrupted stage gets to delete its temp output dir before its process group is killed.
+STOP_GRACE_SECONDS = 20
+
+
+def pipeline_stages(root: Path) -> list[str]:
+    """The stages of ``root/dvc.yaml`` in pipeline order (CLI order, then file order for others)."""
+    import yaml
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise FileNotFoundError(f"{dvc_yaml}: no dvc.yaml; run the flow in an lmpipe project (--root)")
+    declared = list((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}))
+    order = list(STAGES)
+    return sorted(declared, key=lambda s: (order.index(s) if s in order else len(order), declared.index(s)))
 
 
 def _bin(name: str) -> str:
@@ -35,57 +60,187 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-@task(name="stage", task_run_name="{stage}", retries=0)
-def run_stage(stage: str, root: str, env: dict[str, str]) -> str:
-    """Reproduce one DVC stage; DVC skips it when nothing it depends on changed."""
+# Runs argv[2:] as the leader of a new process group and takes the whole group down when the
+# flow process (argv[1]) dies: PR_SET_PDEATHSIG delivers SIGTERM to this guard, which interrupts
+# the group (SIGINT lets the stage's atomic writers delete their temp dirs) and SIGKILLs what is
+# left after a grace period. Without it, `dvc repro` and its stage would outlive a killed flow,
+# hold DVC's lock and race the rerun for the same outputs.
+_GUARD = r"""
+import ctypes, os, signal, subprocess, sys, time
+parent, grace, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+child, deadline = None, None
+def stop(signum, frame):
+    global deadline
+    deadline = deadline or time.monotonic() + grace
+    if child is not None:
+        try:
+            os.killpg(child.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit(143)
+child = subprocess.Popen(cmd, start_new_session=True)
+if deadline is not None:
+    stop(signal.SIGTERM, None)
+while True:
+    try:
+        code = child.wait(timeout=0.5)
+        break
+    except subprocess.TimeoutExpired:
+        if deadline is not None and time.monotonic() > deadline:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+try:
+    os.killpg(child.pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that its whole process tree dies with this process (Linux; elsewhere as is)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), str(STOP_GRACE_SECONDS), *cmd]
+
+
+def _run_logged(cmd: list[str], root: str, env: dict[str, str], what: str) -> str:
+    """Run ``cmd`` in ``root``, streaming its output to the run log; return its first and last lines.
+
+    Raises RuntimeError naming ``what`` and the command's own error line (else its last line).
+    """
     logger = get_run_logger()
-    proc = subprocess.run(
-        [_bin("dvc"), "repro", "--single-item", stage],
-        cwd=root, env=env, text=True, capture_output=True,
-    )
-    output = (proc.stdout + proc.stderr).strip()
+    head: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    with subprocess.Popen(_guarded(cmd), cwd=root, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                # DVC says what it does first and what went wrong last; keep both ends of long logs
+                (head if len(head) < 100 else tail).append(line)
+                logger.info("%s | %s", what, line)
+    lines = head + list(tail)
     if proc.returncode != 0:
-        logger.error("stage %s failed:\n%s", stage, output[-4000:])
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {output.splitlines()[-1] if output else ''}")
-    skipped = "didn't change, skipping" in output
-    logger.info("stage %s %s", stage, "unchanged: skipped" if skipped else "done")
+        # the stage's own one-line error ("lmpipe clean: error: ...") says more than DVC's summary
+        errors = [line for line in lines if ": error: " in line]
+        last = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
+        raise RuntimeError(f"{what} failed: {last}")
+    return "\n".join(lines)
+
+
+def _stage_env(parent_run_id: str | None) -> dict[str, str]:
+    from lmpipe.tracking import PARENT_ENV
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop(PARENT_ENV, None)
+    if parent_run_id:
+        env[PARENT_ENV] = parent_run_id
+    return env
+
+
+@task(name="stage", task_run_name="{stage}", retries=0)
+def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> str:
+    """Reproduce one DVC stage; DVC skips it when nothing it depends on changed.
+
+    Returns "ran" or "skipped". Raises RuntimeError (the task fails) when the stage fails.
+    """
+    output = _run_logged([_bin("dvc"), "repro", "--single-item", stage], root, _stage_env(parent_run_id),
+                         f"stage {stage}")
+    skipped = "Running stage '" not in output
+    get_run_logger().info("stage %s %s", stage, "unchanged: skipped" if skipped else "done")
     return "skipped" if skipped else "ran"
 
 
+@task(name="promote", retries=NETWORK_RETRIES, retry_delay_seconds=exponential_backoff(NETWORK_BACKOFF_SECONDS),
+      retry_jitter_factor=0.5)
+def promote_champion(root: str, parent_run_id: str | None = None) -> str:
+    """Move the registry's ``champion`` alias to the candidate if it passes the gate (``lmpipe promote``)."""
+    _run_logged([_bin("lmpipe"), "promote"], root, _stage_env(parent_run_id), "promote")
+    return "ran"
+
+
 def _retrying(stage: str) -> Any:
-    """Stages that touch the network get retries with backoff."""
+    """Stages that touch the network get retries with exponential backoff."""
     if stage in NETWORK_STAGES:
-        return run_stage.with_options(retries=2, retry_delay_seconds=[10, 60])
+        return run_stage.with_options(retries=NETWORK_RETRIES,
+                                      retry_delay_seconds=exponential_backoff(NETWORK_BACKOFF_SECONDS),
+                                      retry_jitter_factor=0.5)
     return run_stage
 
 
-@flow(name="lmpipe-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, root: str = str(ROOT)) -> dict[str, str]:
-    """Run the stages in dependency order under one MLflow parent run."""
-    sys.path.insert(0, str(Path(root) / "src"))
-    from lmpipe.config import load_params
-    from lmpipe.tracking import PARENT_ENV, setup_mlflow
+def apply_preset(root: Path, preset: str) -> Path:
+    """Copy ``configs/<preset>.yaml`` (or a path) over ``root/params.yaml``, as the README describes.
 
-    chosen = stages or PIPELINE_STAGES
-    unknown = [s for s in chosen if s not in PIPELINE_STAGES]
+    The preset is validated first, so a bad preset fails the flow before any stage runs; DVC then
+    reruns exactly the stages whose params changed. Raises ConfigError for a missing or invalid preset.
+    """
+    from lmpipe.config import load_params
+    from lmpipe.errors import ConfigError
+    from lmpipe.io import write_bytes
+
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else root / "configs" / f"{preset}.yaml"
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "configs").glob("*.yaml"))
+        raise ConfigError(f"{path}: preset not found (presets: {', '.join(known) or 'none'})")
+    load_params(path)
+    target = root / "params.yaml"
+    if not target.is_file() or target.read_bytes() != path.read_bytes():
+        write_bytes(target, path.read_bytes())
+    return path
+
+
+@flow(name="lmpipe-pipeline", log_prints=True)
+def pipeline(stages: list[str] | None = None, preset: str | None = None, promote: bool = False,
+             root: str | None = None) -> dict[str, str]:
+    """Run the stages in dependency order under one MLflow parent run.
+
+    ``stages``: a subset to run (default: every stage of dvc.yaml); ``preset``: a ``configs/`` preset
+    copied over params.yaml first; ``promote``: after the stages, move the ``champion`` alias when
+    the candidate passes the gate; ``root``: the project (default: the one holding this file).
+    """
+    from lmpipe.config import load_params
+    from lmpipe.tracking import setup_mlflow
+
+    project = Path(root).resolve() if root else ROOT
+    known = pipeline_stages(project)
+    chosen = stages or known
+    unknown = [s for s in chosen if s not in known]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; pipeline stages: {PIPELINE_STAGES}")
-    params = load_params(Path(root) / "params.yaml", sections=["tracking"])
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        raise ValueError(f"unknown stage(s) {unknown}; stages of {project / 'dvc.yaml'}: {known}")
+    if preset:
+        print(f"params.yaml <- preset {apply_preset(project, preset)}")
+    params = load_params(project / "params.yaml", sections=["tracking"])
     results: dict[str, str] = {}
-    parent = None
+    parent = mlflow = None
     if params.tracking.enabled:
-        mlflow = setup_mlflow(params.tracking, Path(root))
-        parent = mlflow.start_run(run_name="pipeline", tags={"lmpipe.stage": "pipeline"})
-        env[PARENT_ENV] = parent.info.run_id
+        from prefect.runtime import flow_run
+
+        mlflow = setup_mlflow(params.tracking, project)
+        parent = mlflow.start_run(run_name="pipeline", tags={
+            "lmpipe.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or ""),
+            "lmpipe.preset": preset or "", "lmpipe.stages": ",".join(chosen)})
+    parent_id = parent.info.run_id if parent else None
+    status = "FAILED"
     try:
-        for stage in [s for s in PIPELINE_STAGES if s in chosen]:
-            results[stage] = _retrying(stage)(stage, root, env)
+        for stage in [s for s in known if s in chosen]:
+            results[stage] = _retrying(stage)(stage, str(project), parent_id)
+        if promote:
+            results["promote"] = promote_champion(str(project), parent_id)
+        status = "FINISHED"
     finally:
-        if parent is not None:
-            mlflow.end_run()
-    print_summary(results, Path(root), parent.info.run_id if parent else None)
+        if mlflow is not None:
+            mlflow.end_run(status=status)
+    print_summary(results, project, parent_id)
     return results
 
 
@@ -104,9 +259,12 @@ def print_summary(results: dict[str, str], root: Path, run_id: str | None) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the lmpipe pipeline as a Prefect flow.")
-    parser.add_argument("--stages", nargs="*", help=f"Stages to run (default: all of {PIPELINE_STAGES}).")
+    parser.add_argument("--stages", nargs="*", help="Stages to run (default: every stage of dvc.yaml).")
+    parser.add_argument("--preset", help="Copy configs/PRESET.yaml over params.yaml first.")
+    parser.add_argument("--promote", action="store_true", help="Promote the candidate model if it passes the gate.")
+    parser.add_argument("--root", help="Project root (default: the project holding this file).")
     args = parser.parse_args(argv)
-    pipeline(stages=args.stages)
+    pipeline(stages=args.stages, preset=args.preset, promote=args.promote, root=args.root)
     return 0
 
 

@@ -45,3 +45,10 @@ def test_stage_names_match_dvc_yaml(repo_root: Path) -> None:
     for name, stage in stages.items():
         assert name in STAGES
         assert stage["cmd"].startswith(f"lmpipe {name}")
+
+
+def test_serve_passes_its_arguments_to_the_deployments_script(repo_root: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lmpipe.cli", "serve", "--help"], cwd=repo_root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "nightly" in proc.stdout or "deployment" in proc.stdout.lower()

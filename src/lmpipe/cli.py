@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp)
     sp.add_argument("--model", default="models/pretrain", help="Model directory (default: models/pretrain).")
     sp.add_argument("--out", help="Output directory (default: artifacts/hf/<model dir name>).")
+    sp = sub.add_parser("serve", add_help=False,
+                        help="Serve the scheduled Prefect deployments from this machine (see `lmpipe serve --help`).")
+    sp.add_argument("serve_args", nargs=argparse.REMAINDER)
     sp = sub.add_parser("params", help="Print the validated params (all sections, defaults filled in).",
                         description="Print the validated params (all sections, defaults filled in).")
     _common(sp)
@@ -151,6 +154,21 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
         for artifact in summary.get("artifacts", []):
             tracker.log_artifact(artifact)
     return summary
+
+
+def _serve(argv: list[str]) -> int:
+    """``lmpipe serve``: run pipelines/deployments.py of the project in the current directory."""
+    import importlib.util
+
+    path = Path.cwd() / "pipelines" / "deployments.py"
+    spec = importlib.util.spec_from_file_location("lmpipe_deployments", path) if path.is_file() else None
+    if spec is None or spec.loader is None:
+        print(f"lmpipe serve: error: {path}: not found; run it from the project root", file=sys.stderr)
+        return 2
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
+    spec.loader.exec_module(module)
+    return int(module.main(argv) or 0)
 
 
 def _registry_command(args: argparse.Namespace) -> int:
@@ -198,6 +216,9 @@ def _setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after `serve` belongs to the deployments script
+        return _serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
