@@ -46,21 +46,36 @@ def repo_root_module() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+# The data and tokenizer half of the pipeline; training stages have their own tests.
+TARGET = "tokenize"
+DATA_STAGES = ("collect", "clean", "validate", "split", "tokenizer", "tokenize")
+
+
 def test_repro_runs_every_stage_then_nothing(project: Path) -> None:
-    out = dvc(project, "repro")
-    for stage in ("collect", "clean", "validate", "split"):
+    out = dvc(project, "repro", TARGET)
+    for stage in DATA_STAGES:
         assert f"Running stage '{stage}'" in out
     assert (project / "data" / "clean" / "clean_report.json").is_file()
     assert (project / "data" / "split" / "train").is_dir()
-    again = dvc(project, "repro")
+    assert (project / "data" / "tokens" / "meta.json").is_file()
+    again = dvc(project, "repro", TARGET)
     assert "Running stage" not in again
-    assert "up to date" in again
 
 
 def test_changing_a_clean_param_reruns_clean_not_collect(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["clean"]["near_dedup"]["threshold"] = 0.7
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc(project, "repro")
+    out = dvc(project, "repro", TARGET)
     assert "Running stage 'collect'" not in out
     assert "Running stage 'clean'" in out
+
+
+def test_changing_vocab_size_reruns_tokenizer_and_tokenize_only(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tokenizer"]["vocab_size"] = 1024
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(project, "repro", TARGET)
+    for stage in ("collect", "clean", "validate", "split"):
+        assert f"Running stage '{stage}'" not in out
+    assert "Running stage 'tokenizer'" in out and "Running stage 'tokenize'" in out
