@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.epilog_factory = (lambda s=stage: _stage_help(s))  # type: ignore[attr-defined]
         _common(sp)
+        if stage.name == "finetune":
+            sp.add_argument("--task", help="Run only this task of finetune.tasks (what `dvc repro finetune@TASK` does).")
     sp = sub.add_parser("promote", help="Promote a registered model version to champion (gate applies unless --force).",
                         description="Without NAME: run the gate for every model's candidate. With NAME --version N: "
                         "promote that version if it passes the gate against the current champion (or always, with --force).")
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] | None = None,
-              root: str | Path = ".") -> dict[str, Any]:
+              root: str | Path = ".", task: str | None = None) -> dict[str, Any]:
     """Run one stage as the CLI does (params, MLflow run, summary). Returns the stage's summary."""
     from lmpipe.config import Paths, load_params
     from lmpipe.tracking import stage_run
@@ -149,7 +151,10 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
     module = importlib.import_module(stage.module)
     with stage_run(name, params.tracking, root) as tracker:
         tracker.log_params(cfg.model_dump(mode="json"))
-        summary: dict[str, Any] = module.run(cfg, paths)
+        if task is not None:
+            summary: dict[str, Any] = module.run_task(cfg, task, paths)
+        else:
+            summary = module.run(cfg, paths)
         tracker.log_metrics({k: v for k, v in summary.items() if k != "artifacts"})
         for artifact in summary.get("artifacts", []):
             tracker.log_artifact(artifact)
@@ -240,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("promote", "rollback", "export-hf"):
             return _registry_command(args)
-        extra = ["finetune.only=" + args.task] if getattr(args, "task", None) else []
-        summary = run_stage(args.command, args.params, [*args.overrides, *extra], args.root)
+        summary = run_stage(args.command, args.params, args.overrides, args.root, getattr(args, "task", None))
         shown = {k: v for k, v in summary.items() if k != "artifacts"}
         log.info("%s done: %s", args.command, json.dumps(shown, default=str))
         return 0

@@ -1,0 +1,138 @@
+"""Config section ``evaluate``: which models to score on what, the teacher/student comparison,
+speed measurement settings and the report.
+
+```yaml
+evaluate:
+  models: {teacher: models/pretrain, student: models/distill, baseline: models/distill_baseline}
+  compare: {teacher: teacher, students: [student, baseline]}
+  eval_files: [{name: wikitext2, path: ../shared/data/wikitext2/valid.txt}]
+  classification: {cls: {models: {finetuned: models/finetune/cls}}}
+  instruction: {sft: {model: models/finetune/sft}}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lmpipe.config import Section
+from lmpipe.train.finetune_config import DataSource, split_source
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class EvalFile(Section):
+    """A text file scored for loss, perplexity and bits per byte (e.g. WikiText-2's valid.txt)."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Name used in metrics and the report.")
+    path: str = Field(..., description="The file, relative to the project root.")
+    format: Literal["text", "jsonl"] = Field(
+        "text", description="text: every non-empty line is a document; jsonl: one document per line in text_field.")
+    text_field: str = Field("text", description="jsonl: the field holding the text.")
+
+
+class Comparison(Section):
+    """The teacher/student table: quality retained, size and speed-up of each student."""
+
+    teacher: str = Field("teacher", description="Name (in models) of the reference model.")
+    students: list[str] = Field(
+        default_factory=lambda: ["student", "baseline"],
+        description="Names (in models) compared with the teacher; the baseline is the student trained without "
+        "distillation at the same size and budget.",
+    )
+    quality_split: str = Field(
+        "val", description="Split (or eval file name) whose bits per byte define quality: retained = teacher bpb / "
+        "student bpb (lower bpb is better).",
+    )
+
+
+class ClassificationEval(Section):
+    """Accuracy and F1 of classifiers (written by finetune or distill) on labelled rows."""
+
+    models: dict[str, str] = Field(..., min_length=1, description="Name -> classifier model directory.")
+    data: DataSource = Field(default_factory=lambda: split_source("test", "review"),
+                             description="Labelled rows to score (text, label).")
+    batch_size: int = Field(64, gt=0, description="Examples per batch.")
+
+
+class InstructionEval(Section):
+    """Answers of an instruction-tuned model, scored with BLEU (sacrebleu) and ROUGE-L."""
+
+    model: str = Field(..., description="Instruction-tuned model directory (written by finetune, type sft).")
+    data: DataSource = Field(default_factory=lambda: split_source("test", "instruction"),
+                             description="Conversations whose last assistant turn is the reference answer.")
+    max_examples: int = Field(50, gt=0, description="Prompts answered (the first N of data).")
+    max_new_tokens: int = Field(96, gt=0, description="Longest generated answer in tokens.")
+    system_prompt: str | None = Field(None, description="System message for conversations without one.")
+
+
+class SpeedSettings(Section):
+    """Generation speed: greedy decoding with the KV cache, timed after warm-up runs."""
+
+    enabled: bool = Field(True, description="Measure generation speed.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1,
+                                   description="Batch sizes to time (1: latency; larger: throughput).")
+    prompt_tokens: int = Field(16, gt=0, description="Prompt length in tokens.")
+    new_tokens: int = Field(64, gt=0, description="Tokens generated per sequence.")
+    repeats: int = Field(5, gt=0, description="Timed runs per model and batch size (the median is reported).")
+    warmup: int = Field(2, ge=0, description="Untimed runs first (allocations, kernel selection).")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch while timing; null: torch's default.")
+
+
+class EvaluateConfig(Section):
+    """Score models (LM loss, perplexity, bits per byte, tasks, speed), compare teacher and students,
+    and write metrics, plots and the HTML report."""
+
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"teacher": "models/pretrain", "student": "models/distill",
+                                 "baseline": "models/distill_baseline"},
+        description="Name -> model directory (relative to the project root) for LM metrics, speed and samples.",
+    )
+    missing: Literal["error", "skip"] = Field(
+        "error", description="A configured model directory (in models or a task) that does not exist: error, or "
+        "skip it with a warning.")
+    splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["val", "test"], description="Token splits (data/tokens/) scored per model.")
+    eval_files: list[EvalFile] = Field(default_factory=list, description="Extra text files scored per model.")
+    max_tokens: int = Field(
+        1_000_000, gt=0, description="At most this many tokens per split or file and model (the first ones).")
+    stride: int | None = Field(
+        None, gt=0, description="Sliding-window step: each window scores only its last `stride` tokens, the rest is "
+        "context; null: non-overlapping windows (block_size), as the training val loss.")
+    batch_size: int = Field(16, gt=0, description="Windows per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run: auto picks cuda if present.")
+    precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32.")
+    compare: Comparison = Field(default_factory=Comparison, description="Teacher vs students table.")
+    classification: dict[str, ClassificationEval] = Field(
+        default_factory=lambda: {"cls": ClassificationEval(models={"finetuned": "models/finetune/cls"})},
+        description="Task name -> classifiers and data ({} for none); default: the finetune stage's 'cls' task on "
+        "the test reviews.")
+    instruction: dict[str, InstructionEval] = Field(
+        default_factory=lambda: {"sft": InstructionEval(model="models/finetune/sft")},
+        description="Task name -> instruction model and data ({} for none); default: the finetune stage's 'sft' "
+        "task on the test instructions.")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["Once upon a time", "The movie was"],
+        description="Fixed prompts continued by every model for the report's sample generations.")
+    sample_tokens: int = Field(48, ge=0, description="Tokens per sample generation (0: none).")
+    sample_temperature: float = Field(0.0, ge=0, description="Sampling temperature of samples (0: greedy).")
+    seed: int = Field(1234, description="Seed of sampled generations.")
+    speed: SpeedSettings = Field(default_factory=SpeedSettings, description="Generation speed measurement.")
+    report_title: str = Field("lmpipe report", description="Title of reports/report.html.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        import re
+
+        for name in [*self.models, *self.classification, *self.instruction]:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"name {name!r} must be letters, digits, '_' or '-'")
+        names = [f.name for f in self.eval_files]
+        if len(set(names)) != len(names):
+            raise ValueError("eval_files: each name must be used once")
+        if clash := set(names) & {"train", "val", "test"}:
+            raise ValueError(f"eval_files: name {sorted(clash)[0]!r} is a split name; pick another")
+        return self

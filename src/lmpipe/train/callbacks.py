@@ -1,0 +1,324 @@
+"""Callbacks of the pretrain stage: metrics and throughput, divergence guard, validation with bits
+per byte, sample generations and a progress bar.
+
+All of them act on optimizer-step boundaries (``pl_module.stepped``) and return at once on other
+steps, so the per-step cost is a few attribute reads. MLflow calls go through a background thread
+(:class:`AsyncTracker`): a metrics write to MLflow's SQLite store takes tens of milliseconds,
+longer than a small model's step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lmpipe.errors import LmpipeError
+from lmpipe.tracking import StageTracker, flatten
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(LmpipeError):
+    """The train loss became NaN/inf or spiked far above its running average."""
+
+
+class AsyncTracker:
+    """Logs to the stage's MLflow run from a daemon thread so the training loop never waits.
+
+    MLflow's fluent API keeps the active run per thread, so the worker talks to the run by id
+    through an ``MlflowClient``; metric timestamps are taken when the metric is submitted. The
+    worker writes at most once per ``min_interval`` seconds, all queued metrics in one batch: a
+    write to the SQLite store is tens of milliseconds of Python, which would otherwise compete for
+    the interpreter lock with a fast training loop.
+    """
+
+    MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+    MAX_PARAMS_PER_BATCH = 100
+
+    def __init__(self, tracker: StageTracker, min_interval: float = 2.0) -> None:
+        self.run_id = tracker.run_id if tracker.enabled else None
+        self._run_id = self.run_id or ""
+        self.min_interval = min_interval
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.run_id is not None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient()
+            self._thread = threading.Thread(target=self._work, name="lmpipe-mlflow", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        last_write = -math.inf
+        done = False
+        while not done:
+            items = [self._queue.get()]
+            wait = self.min_interval - (time.monotonic() - last_write)
+            if items[0] is not None and wait > 0:
+                self._closing.wait(wait)  # cut short by close()
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            done = None in items
+            self._write([item for item in items if item is not None])
+            last_write = time.monotonic()
+
+    def _write(self, items: list[tuple[str, Any]]) -> None:
+        metrics = [m for kind, payload in items if kind == "metrics" for m in payload]
+        calls = [payload for kind, payload in items if kind == "call"]
+        try:
+            for start in range(0, len(metrics), self.MAX_METRICS_PER_BATCH):
+                self._client.log_batch(self._run_id, metrics=metrics[start:start + self.MAX_METRICS_PER_BATCH])
+            for call in calls:
+                call()
+        except Exception as err:  # tracking must never kill training
+            log.warning("MLflow logging failed: %s", err)
+
+    def _submit(self, kind: str, payload: Any) -> None:
+        if self._thread is not None:
+            self._queue.put((kind, payload))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._submit("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(batch), self.MAX_PARAMS_PER_BATCH):
+            chunk = batch[start:start + self.MAX_PARAMS_PER_BATCH]
+            self._submit("call", lambda chunk=chunk: self._client.log_batch(self._run_id, params=chunk))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._submit("call", lambda: self._client.log_text(self._run_id, text, artifact_file))
+
+    def close(self) -> None:
+        """Write everything submitted, then stop the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._closing.set()
+            self._thread.join()
+            self._thread = None
+
+
+class DivergenceGuard:
+    """Raises TrainingDiverged on a non-finite loss, or on a loss above ``spike_factor`` times the
+    exponential moving average of the logged losses since warmup ended."""
+
+    def __init__(self, spike_factor: float, warmup_steps: int, decay: float = 0.9) -> None:
+        self.spike_factor, self.warmup_steps, self.decay = spike_factor, warmup_steps, decay
+        self.average: float | None = None
+
+    def check(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"train loss is {loss} at step {step}: training diverged (lower pretrain.lr, raise "
+                "pretrain.warmup_steps or check the data); no checkpoint was written for this step"
+            )
+        if step <= self.warmup_steps:
+            return  # early losses fall fast and would keep the average high for long
+        if self.spike_factor > 0 and self.average is not None and loss > self.spike_factor * self.average:
+            raise TrainingDiverged(
+                f"train loss spiked to {loss:.3f} at step {step}, over {self.spike_factor}x its running "
+                f"average {self.average:.3f} (lower pretrain.lr or raise pretrain.spike_factor)"
+            )
+        self.average = loss if self.average is None else self.decay * self.average + (1 - self.decay) * loss
+
+
+class TrainingMonitor(Callback):
+    """Every ``log_every`` steps (and on the steps other callbacks act on): one host sync to read
+    the mean train loss and grad norm, throughput and MFU, the divergence guard, MLflow metrics,
+    and the loss history that the stage writes as a CSV. The history lives in checkpoints."""
+
+    def __init__(self, *, log_every: int, also_at: tuple[int, ...], tracker: AsyncTracker,
+                 flops_per_token: float, peak_flops: float | None, guard: DivergenceGuard) -> None:
+        self.log_every, self.also_at = log_every, tuple(n for n in also_at if n > 0)
+        self.tracker, self.flops_per_token, self.peak_flops, self.guard = tracker, flops_per_token, peak_flops, guard
+        self.train: list[list[float]] = []  # [step, loss]
+        self.val: list[list[float]] = []  # [step, loss, bpb]
+        self.throughput: list[float] = []  # tokens/s of each logged interval
+        self.last: dict[str, float] = {}
+        self._mark: tuple[float, int] | None = None
+
+    def wants(self, step: int, max_steps: int) -> bool:
+        return step % self.log_every == 0 or step == max_steps or any(step % n == 0 for n in self.also_at)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._mark = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if pl_module.stepped and self.wants(trainer.global_step, trainer.max_steps):
+            self.flush(trainer, pl_module)
+
+    def flush(self, trainer: L.Trainer, pl_module: Any) -> None:
+        step = trainer.global_step
+        stats = pl_module.consume_stats()
+        if stats["loss"] is None:
+            return
+        norm = stats["grad_norm"] if stats["grad_norm"] is not None else torch.zeros_like(stats["loss"])
+        values = trainer.strategy.reduce(torch.stack([stats["loss"], norm]), reduce_op="mean")
+        loss, grad_norm = values.tolist()  # the host sync of this interval
+        now = time.perf_counter()
+        assert self._mark is not None
+        seconds, steps = now - self._mark[0], step - self._mark[1]
+        self._mark = (now, step)
+        self.guard.check(step, loss)
+        tokens_per_s = steps * pl_module.tokens_per_step / seconds if seconds > 0 else 0.0
+        self.throughput.append(tokens_per_s)
+        lr = pl_module.optimizers().param_groups[0]["lr"]
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
+                   "perf/tokens_per_s": tokens_per_s, "perf/step_ms": 1000 * seconds / max(1, steps)}
+        if self.peak_flops:
+            metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * trainer.world_size)
+        self.last = metrics
+        if trainer.is_global_zero:
+            self.train.append([step, loss])
+            self.tracker.log_metrics(metrics, step)
+
+    def record_val(self, step: int, loss: float, bpb: float | None) -> None:
+        self.val.append([step, loss, bpb if bpb is not None else float("nan")])
+        metrics = {"val/loss": loss}
+        if bpb is not None:
+            metrics["val/bpb"] = bpb
+        self.tracker.log_metrics(metrics, step)
+
+    def mean_tokens_per_s(self) -> float:
+        """Throughput over the run, leaving out the first interval (start-up, compilation)."""
+        steady = self.throughput[1:] or self.throughput
+        return sum(steady) / len(steady) if steady else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val, "throughput": self.throughput,
+                "guard_average": self.guard.average}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train, self.val = [list(r) for r in state["train"]], [list(r) for r in state["val"]]
+        self.throughput = list(state["throughput"])
+        self.guard.average = state["guard_average"]
+
+
+class Validation(Callback):
+    """Val loss (nats/token) and bits per byte every ``every`` steps and at the last step.
+
+    bpb = loss * tokens / bytes / ln 2 with the val split's token and UTF-8 byte counts from
+    meta.json: a tokenizer-independent number, comparable across vocabularies.
+    """
+
+    def __init__(self, *, every: int, batches: Callable[[int, int], Iterator[dict[str, torch.Tensor]]],
+                 tokens_per_byte: float | None, monitor: TrainingMonitor) -> None:
+        self.every, self.batches, self.tokens_per_byte, self.monitor = every, batches, tokens_per_byte, monitor
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if pl_module.stepped and ((self.every and step % self.every == 0) or step == trainer.max_steps):
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: Any) -> tuple[float, float | None]:
+        was_training = pl_module.training
+        pl_module.eval()
+        totals = torch.zeros(2, device=pl_module.device)
+        with trainer.precision_plugin.forward_context():
+            for batch in self.batches(trainer.global_rank, trainer.world_size):
+                batch = {k: v.to(pl_module.device, non_blocking=True) for k, v in batch.items()}
+                totals += pl_module.eval_sums(batch).float()
+        pl_module.train(was_training)
+        loss_sum, count = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        loss = loss_sum / max(count, 1.0)
+        bpb = loss * self.tokens_per_byte / math.log(2) if self.tokens_per_byte else None
+        if trainer.is_global_zero:
+            self.monitor.record_val(trainer.global_step, loss, bpb)
+            log.info("step %d: val loss %.4f%s", trainer.global_step, loss, f", {bpb:.4f} bits/byte" if bpb else "")
+        return loss, bpb
+
+
+class SampleGenerations(Callback):
+    """Generate from a few prompts every ``every`` steps and at the end; text goes to the log and
+    to MLflow (``samples/step_NNNNNN.txt``). Uses its own RNG so training randomness is untouched."""
+
+    def __init__(self, *, every: int, prompts: list[list[int]], decode: Callable[[list[int]], str],
+                 max_new_tokens: int, temperature: float, top_k: int | None, stop_id: int, seed: int,
+                 tracker: AsyncTracker) -> None:
+        self.every, self.prompts, self.decode, self.max_new_tokens = every, prompts, decode, max_new_tokens
+        self.temperature, self.top_k, self.stop_id, self.seed, self.tracker = temperature, top_k, stop_id, seed, tracker
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        due = (self.every and step % self.every == 0) or step == trainer.max_steps
+        if pl_module.stepped and due and trainer.is_global_zero:
+            self.generate(trainer, pl_module)
+
+    def generate(self, trainer: L.Trainer, pl_module: Any) -> list[str]:
+        model = pl_module.model
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_step)
+        was_training = model.training
+        model.eval()
+        texts = []
+        with trainer.precision_plugin.forward_context():
+            for prompt in self.prompts:
+                idx = torch.tensor([prompt], dtype=torch.long, device=pl_module.device)
+                out = model.generate(idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                     stop_tokens=[self.stop_id], generator=generator)
+                new = [t for t in out[0, len(prompt):].tolist()]
+                if self.stop_id in new:
+                    new = new[:new.index(self.stop_id)]
+                texts.append(self.decode(prompt + new))
+        model.train(was_training)
+        body = "\n\n".join(f"--- sample {i}\n{text}" for i, text in enumerate(texts))
+        log.info("step %d samples:\n%s", trainer.global_step, body)
+        self.tracker.log_text(body, f"samples/step_{trainer.global_step:06d}.txt")
+        return texts
+
+
+class StepProgress(Callback):
+    """A rich progress bar over optimizer steps, redrawn only when the monitor has new numbers."""
+
+    def __init__(self, monitor: TrainingMonitor) -> None:
+        self.monitor = monitor
+        self._progress: Any = None
+        self._task: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.description}"), TimeRemainingColumn(), auto_refresh=False)
+        self._task = self._progress.add_task("", total=trainer.max_steps, completed=trainer.global_step)
+        self._progress.start()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._progress is None or not pl_module.stepped:
+            return
+        step = trainer.global_step
+        if self.monitor.wants(step, trainer.max_steps):
+            m = self.monitor.last
+            text = f"loss {m.get('train/loss', float('nan')):.3f}  {m.get('perf/tokens_per_s', 0):,.0f} tok/s"
+            self._progress.update(self._task, completed=step, description=text)
+            self._progress.refresh()
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._stop()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._stop()

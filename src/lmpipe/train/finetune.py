@@ -1,0 +1,443 @@
+"""The ``finetune`` stage: instruction tuning and classification heads on the pretrained model,
+with full fine-tuning or LoRA, early stopping on the dev set and exact resume.
+
+Reads ``models/pretrain/`` (or the task's ``init``), ``artifacts/tokenizer/`` (the model's recorded
+tokenizer fingerprint must match, else FingerprintMismatch) and each task's data sources (by
+default the embedded default's instruction pairs and reviews in ``data/split/``). Writes, per task
+(rank 0, atomically):
+
+- ``models/finetune/<task>/``: ``model.safetensors`` + ``config.json`` (the GPT with any LoRA
+  update merged in, the tokenizer fingerprint, the chat template or the classifier's labels and
+  pooling), ``head.safetensors`` (classification), ``adapter/`` (LoRA alone), ``eval.json``
+  (dev history, best step, confusion matrix or generated samples) and ``manifest.json``;
+- ``metrics/finetune_<task>.json`` for DVC (for SFT with the generated answer to a held-out prompt);
+- ``plots/finetune/<task>/`` (one directory per task, replaced whole): ``dev.csv`` (dev metrics at
+  each evaluation) and, for classification, ``confusion.png`` and ``predictions.csv`` (actual,
+  predicted per dev example: DVC's confusion template);
+- checkpoints in ``checkpoints/finetune/<task>/<run key>/``; a rerun of the same task, config,
+  base model and data resumes from the newest complete one.
+
+MLflow: the CLI's run for the stage; every key, text and artifact is prefixed with the task's name
+(``sft/dev/loss``, ``cls/eval.json``), so one run can hold several tasks.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lmpipe import tracking
+from lmpipe.config import Paths
+from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
+from lmpipe.io import (
+    atomic_dir,
+    config_hash,
+    fingerprint_path,
+    write_bytes,
+    write_json,
+    write_manifest,
+)
+from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
+from lmpipe.model.io import load_model, read_model_config, save_model
+from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
+from lmpipe.train import classify, sft
+from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor
+from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
+from lmpipe.train.finetune_config import (
+    OPERATIONAL_KEYS,
+    ClassificationTask,
+    DataSource,
+    FilesData,
+    FinetuneConfig,
+    SFTTask,
+    SplitData,
+)
+from lmpipe.train.finetune_data import Batch, TrainBatches, eval_batches
+from lmpipe.train.finetune_loop import (
+    DevEvaluation,
+    FinetuneModule,
+    Objective,
+    TaskAsyncTracker,
+    TaskProgress,
+    TaskTracker,
+)
+from lmpipe.train.lora import apply_lora, merge, parameter_counts, save_adapter
+from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+
+log = logging.getLogger(__name__)
+
+Task = SFTTask | ClassificationTask
+
+
+def run(cfg: FinetuneConfig, paths: Paths) -> dict[str, Any]:
+    """Entry point of ``lmpipe finetune``: every task in turn; keys of the summary are prefixed
+    with the task's name. See the module docstring for inputs and outputs."""
+    summary: dict[str, Any] = {"artifacts": []}
+    for name in cfg.tasks:
+        summary.update(run_task(cfg, name, paths))
+    return summary
+
+
+def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Fine-tune one task (``lmpipe finetune --task NAME``, DVC stage ``finetune@NAME``).
+
+    ``callbacks`` run after the stage's own. Raises ConfigError for an unknown task or impossible
+    settings, FingerprintMismatch when the base model was trained with another tokenizer,
+    DataError for bad input rows (naming file and line), TrainingDiverged on a non-finite loss.
+    """
+    task = cfg.tasks.get(task_name)
+    if task is None:
+        raise ConfigError(f"finetune.tasks: no task named {task_name!r} (tasks: {', '.join(cfg.tasks) or 'none'})")
+    _quiet_lightning()
+    sp, info = load_tokenizer(paths.tokenizer)
+    init_dir = paths.root / task.init
+    base = load_base(init_dir, info)
+    block = base.config.block_size
+    if task.max_length is not None and task.max_length > block:
+        raise ConfigError(f"finetune.tasks.{task_name}.max_length: {task.max_length} exceeds the model's "
+                          f"block_size {block}")
+    L.seed_everything(task.seed, verbose=False)  # head and adapter init
+    if isinstance(task, SFTTask):
+        prepared = prepare_sft(task, paths, base, sp, info, task.max_length or block)
+    else:
+        prepared = prepare_classification(task, paths, base, sp, info, task.max_length or block)
+    model = prepared.model.train()  # load_model returns eval mode; dropout must be live while training
+    if task.method == "lora":
+        model = apply_lora(model, task.lora, modules_to_save=prepared.modules_to_save,
+                           where=f"finetune.tasks.{task_name}.lora.target_modules")
+    key = run_key(task, fingerprint_path(init_dir), prepared.data_fingerprint)
+    fitted = fit(task, task_name, model, prepared, paths.checkpoints / "finetune" / task_name / key, key, callbacks)
+    if fitted is None:  # not rank 0: rank 0 exports
+        return {}
+    export = Export(task_name, task, paths, init_dir, info, key, fitted.numbers, fitted.evaluation.history)
+    with atomic_dir(export.directory) as tmp:
+        if task.method == "lora" and task.lora.save_adapter:
+            save_adapter(model, tmp / "adapter")  # type: ignore[arg-type]
+        prepared.finish(merge(model).to(fitted.device).eval(), export, tmp)
+    return export.finish()
+
+
+@dataclass
+class Fitted:
+    evaluation: DevEvaluation
+    numbers: dict[str, Any]
+    device: torch.device
+
+
+def fit(task: Task, task_name: str, model: nn.Module, prepared: Prepared, ckpt_dir: Path, key: str,
+        callbacks: Sequence[Callback]) -> Fitted | None:
+    """Train ``model`` (resuming from ``ckpt_dir`` when a checkpoint of run ``key`` is there), then
+    load the best dev evaluation's weights into it. Returns None on ranks other than 0."""
+    tracker = TaskAsyncTracker(tracking.active(), task_name)
+    mean_length = int(np.mean([len(e.ids) for e in prepared.train]))
+    monitor = TrainingMonitor(
+        log_every=task.log_every, also_at=(task.eval_every, task.checkpoint_every), tracker=tracker,
+        flops_per_token=estimate_flops_per_token(prepared.gpt_config, mean_length), peak_flops=None,
+        guard=DivergenceGuard(task.spike_factor, task.warmup_steps),
+    )
+    evaluation = DevEvaluation(
+        every=task.eval_every, objective=prepared.objective, patience=task.patience, min_delta=task.min_delta,
+        tracker=tracker, batches=lambda rank, world: eval_batches(prepared.dev, prepared.collate,
+                                                                   task.eval_batch_size, rank, world),
+    )
+    stage_callbacks: list[Callback] = [monitor, evaluation,
+                                       PeriodicCheckpoint(ckpt_dir, task.checkpoint_every, task.keep_checkpoints)]
+    if task.progress:
+        stage_callbacks.append(TaskProgress(monitor, f"finetune {task_name}"))
+    # build_trainer reads accelerator, devices, num_nodes, strategy, precision, max_steps and
+    # deterministic, which a task has under the same names and meanings as the pretrain section.
+    trainer = build_trainer(task, [*stage_callbacks, *callbacks])  # type: ignore[arg-type]
+    data = TrainBatches(prepared.train, prepared.collate, micro_batch_size=task.micro_batch_size,
+                        accumulation=task.accumulation, max_steps=task.max_steps, seed=task.seed)
+    module = FinetuneModule(model, prepared.objective, task, data, run_key=key)
+    counts = parameter_counts(model)
+    resume = find_resume_checkpoint(ckpt_dir, key) if task.resume else None
+    if trainer.is_global_zero:
+        log.info("finetune %s (%s, %s): %d train / %d dev examples, %s of %s parameters trainable, run %s",
+                 task_name, task.type, task.method, len(prepared.train), len(prepared.dev),
+                 f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}", key)
+        if resume:
+            log.info("resuming from %s (step %d)", resume[0], resume[1])
+        tracker.log_params({"resolved": {**counts, **prepared.counts, "run_key": key,
+                                         "precision": str(trainer.precision), "world_size": trainer.world_size}})
+    try:
+        trainer.fit(module, ckpt_path=resume[0] if resume else None, weights_only=True)
+    finally:
+        tracker.close()
+    if not trainer.is_global_zero:
+        return None
+    evaluation.restore_best(model)
+    numbers: dict[str, Any] = {
+        "steps": trainer.global_step, "best_step": int(evaluation.best["step"]) if evaluation.best else 0,
+        "stopped_early": int(evaluation.stopped), "resumed_from_step": resume[1] if resume else 0,
+        "tokens_per_s": monitor.mean_tokens_per_s(), **counts, **prepared.counts,
+    }
+    if monitor.train:
+        numbers["train_loss"] = monitor.train[-1][1]
+    if evaluation.history:
+        name = prepared.objective.monitor
+        numbers[f"dev_{name}_initial"] = evaluation.history[0][name]
+    return Fitted(evaluation, numbers, trainer.strategy.root_device)
+
+
+# ------------------------------------------------------------------------------ preparation
+
+
+@dataclass
+class Prepared:
+    """A task made ready to train: model (before LoRA), objective, tokenized data, and how to
+    evaluate and write the final model."""
+
+    model: nn.Module
+    objective: Objective
+    collate: Callable[[list[Any]], Batch]
+    train: list[Any]
+    dev: list[Any]
+    finish: Callable[[nn.Module, Export, Path], None]
+    gpt_config: GPTConfig
+    counts: dict[str, int] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+    data_fingerprint: str = ""
+
+
+def load_base(init_dir: Path, info: TokenizerInfo) -> GPT:
+    """Load the model to fine-tune after checking it was trained with this tokenizer.
+
+    Raises FingerprintMismatch on another tokenizer, DataError for a missing or broken model
+    directory, ConfigError for a bidirectional (masked-LM) model.
+    """
+    config = read_model_config(init_dir)
+    check_fingerprint(config, info, init_dir)
+    model, _ = load_model(init_dir)
+    if model.config.bidirectional:
+        raise ConfigError(f"{init_dir}: the model was pretrained as a masked LM (bidirectional); fine-tuning here "
+                          "needs a causal model (pretrain.objective: clm)")
+    return model
+
+
+def check_fingerprint(model_config: dict[str, Any], info: TokenizerInfo, where: Path) -> None:
+    """Refuse a model whose recorded tokenizer fingerprint differs from the tokenizer's."""
+    recorded = model_config.get("tokenizer_fingerprint")
+    if recorded is None:
+        raise DataError("config.json records no tokenizer_fingerprint: cannot check the model matches "
+                        f"{info.directory} (re-run the stage that wrote it)", path=str(where / "config.json"))
+    if recorded != info.fingerprint:
+        raise FingerprintMismatch(
+            f"{where / 'config.json'}: the model was trained with tokenizer {str(recorded)[:12]}, but "
+            f"{info.directory} holds tokenizer {info.fingerprint[:12]}: re-run pretrain (dvc repro) with this "
+            "tokenizer, or point init at a model trained with it"
+        )
+
+
+def digest(arrays: Iterable[np.ndarray]) -> str:
+    """sha256 over a sequence of arrays (shape and bytes of each): the fingerprint of the data."""
+    hasher = hashlib.sha256()
+    for array in arrays:
+        hasher.update(str(array.shape).encode())
+        hasher.update(np.ascontiguousarray(array).tobytes())
+    return hasher.hexdigest()
+
+
+def run_key(task: Task, base_fingerprint: str, data_fingerprint: str) -> str:
+    """Short hash of what a run computes: config minus operational keys, base model and data."""
+    computed = {k: v for k, v in task.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
+    computed.get("lora", {}).pop("save_adapter", None)
+    return config_hash({"config": computed, "base": base_fingerprint, "data": data_fingerprint})[:16]
+
+
+def prepare_sft(task: SFTTask, paths: Paths, base: GPT, sp: Any, info: TokenizerInfo, max_length: int) -> Prepared:
+    template = sft.ChatTemplate.from_tokenizer(sp, info)
+    train, train_counts = sft.build_examples(sft.read_conversations(task.train_data, paths, task.system_prompt),
+                                             template, max_length)
+    dev, dev_counts = sft.build_examples(sft.read_conversations(task.dev_data, paths, task.system_prompt),
+                                         template, max_length)
+    samples: list[tuple[list[sft.Message], str]] = []
+    if task.sample_count:
+        source = task.sample_data if task.sample_data is not None else task.dev_data
+        samples = sft.held_out_prompts(sft.read_conversations(source, paths, task.system_prompt), task.sample_count)
+    objective = sft.SFTObjective(task.monitor)
+    collate = sft.SFTCollate(info.pad_id)
+
+    def finish(model: nn.Module, export: Export, tmp: Path) -> None:
+        assert isinstance(model, GPT)
+        final = evaluate(model, objective, eval_batches(dev, collate, task.eval_batch_size))
+        export.numbers.update({f"dev_{k}": v for k, v in final.items()})
+        answers = [{"prompt": "\n".join(f"{m.role}: {m.content}" for m in prompt), "reference": reference,
+                    "generated": sft.generate_reply(model, template, prompt, task.max_new_tokens, model.wte.weight.device)}
+                   for prompt, reference in samples]
+        export.details["samples"] = answers
+        if answers:
+            export.metrics_extra["sample"] = answers[0]
+            export.text["samples.txt"] = "\n\n".join(
+                f"--- prompt\n{a['prompt']}\n--- reference\n{a['reference']}\n--- generated\n{a['generated']}"
+                for a in answers)
+            log.info("held-out prompt answered:\n%s", export.text["samples.txt"])
+        export.save(model, tmp, {"chat_template": template.describe()})
+
+    return Prepared(
+        model=base, objective=objective, collate=collate, train=train, dev=dev, finish=finish, gpt_config=base.config,
+        counts={"train_examples": len(train), "dev_examples": len(dev), "train_truncated": train_counts["truncated"],
+                "train_dropped": train_counts["dropped"], "dev_truncated": dev_counts["truncated"]},
+        data_fingerprint=digest(a for e in [*train, *dev] for a in (e.ids, e.trained)),
+    )
+
+
+def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp: Any, info: TokenizerInfo,
+                           max_length: int) -> Prepared:
+    train_items = classify.read_labelled(task.train_data, paths)
+    labels = classify.resolve_labels(train_items, task.labels)
+    encoder = classify.TextEncoder(sp, info.eos_id, max_length)
+    train = classify.build_examples(train_items, labels, encoder)
+    dev = classify.build_examples(classify.read_labelled(task.dev_data, paths), labels, encoder)
+    test = (classify.build_examples(classify.read_labelled(task.test_data, paths), labels, encoder)
+            if task.test_data is not None else [])
+    weights = classify.class_weights(task.class_weights, np.array([e.label for e in train]), len(labels))
+    objective = classify.ClassificationObjective(len(labels), weights, task.monitor)
+    collate = classify.ClassCollate(info.pad_id)
+    model = classify.ClassificationModel(base, len(labels), task.pooling, task.head_dropout)
+
+    def finish(merged: nn.Module, export: Export, tmp: Path) -> None:
+        assert isinstance(merged, classify.ClassificationModel)
+        device = merged.classifier.weight.device
+        for split, examples in (("dev", dev), ("test", test)):
+            if not examples:
+                continue
+            batches = eval_batches(examples, collate, task.eval_batch_size)
+            export.numbers.update({f"{split}_{k}": v for k, v in evaluate(merged, objective, batches).items()})
+            predicted = classify.predict(merged, batches, device)
+            actual = np.array([e.label for e in examples])
+            confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+            np.add.at(confusion, (actual, predicted), 1)
+            report = classify.classification_metrics(confusion, labels)
+            export.details[split] = {**report, "confusion": confusion.tolist(), "labels": labels}
+            if split == "dev":
+                export.metrics_extra["dev_per_class"] = report["per_class"]
+                export.plots["confusion.png"] = classify.confusion_png(confusion, labels, f"{export.name}: dev")
+                rows = [(labels[a], labels[p]) for a, p in zip(actual, predicted, strict=True)]
+                export.plot_csv("predictions.csv", ["actual", "predicted"], rows)
+        write_bytes(tmp / classify.HEAD_FILE, classify.head_bytes(merged))
+        export.save(merged.backbone, tmp, {"classifier": {"labels": labels, "pooling": task.pooling,
+                                                          "head_file": classify.HEAD_FILE}})
+
+    return Prepared(
+        model=model, objective=objective, collate=collate, train=train, dev=dev, finish=finish, gpt_config=base.config,
+        counts={"train_examples": len(train), "dev_examples": len(dev), "test_examples": len(test),
+                "num_labels": len(labels)},
+        modules_to_save=("classifier",),
+        data_fingerprint=digest([*(e.ids for e in [*train, *dev]),
+                                 np.array([e.label for e in [*train, *dev]]), np.array(labels, dtype=str)]),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, batches: Sequence[Batch]) -> dict[str, float]:
+    """Dev metrics of ``model`` in eval mode and full precision over ``batches``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(objective.sums_size, device=device)
+    for batch in batches:
+        total += objective.eval_sums(model, {k: v.to(device) for k, v in batch.items()}).float()
+    model.train(was_training)
+    return objective.metrics(total)
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+@dataclass
+class Export:
+    """Collects a task's outputs and writes the model directory, metrics, plots and MLflow logs."""
+
+    name: str
+    task: Task
+    paths: Paths
+    init_dir: Path
+    info: TokenizerInfo
+    key: str
+    numbers: dict[str, Any]
+    history: list[dict[str, float]]
+    details: dict[str, Any] = field(default_factory=dict)
+    metrics_extra: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.paths.models / "finetune" / self.name
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.paths.metrics / f"finetune_{self.name}.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.paths.plots / "finetune" / self.name
+
+    def plot_csv(self, name: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        self.plots[name] = buffer.getvalue().encode("utf-8")
+
+    def save(self, model: GPT, tmp: Path, extra: dict[str, Any]) -> None:
+        """Write model, config, eval.json and the manifest into the temporary model directory."""
+        task = self.task
+        numbers = {k: v for k, v in self.numbers.items() if isinstance(v, int | float)}
+        save_model(model, tmp, extra={
+            "tokenizer_fingerprint": self.info.fingerprint, "eos_id": self.info.eos_id, "pad_id": self.info.pad_id,
+            "objective": "clm", **extra,
+            "finetune": {"task": self.name, "type": task.type, "method": task.method, "run_key": self.key,
+                         "init": task.init, "base_fingerprint": fingerprint_path(self.init_dir),
+                         "max_length": task.max_length or model.config.block_size,
+                         "lora": task.lora.model_dump() if task.method == "lora" else None},
+            "training": numbers,
+        })
+        write_json(tmp / "eval.json", {"history": self.history, **self.details})
+        inputs: dict[str, Path] = {"base_model": self.init_dir, "tokenizer": self.info.directory / "tokenizer.json"}
+        for role in ("train_data", "dev_data"):
+            source: DataSource = getattr(task, role)
+            if isinstance(source, SplitData):
+                inputs[role] = self.paths.split / source.split
+            elif isinstance(source, FilesData) and len(source.paths) == 1 and (self.paths.root / source.paths[0]).is_file():
+                inputs[role] = self.paths.root / source.paths[0]
+        write_manifest(tmp, stage="finetune", config=task, inputs=inputs,
+                       counts={k: numbers[k] for k in ("train_examples", "dev_examples", "steps") if k in numbers},
+                       extra={"task": self.name, "tokenizer_fingerprint": self.info.fingerprint})
+
+    def finish(self) -> dict[str, Any]:
+        """Write metrics and the dev curve, log to MLflow; return the task-prefixed summary."""
+        metrics = {k: v for k, v in self.numbers.items() if isinstance(v, int | float)}
+        write_json(self.metrics_path, {**metrics, **self.metrics_extra})
+        if self.history:
+            keys = [k for k in self.history[0] if k != "step"]
+            self.plot_csv("dev.csv", ["step", *keys], ([int(h["step"]), *(h[k] for k in keys)] for h in self.history))
+        with atomic_dir(self.plots_dir) as tmp:
+            for name, data in self.plots.items():
+                write_bytes(tmp / name, data)
+        tracker = TaskTracker(tracking.active(), self.name)
+        tracker.log_dict({"history": self.history, **self.details}, "eval.json")
+        for name, body in self.text.items():
+            tracker.log_text(body, name)
+        tracker.set_tags({"type": self.task.type, "method": self.task.method, "run_key": self.key})
+        tracker.log_artifact(self.directory, "model")
+        tracker.log_artifact(self.plots_dir, "plots")
+        tracker.log_artifact(self.metrics_path)
+        log.info("finetune %s: %s", self.name, ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k.startswith(("dev_", "test_"))))
+        # Artifacts are logged above under the task's prefix; none are left for the CLI to log
+        # at the run's root, where two tasks' model files would overwrite each other.
+        return {f"{self.name}/{k}": v for k, v in metrics.items()}

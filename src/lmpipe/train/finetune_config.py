@@ -1,0 +1,263 @@
+"""Config section ``finetune``: named tasks (instruction tuning or classification), each with its
+data sources, full or LoRA fine-tuning, optimisation, early stopping and hardware settings.
+
+```yaml
+finetune:
+  tasks:
+    sft: {type: sft, method: lora, max_steps: 300}
+    cls: {type: classification, pooling: last, train_data: {type: files, paths: [sst2/train.tsv],
+          columns: {text: sentence}}}
+```
+Each task is one DVC ``foreach`` item (``finetune@sft``) and one ``lmpipe finetune --task NAME``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from lmpipe.config import Section
+
+SplitName = Literal["train", "val", "test"]
+TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+# The fields each task type reads from a row; `columns` may map them to other column names.
+SFT_FIELDS = ("instruction", "input", "output", "messages", "system")
+CLASSIFICATION_FIELDS = ("text", "label")
+
+
+class _DataBase(Section):
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field -> column of this source, for fields named differently here (classification: text, "
+        "label; sft: instruction, input, output, messages, system), e.g. {text: sentence}.",
+    )
+    max_examples: int | None = Field(None, gt=0, description="Use at most the first N examples.")
+
+
+class SplitData(_DataBase):
+    """Documents of data/split/<split>: a row is the document's `text` plus the keys of its `meta`."""
+
+    type: Literal["split"]
+    split: SplitName = Field("train", description="Which split directory: train, val or test.")
+    kind: str | None = Field(
+        None, description="Keep documents whose meta.kind is this (the embedded default has 'instruction' and "
+        "'review' documents); null: every document.",
+    )
+
+
+class FilesData(_DataBase):
+    """Local files: jsonl, json (a list of objects), csv, tsv or parquet; paths may be globs."""
+
+    type: Literal["files"]
+    paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks by extension."
+    )
+
+
+class HFData(_DataBase):
+    """A Hugging Face dataset: a hub name, a local dataset directory, or a builder with data_files."""
+
+    type: Literal["hf"]
+    path: str = Field(..., description="Hub name, local dataset dir, or a builder ('json', 'csv', 'parquet').")
+    config_name: str | None = Field(None, description="Dataset configuration.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Git revision of a hub dataset (pin it for reproducibility).")
+    data_files: str | list[str] | None = Field(None, description="Files for builder datasets ('json', 'csv').")
+
+
+DataSource = Annotated[SplitData | FilesData | HFData, Field(discriminator="type")]
+
+
+def split_source(split: SplitName, kind: str) -> SplitData:
+    return SplitData(type="split", split=split, kind=kind)
+
+
+class LoraSettings(Section):
+    """Low-rank adapters (Hu et al. 2021): W + (alpha / r) * B A on the listed Linear layers."""
+
+    r: int = Field(8, gt=0, description="Rank of the update matrices.")
+    alpha: int = Field(16, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["c_attn", "c_proj", "c_fc"], min_length=1,
+        description="Names (suffixes) of the Linear layers that get adapters: c_attn (QKV), c_proj (attention and "
+        "MLP output), c_fc (MLP input).",
+    )
+    save_adapter: bool = Field(True, description="Also write the adapter weights alone (adapter/) next to the merged model.")
+
+
+class _TaskBase(Section):
+    init: str = Field("models/pretrain", description="Model directory to start from, relative to the project root.")
+    method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train adapters only.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (method: lora).")
+    max_length: int | None = Field(
+        None, gt=1, description="Longest example in tokens (longer ones are cut); null: the model's block_size."
+    )
+    seed: int = Field(1337, description="Seed of head/adapter init, example order and dropout.")
+    max_steps: int = Field(300, gt=0, description="Optimizer steps to train for (early stopping may end sooner).")
+    micro_batch_size: int = Field(16, gt=0, description="Examples per device per forward/backward pass.")
+    accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step (gradient accumulation).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay, warmup-stable-decay (wsd), or constant."
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent in the final decay.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (matrices only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+    eval_every: int = Field(50, ge=0, description="Steps between dev evaluations (0: only at the end).")
+    eval_batch_size: int = Field(64, gt=0, description="Examples per dev-evaluation batch.")
+    patience: int = Field(
+        5, ge=0, description="Early stopping: stop after this many evaluations without improvement (0: never stop early)."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: the smallest change that counts as an improvement.")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Hardware: auto, cpu or gpu.")
+    precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true."
+    )
+    strategy: Literal["auto", "ddp"] = Field("auto", description="Distribution strategy across devices.")
+    devices: int | Literal["auto"] = Field(1, description="Devices per node.")
+    num_nodes: int = Field(1, gt=0, description="Machines.")
+    deterministic: bool = Field(False, description="Deterministic kernels (exactly reproducible, slower).")
+    log_every: int = Field(10, gt=0, description="Steps between train-loss logs.")
+    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints (0: only at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest ones).")
+    resume: bool = Field(True, description="Resume from the newest complete checkpoint of the same run.")
+    spike_factor: float = Field(
+        0.0, ge=0,
+        description="Stop when a logged train loss exceeds this multiple of its running average (0: only NaN/inf "
+        "stop training; fine-tuning batches are small and uneven, so spikes are common).",
+    )
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    def _check_columns(self, allowed: tuple[str, ...]) -> None:
+        for name in ("train_data", "dev_data", "test_data", "sample_data"):
+            source = getattr(self, name, None)
+            if source is None:
+                continue
+            unknown = sorted(set(source.columns) - set(allowed))
+            if unknown:
+                raise ValueError(f"{name}.columns: unknown field(s) {', '.join(unknown)} (fields: {', '.join(allowed)})")
+
+
+class SFTTask(_TaskBase):
+    """Instruction tuning: chat-formatted prompts, loss on the assistant's answer tokens only."""
+
+    type: Literal["sft"]
+    method: Literal["full", "lora"] = Field("lora", description="full: train every weight; lora: train adapters only.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    train_data: DataSource = Field(
+        default_factory=lambda: split_source("train", "instruction"),
+        description="Training examples: rows with instruction/input/output fields, or a messages list.",
+    )
+    dev_data: DataSource = Field(
+        default_factory=lambda: split_source("val", "instruction"),
+        description="Dev examples for the answer loss, early stopping and the final metrics.",
+    )
+    sample_data: DataSource | None = Field(
+        None, description="Held-out prompts answered by the fine-tuned model after training (null: the first "
+        "conversations of dev_data). The default task uses the test split's instruction pairs.",
+    )
+    sample_count: int = Field(1, ge=0, description="How many held-out prompts to answer.")
+    max_new_tokens: int = Field(96, gt=0, description="Longest generated answer in tokens.")
+    system_prompt: str | None = Field(
+        None, description="System message put before every conversation that has none (null: no system turn)."
+    )
+    monitor: Literal["loss", "token_accuracy"] = Field(
+        "loss", description="Dev metric for early stopping and best-model selection."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTTask:
+        self._check_columns(SFT_FIELDS)
+        return self
+
+
+class ClassificationTask(_TaskBase):
+    """Single-label text classification with a linear head on the decoder's pooled hidden states."""
+
+    type: Literal["classification"]
+    train_data: DataSource = Field(
+        default_factory=lambda: split_source("train", "review"), description="Training rows with text and label."
+    )
+    dev_data: DataSource = Field(
+        default_factory=lambda: split_source("val", "review"),
+        description="Dev rows: early stopping, best-model selection and the reported metrics.",
+    )
+    test_data: DataSource | None = Field(
+        None, description="Test rows scored once with the selected model (null: none). The default task uses "
+        "the test split's reviews.",
+    )
+    labels: list[str] | None = Field(
+        None, description="The label set, in this order; null: the sorted distinct labels of the training data."
+    )
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="last: hidden state of the final token (it has attended to all others); mean: "
+        "average over the tokens.",
+    )
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="Loss weight per class: none, balanced (n / (k * count), as scikit-learn), or a list "
+        "in label order.",
+    )
+    monitor: Literal["accuracy", "macro_f1", "loss"] = Field(
+        "accuracy", description="Dev metric for early stopping and best-model selection."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassificationTask:
+        self._check_columns(CLASSIFICATION_FIELDS)
+        if self.labels is not None:
+            if len(self.labels) < 2:
+                raise ValueError("labels: a classifier needs at least 2 labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels: each label must be listed once")
+        if isinstance(self.class_weights, list):
+            if any(w <= 0 for w in self.class_weights):
+                raise ValueError("class_weights: every weight must be positive")
+            if self.labels is not None and len(self.class_weights) != len(self.labels):
+                raise ValueError(f"class_weights: {len(self.class_weights)} weights for {len(self.labels)} labels")
+        return self
+
+
+Task = Annotated[SFTTask | ClassificationTask, Field(discriminator="type")]
+
+
+def _default_tasks() -> dict[str, SFTTask | ClassificationTask]:
+    """The embedded default's tasks: its instruction pairs and reviews from data/split/."""
+    return {"sft": SFTTask(type="sft", sample_data=split_source("test", "instruction")),
+            "cls": ClassificationTask(type="classification", test_data=split_source("test", "review"))}
+
+
+class FinetuneConfig(Section):
+    """Fine-tune models/pretrain on named tasks (instruction tuning, classification; full or LoRA)."""
+
+    tasks: dict[str, Task] = Field(
+        default_factory=_default_tasks,
+        description="Task name -> task (type: sft | classification). Outputs go to models/finetune/<name>/ and "
+        "metrics/finetune_<name>.json.",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> FinetuneConfig:
+        import re
+
+        for name in self.tasks:
+            if not re.match(TASK_NAME_PATTERN, name):
+                raise ValueError(f"tasks: name {name!r} must be letters, digits, '_' or '-' (it names directories)")
+        return self
+
+
+# Keys that change how a run is observed or executed but not what it computes: a run resumed with
+# different values of these is the same run (checkpoints are keyed by everything else).
+OPERATIONAL_KEYS = frozenset({
+    "accelerator", "strategy", "devices", "num_nodes", "log_every", "checkpoint_every", "keep_checkpoints",
+    "resume", "progress", "spike_factor", "eval_batch_size", "sample_data", "sample_count", "max_new_tokens",
+    "test_data",
+})

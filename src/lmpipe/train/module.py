@@ -1,0 +1,201 @@
+"""The LightningModule that trains a GPT: a lean manual-optimization step.
+
+Why manual optimization: Lightning's automatic loop wraps every step in a closure, per-step
+logging and progress-bar bookkeeping that cost a visible share of a small model's step on CPU.
+Here one ``training_step`` is one micro-batch: forward, backward, and on the last micro-batch of
+an accumulation group clip, set the learning rate and step AdamW. Losses and gradient norms are
+summed on the device; the monitor callback reads them every ``log_every`` steps, the only host
+sync. The learning rate is a pure function of the step, so no scheduler state needs saving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.nn.parallel import DistributedDataParallel
+
+from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.train.config import PretrainConfig
+
+
+@dataclass
+class _Accumulators:
+    micro: int = 0
+    stepped: bool = False
+    loss_sum: Tensor | None = None
+    loss_count: int = 0
+    norm_sum: Tensor | None = None
+    norm_count: int = 0
+
+
+def learning_rate(step: int, cfg: PretrainConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup, then cosine decay to
+    min_lr_ratio * lr (GPT-3 / Chinchilla), warmup-stable-decay with a 1-sqrt cooldown over the
+    last decay_fraction of steps (Hägele et al. 2024), or constant."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        decay_start = cfg.max_steps - decay_steps
+        if step < decay_start:
+            return peak
+        progress = min(1.0, (step - decay_start) / decay_steps)
+        return floor + (peak - floor) * (1 - math.sqrt(progress))
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: GPT, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the model's decay / no-decay groups; the fused kernel on CUDA (one launch for
+    all parameters), the default implementation elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        model.optim_groups(cfg.weight_decay), lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps, fused=fused or None,
+    )
+
+
+class PretrainModule(L.LightningModule):
+    """Wraps a GPT for training. ``accumulation`` micro-batches make one optimizer step."""
+
+    def __init__(self, gpt_config: GPTConfig, cfg: PretrainConfig, *, accumulation: int = 1,
+                 tokens_per_step: int = 0, run_key: str = "") -> None:
+        super().__init__()
+        self.gpt_config, self.cfg = gpt_config, cfg
+        self.model = GPT(gpt_config)
+        self.automatic_optimization = False
+        self.accumulation, self.tokens_per_step, self.run_key = accumulation, tokens_per_step, run_key
+        # Per-step counters live on a plain object: nn.Module.__setattr__ costs microseconds a call.
+        self._acc = _Accumulators()
+        self._compiled: Any = None
+        self._redirect_eval = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name around every hook call, some 30 times a step;
+        # nn.Module.__setattr__ would inspect each string for being a parameter, buffer or module.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def stepped(self) -> bool:
+        """True right after the micro-batch that completed an optimizer step."""
+        return self._acc.stepped
+
+    # ------------------------------------------------------------------------------ setup
+
+    def configure_model(self) -> None:
+        if self.cfg.compile and self._compiled is None:
+            # Kept outside the module tree so state_dict keys stay those of the plain model.
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.cfg, self.device)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        return (self._compiled or self.model)(idx, targets)
+
+    # ------------------------------------------------------------------------------ train
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        wrapped = self.trainer.strategy.model
+        if self.accumulation > 1 and isinstance(wrapped, DistributedDataParallel):
+            # All-reduce gradients only on the last micro-batch of a step (what DDP.no_sync does;
+            # it must be set before the wrapper's forward, which reads it).
+            wrapped.require_backward_grad_sync = self._acc.micro == self.accumulation - 1
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Any:
+        if self._redirect_eval:  # an FSDP evaluation routed through the wrapper, see eval_sums()
+            return self._eval_sums(batch)
+        if self.gpt_config.dropout > 0:
+            # Dropout masks from (seed, sample, rank): reproducible after resume without saving RNG state.
+            torch.manual_seed(self.cfg.seed * 1_000_003 + int(batch["index"][0]))
+        _, loss = self(batch["input"], batch["target"])
+        assert loss is not None
+        self.manual_backward(loss / self.accumulation if self.accumulation > 1 else loss)
+        acc = self._acc
+        detached = loss.detach()
+        if acc.loss_sum is None:
+            acc.loss_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
+            acc.norm_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
+        acc.loss_sum += detached
+        acc.loss_count += 1
+        acc.micro += 1
+        acc.stepped = acc.micro == self.accumulation
+        if acc.stepped:
+            acc.micro = 0
+            self._optimizer_step()
+        return None
+
+    def _optimizer_step(self) -> None:
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)
+        if self.cfg.grad_clip > 0:
+            assert self._acc.norm_sum is not None
+            self._acc.norm_sum += self._clip_gradients(self.cfg.grad_clip)
+            self._acc.norm_count += 1
+        lr = learning_rate(self.trainer.global_step, self.cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _clip_gradients(self, max_norm: float) -> Tensor:
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel):
+            return wrapped.clip_grad_norm_(max_norm).float()  # norm over all shards
+        # No .item(): the clip coefficient is applied on the device, no host sync.
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True).float()
+
+    def consume_stats(self) -> dict[str, Any]:
+        """Device tensors of the mean train loss and grad norm since the last call, then reset."""
+        acc = self._acc
+        stats = {
+            "loss": acc.loss_sum / max(1, acc.loss_count) if acc.loss_sum is not None else None,
+            "grad_norm": acc.norm_sum / acc.norm_count if acc.norm_sum is not None and acc.norm_count else None,
+            "micro_batches": acc.loss_count,
+        }
+        if acc.loss_sum is not None:
+            acc.loss_sum = torch.zeros_like(acc.loss_sum)
+            acc.norm_sum = torch.zeros_like(acc.loss_sum)
+        acc.loss_count = acc.norm_count = 0
+        return stats
+
+    # ------------------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def _eval_sums(self, batch: dict[str, Tensor]) -> Tensor:
+        _, loss = self.model(batch["input"], batch["target"])
+        assert loss is not None
+        count = (batch["target"] != -100).sum()
+        return torch.stack([loss.float() * count, count.float()])
+
+    @torch.no_grad()
+    def eval_sums(self, batch: dict[str, Tensor]) -> Tensor:
+        """[sum of token losses, token count] of one batch, in eval mode, without gradients."""
+        wrapped = self.trainer.strategy.model
+        if not isinstance(wrapped, FullyShardedDataParallel):
+            return self._eval_sums(batch)
+        # FSDP: the root's parameters are sharded, so the forward must enter through the wrapper,
+        # which Lightning routes to training_step while fitting.
+        self._redirect_eval = True
+        try:
+            return wrapped(batch, 0)
+        finally:
+            self._redirect_eval = False
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lmpipe"] = {"run_key": self.run_key, "model": self.gpt_config.to_dict()}

@@ -1,0 +1,174 @@
+"""The pretrain stage end to end on a tiny model: outputs, MLflow logging, guards, objectives."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lmpipe.config import Paths, TrackingConfig
+from lmpipe.errors import ConfigError
+from lmpipe.io import verify_manifest
+from lmpipe.model import load_model
+from lmpipe.train.callbacks import DivergenceGuard, TrainingDiverged
+from lmpipe.train.config import PretrainConfig
+from lmpipe.train.data import write_synthetic_shards
+from lmpipe.train.module import learning_rate
+from lmpipe.train.pretrain import train
+
+TINY = {"model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 8,
+        "warmup_steps": 5, "val_batches": 4, "sample_tokens": 8, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The test machine is shared: one thread avoids OpenMP spin-waiting against other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    write_synthetic_shards(tmp_path / "data" / "tokens", vocab_size=40, train_tokens=4000, val_tokens=600)
+    return Paths(tmp_path)
+
+
+def config(**overrides: Any) -> PretrainConfig:
+    return PretrainConfig.model_validate({**TINY, **overrides})
+
+
+def test_stage_trains_below_unigram_entropy_writes_outputs_and_logs_to_mlflow(paths: Paths) -> None:
+    import mlflow
+
+    from lmpipe.tracking import stage_run, tracking_uri
+
+    cfg = config(max_steps=60, lr=1e-2, log_every=10, val_every=20, checkpoint_every=20)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{paths.root / 'mlflow.db'}")
+    with stage_run("pretrain", tracking, paths.root) as run:
+        summary = train(cfg, paths)
+    assert summary["steps"] == 60 and summary["resumed_from_step"] == 0
+    assert summary["val_loss"] < 0.5 * summary["unigram_entropy"]  # learnt the runs, not just frequencies
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / 3 / math.log(2))
+    metrics = json.loads((paths.metrics / "pretrain.json").read_text())
+    assert metrics["val_loss"] == summary["val_loss"] and metrics["tokens_per_s"] > 0
+    rows = (paths.plots / "pretrain_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,train_loss,val_loss" and len(rows) == 7
+    assert rows[2].startswith("20,") and rows[2].split(",")[2]  # val loss at step 20
+    assert (paths.plots / "pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
+    verify_manifest(paths.models / "pretrain")
+    model, info = load_model(paths.models / "pretrain")
+    assert info["tokenizer_fingerprint"] == "synthetic" and model.config.vocab_size == 40
+
+    client = mlflow.MlflowClient(tracking_uri(tracking, paths.root))  # MLFLOW_TRACKING_URI may win
+    history = client.get_metric_history(run.run_id, "train/loss")
+    assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
+    assert [m.step for m in client.get_metric_history(run.run_id, "val/loss")] == [20, 40, 60]
+    assert client.get_run(run.run_id).data.params["resolved.accumulation"] == "1"
+    artifacts = [a.path for a in client.list_artifacts(run.run_id, "samples")]
+    assert artifacts == ["samples/step_000060.txt"]
+
+    # The same config again finds the finished run's last checkpoint and does not retrain.
+    again = train(cfg, paths)
+    assert again["resumed_from_step"] == 60 and again["val_loss"] == summary["val_loss"]
+
+
+class PoisonWeights(Callback):
+    """Puts a NaN into the weights after step ``at``, as an overflow would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                pl_module.model.wte.weight[0, 0] = float("nan")
+
+
+def test_nan_loss_stops_training_without_a_nan_checkpoint(paths: Paths) -> None:
+    cfg = config(max_steps=20, log_every=1, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match="train loss is nan at step 4"):
+        train(cfg, paths, extra_callbacks=[PoisonWeights(at=3)])
+    saved = sorted(p.name for p in paths.checkpoints.glob("pretrain/*/*.ckpt"))
+    assert saved == ["step-00000002.ckpt"]
+    state = torch.load(paths.checkpoints.glob("pretrain/*/step-00000002.ckpt").__next__(), weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    assert not (paths.models / "pretrain").exists()
+
+
+def test_divergence_guard_spots_spikes_after_warmup() -> None:
+    guard = DivergenceGuard(spike_factor=3.0, warmup_steps=2)
+    guard.check(1, 50.0)  # warmup: anything finite goes
+    for step in range(2, 10):
+        guard.check(step, 2.0)
+    with pytest.raises(TrainingDiverged, match="spiked"):
+        guard.check(10, 30.0)
+    with pytest.raises(TrainingDiverged, match="inf"):
+        DivergenceGuard(0.0, 0).check(1, float("inf"))
+
+
+def test_mlm_objective_trains_a_bidirectional_model(paths: Paths) -> None:
+    with pytest.raises(ConfigError, match="mask_token_id"):
+        train(config(objective="mlm", max_steps=2), paths)
+    summary = train(config(objective="mlm", mask_token_id=39, max_steps=6, val_every=3), paths)
+    assert summary["steps"] == 6 and math.isfinite(summary["val_loss"])
+    model, info = load_model(paths.models / "pretrain")
+    assert info["objective"] == "mlm" and model.config.bidirectional
+
+
+def test_tokens_per_step_must_fit_the_micro_batches(paths: Paths) -> None:
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size x block_size x devices = 8 x 16 x 1"):
+        train(config(tokens_per_step=1000, max_steps=2), paths)
+
+
+def test_config_rejects_impossible_models() -> None:
+    with pytest.raises(ValueError, match="model: n_embd .* divisible by n_head"):
+        PretrainConfig.model_validate({"model": {"n_embd": 100, "n_head": 3}})
+    with pytest.raises(ValueError, match="unknown 'huge'"):
+        PretrainConfig.model_validate({"preset": "huge"})
+
+
+def test_learning_rate_schedules() -> None:
+    cosine = config(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, cosine) == pytest.approx(0.1)
+    assert learning_rate(9, cosine) == pytest.approx(1.0)
+    assert learning_rate(60, cosine) == pytest.approx(0.55)
+    assert learning_rate(110, cosine) == pytest.approx(0.1)
+    wsd = config(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(79, wsd) == 1.0
+    assert learning_rate(85, wsd) == pytest.approx(1 - math.sqrt(5 / 20))
+    assert learning_rate(100, wsd) == 0.0
+
+
+def test_samples_are_decoded_with_the_tokenizer_stage_model(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
+    import io
+    import logging
+
+    import sentencepiece as spm
+
+    from lmpipe.io import sha256_file
+
+    model = io.BytesIO()
+    text = ["the cat sat on the mat", "a dog ran in the fog", "once upon a time there was a tiny model"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=40,
+                                   model_type="char", eos_id=0, unk_id=1, bos_id=-1, pad_id=-1)
+    paths.tokenizer.mkdir(parents=True)
+    (paths.tokenizer / "tokenizer.model").write_bytes(model.getvalue())
+    fingerprint = sha256_file(paths.tokenizer / "tokenizer.model")
+    (paths.tokenizer / "tokenizer.json").write_text(json.dumps({
+        "fingerprint": fingerprint, "vocab_size": 40, "model_type": "char", "special_tokens": {},
+        "special_ids": {"unk": 1, "bos": -1, "eos": 0, "pad": -1}}))
+    meta = json.loads((paths.tokens / "meta.json").read_text())
+    (paths.tokens / "meta.json").write_text(json.dumps({**meta, "tokenizer_fingerprint": fingerprint}))
+    caplog.set_level(logging.INFO, logger="lmpipe.train.callbacks")
+    train(config(max_steps=4, sample_prompts=["once upon"], sample_tokens=6), paths)
+    sample = caplog.text.split("--- sample 0\n")[1]
+    assert sample.startswith("once upon")
+    assert json.loads((paths.models / "pretrain" / "config.json").read_text())["tokenizer_fingerprint"] == fingerprint
