@@ -149,7 +149,10 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
     cfg = params.section(stage.section)
     paths = Paths(root)
     module = importlib.import_module(stage.module)
-    with stage_run(name, params.tracking, root) as tracker:
+    tracking = params.tracking
+    if os.environ.get("RANK", "0") != "0":  # under torchrun/SLURM only rank 0 records the run
+        tracking = tracking.model_copy(update={"enabled": False})
+    with stage_run(name, tracking, root) as tracker:
         tracker.log_params(cfg.model_dump(mode="json"))
         if task is not None:
             summary: dict[str, Any] = module.run_task(cfg, task, paths)
