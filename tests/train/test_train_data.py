@@ -68,7 +68,9 @@ def test_stream_resumed_at_a_step_continues_the_uninterrupted_stream(tokens_dir:
     first = full[0]
     assert torch.equal(first["input"][:, 1:], first["target"][:, :-1])  # targets are inputs shifted by one
     # Workers deal micro-batches round-robin: the loader's order is the stream's order.
-    loader = DataLoader(data.train_stream(5), batch_size=None, num_workers=2)
+    # spawn, not fork: the test process may already run threads (numba, polars, MLflow) that a
+    # forked worker would inherit mid-lock
+    loader = DataLoader(data.train_stream(5), batch_size=None, num_workers=2, multiprocessing_context="spawn")
     assert [b["index"].tolist() for b in loader] == [b["index"].tolist() for b in resumed]
 
 
