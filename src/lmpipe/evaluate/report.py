@@ -201,9 +201,11 @@ def training_section(paths: Paths) -> str:
         plt = _plt()
         fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), sharey=True, squeeze=False)
         for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
-            for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            # The student's training loss is its distillation objective (a KL), not a cross-entropy.
+            train_label = "train objective (KL)" if name.startswith("distill") else "train loss"
+            for key, style, label in (("train_loss", "-", train_label), ("val_loss", "o-", "val loss")):
                 if key in curve:
-                    ax.plot(*zip(*curve[key], strict=True), style, label=key.replace("_", " "), markersize=3)
+                    ax.plot(*zip(*curve[key], strict=True), style, label=label, markersize=3)
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.legend()
@@ -301,6 +303,9 @@ def lm_section(results: dict[str, Any]) -> str:
         ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7)
     ax.set_xticks([j + width * (len(sets) - 1) / 2 for j in range(len(models))], list(models))
     ax.set_ylabel("bits per byte")
+    shown = [v for n in models for v in (models[n].get("lm", {}).get(d, {}).get("bpb") for d in sets) if v]
+    if shown and max(shown) > 10 * min(shown):  # an out-of-domain eval file next to in-domain splits
+        ax.set_yscale("log")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(sets), frameon=False)
     parts.append(figure_html(fig, "bits per byte per model"))
     return "".join(parts)
