@@ -116,7 +116,7 @@ class PeriodicCheckpoint(Callback):
         finite = bool(torch.stack([p.detach().float().abs().sum() for p in pl_module.parameters()]).sum().isfinite())
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise TrainingDiverged(f"weights contain NaN/inf at step {trainer.global_step}; not saving {path.name}")
-        trainer.save_checkpoint(path, weights_only=False)  # False: the full training state, not weights only
+        trainer.save_checkpoint(path)  # Lightning default: the full training state (optimizer, loops), not weights only
 
     def _prune(self) -> None:
         steps = sorted(
