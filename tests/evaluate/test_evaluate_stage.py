@@ -44,6 +44,8 @@ def test_evaluate_writes_metrics_plots_comparison_and_report(project: tuple[Path
     paths.plots.mkdir(exist_ok=True)
     for name in ("pretrain_loss.csv", "distill_loss.csv"):  # as pretrain and distill write them
         (paths.plots / name).write_text("step,train_loss,val_loss\n10,5.0,\n20,4.0,4.5\n", encoding="utf-8")
+    (paths.plots / "finetune" / "cls").mkdir(parents=True, exist_ok=True)  # as finetune writes it
+    (paths.plots / "finetune" / "cls" / "dev.csv").write_text("step,loss,accuracy\n0,0.7,0.5\n50,0.2,0.9\n")
     summary = run(config(
         eval_files=[{"name": "extra", "path": "extra.txt"}],
         classification={"cls": {"models": {"finetuned": "models/finetune/cls"}}},
@@ -76,7 +78,8 @@ def test_evaluate_writes_metrics_plots_comparison_and_report(project: tuple[Path
     page = (paths.reports / "report.html").read_text()
     assert "Teacher vs student vs baseline" in page and "quality retained %" in page
     figures = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page)
-    assert figures == ["training loss curves", "teacher vs student comparison", "bits per byte per model"]
+    assert figures == ["training loss curves", "finetune dev curves", "teacher vs student comparison",
+                       "bits per byte per model"]
     assert "2. Tokenizer" in page and "not available: run `lmpipe clean`" in page  # no clean report in this project
     assert str(paths.reports / "report.html") in summary["artifacts"]
 

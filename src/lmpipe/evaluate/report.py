@@ -3,7 +3,7 @@
 Reads what the earlier stages left (each part is skipped with a note when its input is missing):
 ``data/clean/clean_report.json``, ``data/split/manifest.json``, ``artifacts/tokenizer/report.json``,
 ``data/tokens/meta.json``, ``metrics/*.json`` and the loss curves ``plots/pretrain_loss.csv``,
-``plots/distill*_loss.csv``, ``plots/finetune_*_dev.csv``; plus the evaluate stage's results.
+``plots/distill*_loss.csv``, ``plots/finetune/<task>/dev.csv``; plus the evaluate stage's results.
 Figures are matplotlib PNGs embedded as base64, so the page is one file that can be mailed,
 attached to an MLflow run or opened from a DVC cache without its neighbours.
 """
@@ -211,19 +211,18 @@ def training_section(paths: Paths) -> str:
             ax.legend()
         axes[0][0].set_ylabel("loss (nats/token)")
         parts.append(figure_html(fig, "training loss curves"))
-    dev = sorted(paths.plots.glob("finetune_*_dev.csv")) if paths.plots.is_dir() else []
-    for path in dev:
-        curve = read_curve(path)
-        if curve:
-            task = path.name.removeprefix("finetune_").removesuffix("_dev.csv")
-            plt = _plt()
-            fig, ax = plt.subplots(figsize=(6, 3))
+    root = paths.plots / "finetune"
+    dev = {p.parent.name: c for p in sorted(root.glob("*/dev.csv")) if (c := read_curve(p))} if root.is_dir() else {}
+    if dev:
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(dev), figsize=(4.5 * len(dev), 3.2), squeeze=False)
+        for ax, (task, curve) in zip(axes[0], dev.items(), strict=True):
             for key, points in curve.items():
-                ax.plot(*zip(*points, strict=True), "o-", label=key, markersize=3)
+                ax.plot(*zip(*points, strict=True), "o-", label=key.replace("_", " "), markersize=3)
             ax.set_title(f"finetune {task}: dev metrics")
             ax.set_xlabel("step")
-            ax.legend(fontsize=8)
-            parts.append(figure_html(fig, f"finetune {task} dev curve"))
+            ax.legend(fontsize=7)
+        parts.append(figure_html(fig, "finetune dev curves"))
     rows = []
     for name in ("pretrain", "distill", "distill_baseline"):
         metrics = read_json(paths.metrics / f"{name}.json")
