@@ -25,6 +25,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The first run on a fresh machine creates and migrates Prefect's database before the ephemeral
+# server answers; on 2 slow cores that takes longer than Prefect's 20 s default and the run dies
+# with "Timed out while attempting to connect to ephemeral Prefect API server".
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
@@ -199,13 +205,50 @@ def apply_preset(root: Path, preset: str) -> Path:
     return path
 
 
+def apply_overrides(root: Path, overrides: list[str]) -> None:
+    """Write ``section.key=value`` overrides into ``root/params.yaml``, as ``dvc exp run -S`` does.
+
+    Comments and layout survive (round-trip YAML). The result is validated before it replaces the
+    file, so a bad override fails the flow before any stage runs and leaves params.yaml as it was.
+    Raises ConfigError naming the override or key.
+    """
+    import io
+    import tempfile
+
+    from ruamel.yaml import YAML
+
+    from lmpipe.config import apply_override, load_params
+
+    target = root / "params.yaml"
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    data = yaml.load(target.read_text(encoding="utf-8")) if target.is_file() else {}
+    for override in overrides:
+        apply_override(data, override)
+    buffer = io.StringIO()
+    yaml.dump(data, buffer)
+    fd, tmp = tempfile.mkstemp(prefix=".params.", suffix=".yaml", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(buffer.getvalue())
+        load_params(Path(tmp))
+        if target.is_file():
+            os.chmod(tmp, target.stat().st_mode & 0o777)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @flow(name="lmpipe-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, preset: str | None = None, promote: bool = False,
-             root: str | None = None) -> dict[str, str]:
+             root: str | None = None, overrides: list[str] | None = None) -> dict[str, str]:
     """Run the stages in dependency order under one MLflow parent run.
 
     ``stages``: a subset to run (default: every stage of dvc.yaml); ``preset``: a ``configs/`` preset
-    copied over params.yaml first; ``promote``: after the stages, move the ``champion`` alias when
+    copied over params.yaml first; ``overrides``: ``section.key=value`` changes written into
+    params.yaml next (DVC then reruns what they affect); ``promote``: after the stages, move the ``champion`` alias when
     the candidate passes the gate; ``root``: the project (default: the one holding this file).
     """
     from lmpipe.config import load_params
@@ -219,16 +262,21 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
         raise ValueError(f"unknown stage(s) {unknown}; stages of {project / 'dvc.yaml'}: {known}")
     if preset:
         print(f"params.yaml <- preset {apply_preset(project, preset)}")
+    if overrides:
+        apply_overrides(project, overrides)
+        print(f"params.yaml <- {' '.join(overrides)}")
     params = load_params(project / "params.yaml", sections=["tracking"])
     results: dict[str, str] = {}
-    parent = mlflow = None
+    parent = mlflow = uri = None
     if params.tracking.enabled:
         from prefect.runtime import flow_run
 
         mlflow = setup_mlflow(params.tracking, project)
+        uri = mlflow.get_tracking_uri()
         parent = mlflow.start_run(run_name="pipeline", tags={
             "lmpipe.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or ""),
-            "lmpipe.preset": preset or "", "lmpipe.stages": ",".join(chosen)})
+            "lmpipe.preset": preset or "", "lmpipe.stages": ",".join(chosen),
+            "lmpipe.overrides": " ".join(overrides or [])})
     parent_id = parent.info.run_id if parent else None
     status = "FAILED"
     try:
@@ -240,20 +288,69 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
     finally:
         if mlflow is not None:
             mlflow.end_run(status=status)
-    print_summary(results, project, parent_id)
+    print_summary(results, project, parent_id, uri)
     return results
 
 
-def print_summary(results: dict[str, str], root: Path, run_id: str | None) -> None:
+def registry_lines(root: Path, uri: str | None) -> list[str]:
+    """One line per model of ``metrics/register.json``: version, aliases now, and the gate's verdict."""
+    import json
+
+    path = root / "metrics" / "register.json"
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")).get("models", [])
+    except (OSError, ValueError):
+        return []
+    aliases: dict[str, dict[int, list[str]]] = {}
+    if uri:
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri)
+            for entry in entries:
+                by_version: dict[int, list[str]] = {}
+                for alias, version in client.get_registered_model(entry["name"]).aliases.items():
+                    by_version.setdefault(int(version), []).append(alias)
+                aliases[entry["name"]] = by_version
+        except Exception as err:  # the summary must not fail a finished run
+            return [f"  registry:       could not read aliases ({type(err).__name__}: {err})"]
+    lines = ["  registered models (MLflow registry):"]
+    for entry in entries:
+        name, version = entry["name"], int(entry["version"])
+        by_version = aliases.get(name, {})
+        champion = next((v for v, names in by_version.items() if "champion" in names), None)
+        tags = ", ".join(sorted(by_version.get(version, []))) or "no alias"
+        line = f"    {name} v{version} [{tags}]"
+        if champion is not None and champion != version:
+            line += f"; champion stays v{champion}"
+        gate = entry.get("gate") or {}
+        if gate.get("reasons") and not gate.get("moved"):
+            line += f" ({'; '.join(gate['reasons'])})"
+        lines.append(line)
+    lines.append(f"    serve one: .venv/bin/mlflow models serve -m models:/{entries[0]['name']}@champion "
+                 "--env-manager local -p 5001" if entries else "")
+    return [line for line in lines if line]
+
+
+def print_summary(results: dict[str, str], root: Path, run_id: str | None, uri: str | None = None) -> None:
     lines = ["", "lmpipe pipeline finished:"]
-    lines += [f"  {stage:<10} {state}" for stage, state in results.items()]
-    if (root / "data" / "clean" / "clean_report.json").is_file():
-        lines.append(f"  clean report:   {root / 'data/clean/clean_report.json'}")
-    if (root / "reports").is_dir():
-        lines.append(f"  reports:        {root / 'reports'}")
+    lines += [f"  {stage:<18} {state}" for stage, state in results.items()]
+    for label, rel in (("report", "reports/report.html"), ("clean report", "data/clean/clean_report.json"),
+                       ("data validation", "reports/validation")):
+        if (root / rel).exists():
+            lines.append(f"  {label + ':':<18} {root / rel}")
+    lines += registry_lines(root, uri)
     if run_id:
-        lines.append(f"  MLflow run:     {run_id}  (open the UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db)")
-    lines.append("  Prefect UI:     .venv/bin/prefect server start  (then http://127.0.0.1:4200)")
+        lines.append(f"  {'MLflow run:':<18} {run_id}")
+    if uri and uri.startswith(("http://", "https://")):
+        lines.append(f"  {'MLflow UI:':<18} {uri}")
+    elif uri:
+        lines.append(f"  {'MLflow UI:':<18} .venv/bin/mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000")
+    prefect_api = os.environ.get("PREFECT_API_URL")
+    lines.append(f"  {'Prefect UI:':<18} " + (prefect_api.removesuffix("/api") if prefect_api else
+                 ".venv/bin/prefect server start, then http://127.0.0.1:4200 (this run is in its history)"))
     print("\n".join(lines))
 
 
@@ -261,10 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the lmpipe pipeline as a Prefect flow.")
     parser.add_argument("--stages", nargs="*", help="Stages to run (default: every stage of dvc.yaml).")
     parser.add_argument("--preset", help="Copy configs/PRESET.yaml over params.yaml first.")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        help="Change params.yaml before running, like `dvc exp run -S` (repeatable), "
+                        "e.g. -S pretrain.max_steps=100.")
     parser.add_argument("--promote", action="store_true", help="Promote the candidate model if it passes the gate.")
     parser.add_argument("--root", help="Project root (default: the project holding this file).")
     args = parser.parse_args(argv)
-    pipeline(stages=args.stages, preset=args.preset, promote=args.promote, root=args.root)
+    pipeline(stages=args.stages, preset=args.preset, promote=args.promote, root=args.root,
+             overrides=args.overrides)
     return 0
 
 

@@ -80,3 +80,38 @@ def test_overrides_index_into_lists(tmp_path: Path) -> None:
         load_params(path, ["collect.sources.3.num_docs=10"])
     with pytest.raises(ConfigError, match="unknown kind"):
         load_params(path, ["collect.sources.0.kinds={poem: 1}"])
+
+
+def _dvc_param_keys(dvc_yaml: Path, params: dict) -> list[str]:
+    """Every params key the stages of dvc.yaml declare, with foreach stages expanded."""
+    import yaml
+
+    keys: list[str] = []
+    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+        if "foreach" in stage:
+            items = stage["foreach"]
+            if isinstance(items, str):  # ${finetune.tasks}: a dict of params.yaml
+                items = params
+                for part in stage["foreach"].strip("${}").split("."):
+                    items = items[part]
+            for key in items:
+                keys += [str(k).replace("${key}", str(key)) for k in stage["do"].get("params", [])]
+        else:
+            keys += [str(k) for k in stage.get("params", [])]
+    return keys
+
+
+@pytest.mark.parametrize("name", ["params.yaml", *sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))])
+def test_every_dvc_params_key_is_in_the_params_file(repo_root: Path, name: str) -> None:
+    # DVC refuses a stage whose params section is absent ("Parameters 'pretrain' are missing"), even
+    # though lmpipe would fill in defaults: params.yaml and every preset must carry all of them.
+    import yaml
+
+    path = repo_root / name if name == "params.yaml" else repo_root / "configs" / name
+    params = yaml.safe_load(path.read_text())
+    load_params(path)
+    for key in _dvc_param_keys(repo_root / "dvc.yaml", params):
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{name}: no '{key}' (dvc.yaml declares it)"
+            node = node[part]

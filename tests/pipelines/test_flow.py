@@ -92,6 +92,27 @@ def test_unknown_stage_and_missing_preset_are_clear_errors(prefect_api: str, mak
     assert (project / "params.yaml").read_text() == "tracking: {enabled: false}\n"
 
 
+def test_overrides_are_written_into_params_keeping_comments(tmp_path: Path) -> None:
+    from lmpipe.errors import ConfigError
+
+    params = tmp_path / "params.yaml"
+    original = "# the project's params\ntracking:\n  enabled: true  # keep me\n  experiment: lmpipe\n"
+    params.write_text(original)
+    with pytest.raises(ConfigError, match="tracking.enabeld: unknown key"):
+        flow_module.apply_overrides(tmp_path, ["tracking.enabeld=false"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        flow_module.apply_overrides(tmp_path, ["tracking.enabled"])
+    assert params.read_text() == original
+    assert not [p for p in tmp_path.iterdir() if p.name != "params.yaml"]  # no temp file left behind
+
+    flow_module.apply_overrides(tmp_path, ["tracking.experiment=other", "split.val_fraction=0.1"])
+    text = params.read_text()
+    assert "# the project's params" in text and "# keep me" in text
+    data = yaml.safe_load(text)
+    assert data["tracking"] == {"enabled": True, "experiment": "other"}
+    assert data["split"] == {"val_fraction": 0.1}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -116,6 +116,23 @@ def test_first_model_is_champion_and_a_worse_one_leaves_it(project: Paths, sqlit
         promote(name, 7, cfg=cfg)
 
 
+@pytest.mark.slow
+def test_unchanged_model_is_not_registered_again(project: Paths, sqlite_store: str, models: Any) -> None:
+    """DVC reruns register when any one model changes; the others keep their version and aliases."""
+    cfg = pretrain_only("same")
+    name = "same-pretrain"
+    models.pretrain(project, seed=0, val_bpb=1.50)
+    assert register.run(cfg, project)["registered"] == 1
+    summary = register.run(cfg, project)
+    assert summary["registered"] == 0 and summary[f"{name}/version"] == 1
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'")] == ["1"]
+    entry = read_json(project.metrics / "register.json")["models"][0]
+    assert entry["unchanged"] is True and entry["champion"] == 1
+    models.pretrain(project, seed=1, val_bpb=1.40)  # a new model: a new version, and the gate runs
+    summary = register.run(cfg, project)
+    assert summary["registered"] == 1 and summary["promoted"] == 1 and summary[f"{name}/version"] == 2
+
+
 def test_model_without_its_metric_is_registered_but_never_promoted(project: Paths, sqlite_store: str, models: Any) -> None:
     models.pretrain(project, seed=0, val_bpb=None)  # metrics/pretrain.json has no val_bpb
     summary = register.run(pretrain_only("nometric"), project)

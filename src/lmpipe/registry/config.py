@@ -99,6 +99,7 @@ def _default_models() -> list[ModelSpec]:
         {"stage": "pretrain", "metrics": {"val_bpb": "metrics/pretrain.json:val_bpb"}},
         {"stage": "finetune", "task": "sft", "metrics": {"dev_loss": "metrics/finetune_sft.json:dev_loss"}},
         {"stage": "finetune", "task": "cls", "metrics": {"accuracy": "metrics/finetune_cls.json:test_accuracy"}},
+        {"stage": "distill", "metrics": {"val_bpb": "metrics/distill.json:val_bpb"}},
     )]
 
 

@@ -79,6 +79,13 @@ def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
     with _register_run(paths):
         client = MlflowClient()
         for model in prepared:
+            same = registered_version_of(model, client)
+            if same is not None:
+                # DVC reran register because another model changed; this one did not, so a new
+                # version would only churn the registry (and could move champion to an identical copy).
+                entries.append(unchanged_entry(model, same, client))
+                log.info("%s: unchanged since v%d (same model fingerprint), not registered again", model.name, same)
+                continue
             entry = register_model(model, cfg, tokenizer, lineage, client)
             if cfg.auto_promote:
                 decision = promote_if_better(entry["name"], entry["version"], cfg=cfg, client=client)
@@ -88,7 +95,7 @@ def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
         report = {"models": entries, "lineage": lineage}
         mlflow.log_dict(report, "register.json")
     write_json(paths.metrics / "register.json", report)
-    summary: dict[str, Any] = {"registered": len(entries),
+    summary: dict[str, Any] = {"registered": sum(1 for e in entries if not e.get("unchanged")),
                                "promoted": sum(1 for e in entries if e.get("gate", {}).get("moved"))}
     for entry in entries:
         summary[f"{entry['name']}/version"] = entry["version"]
@@ -137,6 +144,29 @@ def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: Token
     for problem in problems:
         log.warning("%s: %s (the gate will not pass)", name, problem)
     return Prepared(spec, name, directory, config, kind, metrics, problems)
+
+
+def registered_version_of(model: Prepared, client: Any) -> int | None:
+    """The newest version of ``model.name`` logged from exactly this model directory (same
+    fingerprint), or None when the registry has none (or no such registered model yet)."""
+    fingerprint = fingerprint_path(model.directory)
+    try:
+        versions = client.search_model_versions(f"name='{model.name}'")
+    except Exception as err:  # e.g. RESOURCE_DOES_NOT_EXIST on some stores: nothing registered yet
+        log.debug("%s: no versions (%s)", model.name, err)
+        return None
+    same = [int(v.version) for v in versions if (v.tags or {}).get("lmpipe.model_fingerprint") == fingerprint]
+    return max(same) if same else None
+
+
+def unchanged_entry(model: Prepared, version: int, client: Any) -> dict[str, Any]:
+    """Report entry for a model already registered as ``version``; aliases as they stand."""
+    aliases = client.get_registered_model(model.name).aliases
+    champion = aliases.get("champion")
+    return {"name": model.name, "version": version, "kind": model.kind, "path": model.spec.directory(),
+            "model_uri": f"models:/{model.name}/{version}", "metrics": model.metrics,
+            "metric_problems": model.problems, "unchanged": True,
+            "champion": int(champion) if champion is not None else None}
 
 
 def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInfo, lineage: dict[str, str],

@@ -28,6 +28,21 @@ from lmpipe.train.config import OPERATIONAL_KEYS, PretrainConfig
 
 log = logging.getLogger(__name__)
 
+
+
+class _FullStateSaveNotice(logging.Filter):
+    """Drops Lightning's "`weights_only` was not set, defaulting to `False`" line on every save.
+
+    Saving the full training state (optimizer, loops) is what exact resume needs; the line reads
+    like unsafe loading in a pipeline log although loading here is always ``weights_only=True``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`weights_only` was not set" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(_FullStateSaveNotice())
+
 STEP_PATTERN = re.compile(r"^step-(\d+)\.ckpt$")
 LAST_NAME = "last.ckpt"
 
