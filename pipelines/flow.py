@@ -223,6 +223,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> None:
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the layout of params.yaml and configs/
     data = yaml.load(target.read_text(encoding="utf-8")) if target.is_file() else {}
     for override in overrides:
         apply_override(data, override)

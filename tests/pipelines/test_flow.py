@@ -96,7 +96,8 @@ def test_overrides_are_written_into_params_keeping_comments(tmp_path: Path) -> N
     from lmpipe.errors import ConfigError
 
     params = tmp_path / "params.yaml"
-    original = "# the project's params\ntracking:\n  enabled: true  # keep me\n  experiment: lmpipe\n"
+    original = ("# the project's params\ntracking:\n  enabled: true  # keep me\n  experiment: lmpipe\n"
+                "collect:\n  sources:\n    - type: synthetic\n      name: s\n      num_docs: 10\n")
     params.write_text(original)
     with pytest.raises(ConfigError, match="tracking.enabeld: unknown key"):
         flow_module.apply_overrides(tmp_path, ["tracking.enabeld=false"])
@@ -108,6 +109,7 @@ def test_overrides_are_written_into_params_keeping_comments(tmp_path: Path) -> N
     flow_module.apply_overrides(tmp_path, ["tracking.experiment=other", "split.val_fraction=0.1"])
     text = params.read_text()
     assert "# the project's params" in text and "# keep me" in text
+    assert "  sources:\n    - type: synthetic\n      name: s\n      num_docs: 10\n" in text  # layout kept, not only content
     data = yaml.safe_load(text)
     assert data["tracking"] == {"enabled": True, "experiment": "other"}
     assert data["split"] == {"val_fraction": 0.1}

@@ -84,8 +84,9 @@ def test_model_specs_are_checked() -> None:
 def test_names_and_default_directories() -> None:
     cfg = RegisterConfig()
     names = [spec.registered_name(cfg.name_prefix) for spec in cfg.models]
-    assert names == ["lmpipe-pretrain", "lmpipe-finetune-sft", "lmpipe-finetune-cls"]
-    assert [spec.directory() for spec in cfg.models] == ["models/pretrain", "models/finetune/sft", "models/finetune/cls"]
+    assert names == ["lmpipe-pretrain", "lmpipe-finetune-sft", "lmpipe-finetune-cls", "lmpipe-distill"]
+    assert [spec.directory() for spec in cfg.models] == ["models/pretrain", "models/finetune/sft", "models/finetune/cls",
+                                                         "models/distill"]
     assert cfg.spec_for("lmpipe-finetune-cls") is cfg.models[2]
 
 

@@ -230,8 +230,11 @@ def training_section(paths: Paths) -> str:
             rows.append([name, metrics.get("steps"), metrics.get("parameters"), metrics.get("train_loss"),
                          metrics.get("val_loss"), metrics.get("val_bpb"), metrics.get("tokens_per_s")])
     if rows:
-        parts.append(table(["stage", "steps", "parameters", "final train loss", "val loss", "val bits/byte",
+        parts.append(table(["stage", "steps", "parameters", "final train objective", "val loss", "val bits/byte",
                             "train tokens/s"], rows))
+        parts.append("<p class='note'>As logged by each training stage: the distilled student's objective is its "
+                     "KL to the teacher, the others' cross-entropy; val loss and bits per byte on the stage's val "
+                     "batches (the full val split is scored in sections 4 and 5).</p>")
     return "".join(parts)
 
 
