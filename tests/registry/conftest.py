@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,6 +138,45 @@ def models() -> type[ModelFactory]:
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     return _free_port()
+
+
+class Servers:
+    """Start/wait/stop helpers for the server subprocesses (mlflow server, mlflow models serve)."""
+
+    free_port = staticmethod(_free_port)
+
+    @staticmethod
+    def wait_ok(proc: subprocess.Popen[bytes], url: str, log: Path, what: str, timeout: float = 180.0) -> None:
+        """Poll ``url`` until it answers 200; fail with the log's tail if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        """Stop the server and the workers it started (its own process group)."""
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def servers() -> type[Servers]:
+    return Servers
 
 
 @pytest.fixture(autouse=True)

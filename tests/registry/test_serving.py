@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -157,35 +155,9 @@ def test_logged_model_is_code_and_safetensors_with_signature_and_example(served:
     assert code and "import lmpipe" not in code and "from lmpipe" not in code
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server and the workers it started (its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_generation_request(served: Served, free_port: int, tmp_path: Path) -> None:
+def test_mlflow_models_serve_answers_a_generation_request(served: Served, free_port: int, tmp_path: Path,
+                                                            servers: Any) -> None:
     log = tmp_path / "serve.log"
     command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/srv-pretrain@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(free_port), "-w", "1"]
@@ -193,7 +165,7 @@ def test_mlflow_models_serve_answers_a_generation_request(served: Served, free_p
         proc = subprocess.Popen(command, env=served.env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        _wait_ready(proc, free_port, log)
+        servers.wait_ok(proc, f"http://127.0.0.1:{free_port}/ping", log, "mlflow models serve")
         body = json.dumps({"dataframe_records": [{"prompt": PROMPT}, {"prompt": ""}],
                            "params": {"max_new_tokens": 5}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{free_port}/invocations", data=body,
@@ -201,7 +173,7 @@ def test_mlflow_models_serve_answers_a_generation_request(served: Served, free_p
         with urllib.request.urlopen(request, timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
     finally:
-        _stop(proc)
+        servers.stop(proc)
     assert [p["text"] for p in predictions] == [served.models.generation(served.paths, PROMPT, 5, temperature=0.0),
                                                 served.models.generation(served.paths, "", 5, temperature=0.0)]
     assert "hidden: a served model must not need it" not in log.read_text()

@@ -4,13 +4,8 @@ register -> promote -> load by alias -> predict."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +22,10 @@ from lmpipe.registry.promote import promote_candidates
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def server(tmp_path_factory: pytest.TempPathFactory, servers: Any) -> Iterator[tuple[str, Path]]:
     """(URL, artifact root) of an ``mlflow server`` subprocess, stopped after the module."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = servers.free_port()
     artifacts = root / "artifacts"
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                f"sqlite:///{root / 'server.db'}", "--default-artifact-root", str(artifacts),
@@ -44,29 +37,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         proc = subprocess.Popen(command, env=env, cwd=root, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        servers.wait_ok(proc, f"{url}/health", log, "mlflow server")
         yield url, artifacts
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        servers.stop(proc)
 
 
 @pytest.mark.slow
