@@ -185,3 +185,41 @@ def test_stage_runs_nest_under_the_flow_run_on_an_mlflow_server_with_postgres(
     # the stage's artifact went through the server (--serve-artifacts) into its artifact store
     assert [f.path for f in client.list_artifacts(children["clean"].info.run_id)] == ["manifest.json"]
     assert list(artifacts.rglob("manifest.json"))
+
+
+def test_summary_names_report_models_aliases_and_uis(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end of `make run`: where the report is, each registered model with its aliases (and why
+    a candidate stayed one), and how to open the MLflow and Prefect UIs."""
+    import json
+
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model("lmpipe-cls")
+    for _ in range(2):
+        client.create_model_version("lmpipe-cls", source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias("lmpipe-cls", "champion", "1")
+    client.set_registered_model_alias("lmpipe-cls", "candidate", "2")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report.html").write_text("<html></html>")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "register.json").write_text(json.dumps({"models": [
+        {"name": "lmpipe-cls", "version": 2, "gate": {"moved": False, "reasons": ["accuracy 0.4 vs champion 0.9"]}}]}))
+
+    flow_module.print_summary({"register": "ran"}, tmp_path, "run123", uri)
+    out = capsys.readouterr().out
+    assert f"report:            {tmp_path / 'reports/report.html'}" in out
+    assert "lmpipe-cls v2 [candidate]; champion stays v1 (accuracy 0.4 vs champion 0.9)" in out
+    assert "models:/lmpipe-cls@champion" in out
+    assert f"mlflow ui --backend-store-uri {uri}" in out and "MLflow run:        run123" in out
+    assert "prefect server start" in out
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api")
+    elsewhere = tmp_path / "other"  # no register.json: nothing asks the (unreachable) server
+    elsewhere.mkdir()
+    flow_module.print_summary({}, elsewhere, None, "http://mlflow.internal:5000")
+    out = capsys.readouterr().out
+    assert "MLflow UI:         http://mlflow.internal:5000" in out and "Prefect UI:        http://prefect.internal:4200" in out
