@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from lmpipe.data.textstats import EMPTY_NORM, NGRAM_BASE, TokenizedBatch, mix64, tokenize
+from lmpipe.data.textstats import NGRAM_BASE, TokenizedBatch, gather_words, mix64, tokenize
 from lmpipe.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,7 @@ def _ngram_hashes(tok_hash, tok_flags, tok_offsets, n, out, buf):  # pragma: no 
     for _ in range(n - 1):
         top *= NGRAM_BASE
     for d in range(tok_offsets.shape[0] - 1):
-        m = 0
-        for k in range(tok_offsets[d], tok_offsets[d + 1]):
-            if not tok_flags[k] & EMPTY_NORM:
-                buf[m] = tok_hash[k]
-                m += 1
+        m = gather_words(tok_hash, tok_flags, tok_offsets[d], tok_offsets[d + 1], buf)
         gram = np.uint64(0)
         for p in range(m):
             if p >= n:
@@ -69,11 +65,7 @@ def _contaminated(tok_hash, tok_flags, tok_offsets, rows, n, bits, shift, table,
         top *= NGRAM_BASE
     for r in range(rows.shape[0]):
         d = rows[r]
-        m = 0
-        for k in range(tok_offsets[d], tok_offsets[d + 1]):
-            if not tok_flags[k] & EMPTY_NORM:
-                buf[m] = tok_hash[k]
-                m += 1
+        m = gather_words(tok_hash, tok_flags, tok_offsets[d], tok_offsets[d + 1], buf)
         gram = np.uint64(0)
         hit = False
         for p in range(m):

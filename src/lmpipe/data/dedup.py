@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lmpipe.data.textstats import EMPTY_NORM, NGRAM_BASE, TokenizedBatch, mix64
+from lmpipe.data.textstats import EMPTY_NORM, NGRAM_BASE, TokenizedBatch, gather_words, mix64
 
 _EMPTY_KEY = np.uint64(0)
 
@@ -81,11 +81,7 @@ def _minhash(tok_hash, tok_flags, tok_offsets, rows, shingle, a, b, out, buf, ac
     shift = np.uint64(32)
     for r in range(rows.shape[0]):
         d = rows[r]
-        m = 0
-        for k in range(tok_offsets[d], tok_offsets[d + 1]):
-            if not tok_flags[k] & EMPTY_NORM:
-                buf[m] = tok_hash[k]
-                m += 1
+        m = gather_words(tok_hash, tok_flags, tok_offsets[d], tok_offsets[d + 1], buf)
         sig = out[r]
         for j in range(num_perm):
             sig[j] = np.uint32(0xFFFFFFFF)

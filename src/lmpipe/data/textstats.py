@@ -64,6 +64,18 @@ def mix64(x: np.uint64) -> np.uint64:
     return x ^ (x >> np.uint64(31))
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def gather_words(tok_hash: np.ndarray, tok_flags: np.ndarray, start: int, end: int, buf: np.ndarray) -> int:
+    """Copy the hashes of tokens ``start:end`` that have a normalised form (words, not bare
+    punctuation) into ``buf``; return how many. The word sequence n-gram kernels hash."""
+    m = 0
+    for k in range(start, end):
+        if not tok_flags[k] & EMPTY_NORM:
+            buf[m] = tok_hash[k]
+            m += 1
+    return m
+
+
 @numba.njit(cache=True, nogil=True)
 def char_class(cp: int, ascii_class: np.ndarray) -> int:
     if cp < 128:
