@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from lmpipe.tracking import StageTracker
 from lmpipe.train.callbacks import AsyncTracker, StepProgress
 from lmpipe.train.finetune_data import Batch, TrainBatches
-from lmpipe.train.module import learning_rate
+from lmpipe.train.module import StepStats, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,15 @@ class FinetuneModule(L.LightningModule):
         self.model, self.objective, self.cfg, self.data, self.run_key = model, objective, cfg, data, run_key
         self.automatic_optimization = False
         self.accumulation = cfg.accumulation
-        self.stepped = False
         self.tokens_per_step = 0.0  # of the last monitor interval (real tokens, padding excluded)
-        self._micro = 0
+        self._acc = StepStats()
         self._batch_seed = 0
         self._tokens = self._steps = 0
-        self._loss_sum: Tensor | None = None
-        self._norm_sum: Tensor | None = None
-        self._loss_count = self._norm_count = 0
+
+    @property
+    def stepped(self) -> bool:
+        """True right after the micro-batch that completed an optimizer step."""
+        return self._acc.stepped
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = optimizer_groups(self.model, self.cfg.weight_decay)
@@ -97,23 +98,14 @@ class FinetuneModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         wrapped = self.trainer.strategy.model
         if self.accumulation > 1 and isinstance(wrapped, DistributedDataParallel):
-            wrapped.require_backward_grad_sync = self._micro == self.accumulation - 1
+            wrapped.require_backward_grad_sync = self._acc.micro == self.accumulation - 1
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         # Dropout masks (head, LoRA, model) from (seed, sample): identical after a resume.
         torch.manual_seed(self.cfg.seed * 1_000_003 + self._batch_seed)
         loss = self.objective.loss(self.model, batch)
         self.manual_backward(loss / self.accumulation if self.accumulation > 1 else loss)
-        detached = loss.detach().float()
-        if self._loss_sum is None:
-            self._loss_sum = torch.zeros((), device=detached.device)
-            self._norm_sum = torch.zeros((), device=detached.device)
-        self._loss_sum += detached
-        self._loss_count += 1
-        self._micro += 1
-        self.stepped = self._micro == self.accumulation
-        if self.stepped:
-            self._micro = 0
+        if self._acc.add_loss(loss, self.accumulation):
             self._steps += 1
             self._optimizer_step()
 
@@ -121,10 +113,8 @@ class FinetuneModule(L.LightningModule):
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list)
         if self.cfg.grad_clip > 0:
-            assert self._norm_sum is not None
             params = [p for p in self.model.parameters() if p.requires_grad]
-            self._norm_sum += torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True).float()
-            self._norm_count += 1
+            self._acc.add_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True).float())
         lr = learning_rate(self.trainer.global_step, self.cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -136,16 +126,7 @@ class FinetuneModule(L.LightningModule):
         monitor reads them; also sets ``tokens_per_step`` for the interval's throughput."""
         self.tokens_per_step = self._tokens * self.trainer.world_size / max(1, self._steps)
         self._tokens = self._steps = 0
-        stats = {
-            "loss": self._loss_sum / max(1, self._loss_count) if self._loss_sum is not None else None,
-            "grad_norm": self._norm_sum / self._norm_count if self._norm_sum is not None and self._norm_count else None,
-            "micro_batches": self._loss_count,
-        }
-        if self._loss_sum is not None:
-            self._loss_sum = torch.zeros_like(self._loss_sum)
-            self._norm_sum = torch.zeros_like(self._loss_sum)
-        self._loss_count = self._norm_count = 0
-        return stats
+        return self._acc.consume()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lmpipe"] = {"run_key": self.run_key}

@@ -25,13 +25,50 @@ from lmpipe.train.config import PretrainConfig
 
 
 @dataclass
-class _Accumulators:
+class StepStats:
+    """Per-micro-batch bookkeeping shared by the pretrain and fine-tune modules: where gradient
+    accumulation stands, and device-side sums of loss and grad norm that the monitor reads and
+    resets every log interval (no host sync per step). A plain object on purpose: attribute
+    writes on an nn.Module cost microseconds each."""
+
     micro: int = 0
     stepped: bool = False
     loss_sum: Tensor | None = None
     loss_count: int = 0
     norm_sum: Tensor | None = None
     norm_count: int = 0
+
+    def add_loss(self, loss: Tensor, accumulation: int) -> bool:
+        """Count one micro-batch's loss; True when it completes an optimizer step."""
+        detached = loss.detach().float()
+        if self.loss_sum is None:
+            self.loss_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
+            self.norm_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
+        self.loss_sum += detached
+        self.loss_count += 1
+        self.micro += 1
+        self.stepped = self.micro == accumulation
+        if self.stepped:
+            self.micro = 0
+        return self.stepped
+
+    def add_norm(self, norm: Tensor) -> None:
+        assert self.norm_sum is not None, "add_loss comes first"
+        self.norm_sum += norm
+        self.norm_count += 1
+
+    def consume(self) -> dict[str, Any]:
+        """Mean loss and grad norm (device tensors, None before any step) since the last call, then reset."""
+        stats = {
+            "loss": self.loss_sum / max(1, self.loss_count) if self.loss_sum is not None else None,
+            "grad_norm": self.norm_sum / self.norm_count if self.norm_sum is not None and self.norm_count else None,
+            "micro_batches": self.loss_count,
+        }
+        if self.loss_sum is not None:
+            self.loss_sum = torch.zeros_like(self.loss_sum)
+            self.norm_sum = torch.zeros_like(self.loss_sum)
+        self.loss_count = self.norm_count = 0
+        return stats
 
 
 def learning_rate(step: int, cfg: PretrainConfig) -> float:
@@ -76,7 +113,7 @@ class PretrainModule(L.LightningModule):
         self.automatic_optimization = False
         self.accumulation, self.tokens_per_step, self.run_key = accumulation, tokens_per_step, run_key
         # Per-step counters live on a plain object: nn.Module.__setattr__ costs microseconds a call.
-        self._acc = _Accumulators()
+        self._acc = StepStats()
         self._compiled: Any = None
         self._redirect_eval = False
 
@@ -124,17 +161,7 @@ class PretrainModule(L.LightningModule):
         _, loss = self(batch["input"], batch["target"])
         assert loss is not None
         self.manual_backward(loss / self.accumulation if self.accumulation > 1 else loss)
-        acc = self._acc
-        detached = loss.detach()
-        if acc.loss_sum is None:
-            acc.loss_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
-            acc.norm_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
-        acc.loss_sum += detached
-        acc.loss_count += 1
-        acc.micro += 1
-        acc.stepped = acc.micro == self.accumulation
-        if acc.stepped:
-            acc.micro = 0
+        if self._acc.add_loss(loss, self.accumulation):
             self._optimizer_step()
         return None
 
@@ -142,9 +169,7 @@ class PretrainModule(L.LightningModule):
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list)
         if self.cfg.grad_clip > 0:
-            assert self._acc.norm_sum is not None
-            self._acc.norm_sum += self._clip_gradients(self.cfg.grad_clip)
-            self._acc.norm_count += 1
+            self._acc.add_norm(self._clip_gradients(self.cfg.grad_clip))
         lr = learning_rate(self.trainer.global_step, self.cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -160,17 +185,7 @@ class PretrainModule(L.LightningModule):
 
     def consume_stats(self) -> dict[str, Any]:
         """Device tensors of the mean train loss and grad norm since the last call, then reset."""
-        acc = self._acc
-        stats = {
-            "loss": acc.loss_sum / max(1, acc.loss_count) if acc.loss_sum is not None else None,
-            "grad_norm": acc.norm_sum / acc.norm_count if acc.norm_sum is not None and acc.norm_count else None,
-            "micro_batches": acc.loss_count,
-        }
-        if acc.loss_sum is not None:
-            acc.loss_sum = torch.zeros_like(acc.loss_sum)
-            acc.norm_sum = torch.zeros_like(acc.loss_sum)
-        acc.loss_count = acc.norm_count = 0
-        return stats
+        return self._acc.consume()
 
     # ------------------------------------------------------------------------------ eval
 
