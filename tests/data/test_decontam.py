@@ -84,7 +84,7 @@ def test_eval_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'text'"):
         read_eval_texts(bad, "text")
     bad.write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         read_eval_texts(bad, "text")
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="no column 'text'.*eval_text_field"):

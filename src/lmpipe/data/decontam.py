@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from lmpipe.data.textstats import NGRAM_BASE, TokenizedBatch, gather_words, mix64, tokenize
 from lmpipe.errors import DataError
+from lmpipe.io import jsonl_objects
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +196,12 @@ def read_eval_texts(path: Path, text_field: str) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     texts: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON: {err.msg}", path=str(path), line=line_no) from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise DataError(f"no field '{text_field}'; set clean.decontaminate.eval_text_field",
-                                path=str(path), line=line_no)
-            value = row[text_field]
-            texts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+    for line_no, row in jsonl_objects(path):
+        if text_field not in row:
+            raise DataError(f"no field '{text_field}'; set clean.decontaminate.eval_text_field",
+                            path=str(path), line=line_no)
+        value = row[text_field]
+        texts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     return texts
 
 

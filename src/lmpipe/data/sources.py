@@ -18,7 +18,6 @@ import csv
 import glob
 import gzip
 import http.client
-import json
 import logging
 import os
 import time
@@ -37,7 +36,7 @@ from rich.progress import Progress
 from lmpipe import __version__
 from lmpipe.data.config import FilesSource, HFSource, UrlSource
 from lmpipe.errors import ChecksumError, DataError
-from lmpipe.io import sha256_file
+from lmpipe.io import jsonl_objects, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +165,7 @@ def iter_txt(path: Path, split: str, where: str) -> Iterator[Record]:
 
 def iter_jsonl(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
     """JSON Lines: one object per line, the text in ``text_field``; blank lines are ignored."""
-    for lineno, line in decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"not valid JSON ({err.msg} at column {err.colno}); each line must be one JSON object",
-                path=str(path), line=lineno,
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
+    for lineno, obj in jsonl_objects(path, decoded_lines(path)):
         if text_field not in obj:
             raise DataError(
                 f"no field '{text_field}' (fields: {', '.join(obj) or 'none'}); set the source's text_field",

@@ -19,7 +19,6 @@ with FingerprintMismatch before anything is scored.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lmpipe.errors import DataError, FingerprintMismatch
+from lmpipe.io import jsonl_objects
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
 from lmpipe.model.io import load_model, read_model_config
 
@@ -144,19 +144,12 @@ def read_documents(path: Path, fmt: str, text_field: str) -> list[str]:
     if not path.is_file():
         raise DataError("eval file not found (paths are relative to the project root)", path=str(path))
     docs = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if fmt == "text":
-                if line.strip():
-                    docs.append(line.rstrip("\n"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg}", path=str(path), line=line_no) from None
-            text = value.get(text_field) if isinstance(value, dict) else None
+    if fmt == "text":
+        with open(path, encoding="utf-8") as handle:
+            docs = [line.rstrip("\n") for line in handle if line.strip()]
+    else:
+        for line_no, value in jsonl_objects(path):
+            text = value.get(text_field)
             if not isinstance(text, str):
                 raise DataError(f"no text field {text_field!r} (set text_field)", path=str(path), line=line_no)
             if text:

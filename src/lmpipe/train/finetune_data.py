@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lmpipe.config import Paths
 from lmpipe.data.shards import iter_shards
 from lmpipe.errors import DataError
+from lmpipe.io import jsonl_objects
 from lmpipe.train.data import BatchPlan
 from lmpipe.train.finetune_config import DataSource, FilesData, HFData, SplitData
 
@@ -150,19 +151,8 @@ def _file_rows(source: FilesData, root: Path) -> Iterator[Row]:
 
 
 def _jsonl_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as handle:
-        row = 0
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                values = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg}", path=str(path), line=line_no) from None
-            if not isinstance(values, dict):
-                raise DataError(f"expected a JSON object, got {type(values).__name__}", path=str(path), line=line_no)
-            row += 1
-            yield Row(values, str(path), row, line_no, columns)
+    for row, (line_no, values) in enumerate(jsonl_objects(path), start=1):
+        yield Row(values, str(path), row, line_no, columns)
 
 
 def _json_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
