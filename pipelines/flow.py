@@ -208,18 +208,20 @@ def apply_preset(root: Path, preset: str) -> Path:
 def apply_overrides(root: Path, overrides: list[str]) -> None:
     """Write ``section.key=value`` overrides into ``root/params.yaml``, as ``dvc exp run -S`` does.
 
-    Comments and layout survive (round-trip YAML). The result is validated before it replaces the
-    file, so a bad override fails the flow before any stage runs and leaves params.yaml as it was.
+    The overridden params are validated first (``load_params`` with the overrides), so a bad one
+    fails the flow before any stage runs and leaves params.yaml as it was; the file is then
+    rewritten atomically with comments and layout kept (round-trip YAML).
     Raises ConfigError naming the override or key.
     """
     import io
-    import tempfile
 
     from ruamel.yaml import YAML
 
     from lmpipe.config import apply_override, load_params
+    from lmpipe.io import write_bytes
 
     target = root / "params.yaml"
+    load_params(target, overrides)
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.width = 4096
@@ -229,17 +231,7 @@ def apply_overrides(root: Path, overrides: list[str]) -> None:
         apply_override(data, override)
     buffer = io.StringIO()
     yaml.dump(data, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=".params.", suffix=".yaml", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(buffer.getvalue())
-        load_params(Path(tmp))
-        if target.is_file():
-            os.chmod(tmp, target.stat().st_mode & 0o777)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(target, buffer.getvalue().encode("utf-8"))
 
 
 @flow(name="lmpipe-pipeline", log_prints=True)
@@ -316,7 +308,9 @@ def registry_lines(root: Path, uri: str | None) -> list[str]:
                     by_version.setdefault(int(version), []).append(alias)
                 aliases[entry["name"]] = by_version
         except Exception as err:  # the summary must not fail a finished run
-            return [f"  registry:       could not read aliases ({type(err).__name__}: {err})"]
+            return [f"  {'registry:':<18} could not read aliases ({type(err).__name__}: {err})"]
+    if not entries:
+        return []
     lines = ["  registered models (MLflow registry):"]
     for entry in entries:
         name, version = entry["name"], int(entry["version"])
@@ -331,8 +325,8 @@ def registry_lines(root: Path, uri: str | None) -> list[str]:
             line += f" ({'; '.join(gate['reasons'])})"
         lines.append(line)
     lines.append(f"    serve one: .venv/bin/mlflow models serve -m models:/{entries[0]['name']}@champion "
-                 "--env-manager local -p 5001" if entries else "")
-    return [line for line in lines if line]
+                 "--env-manager local -p 5001")
+    return lines
 
 
 def print_summary(results: dict[str, str], root: Path, run_id: str | None, uri: str | None = None) -> None:

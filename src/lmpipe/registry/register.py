@@ -133,6 +133,7 @@ class Prepared:
     kind: str
     metrics: dict[str, float | None]
     problems: list[str]
+    fingerprint: str  # of the model directory: what a registered version was logged from
 
 
 def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: TokenizerInfo) -> Prepared:
@@ -143,19 +144,15 @@ def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: Token
     metrics, problems = read_metrics(spec, paths.root)
     for problem in problems:
         log.warning("%s: %s (the gate will not pass)", name, problem)
-    return Prepared(spec, name, directory, config, kind, metrics, problems)
+    return Prepared(spec, name, directory, config, kind, metrics, problems, fingerprint_path(directory))
 
 
 def registered_version_of(model: Prepared, client: Any) -> int | None:
     """The newest version of ``model.name`` logged from exactly this model directory (same
     fingerprint), or None when the registry has none (or no such registered model yet)."""
-    fingerprint = fingerprint_path(model.directory)
-    try:
-        versions = client.search_model_versions(f"name='{model.name}'")
-    except Exception as err:  # e.g. RESOURCE_DOES_NOT_EXIST on some stores: nothing registered yet
-        log.debug("%s: no versions (%s)", model.name, err)
-        return None
-    same = [int(v.version) for v in versions if (v.tags or {}).get("lmpipe.model_fingerprint") == fingerprint]
+    versions = client.search_model_versions(f"name='{model.name}'")  # [] before the first version
+    same = [int(v.version) for v in versions
+            if (v.tags or {}).get("lmpipe.model_fingerprint") == model.fingerprint]
     return max(same) if same else None
 
 
@@ -182,7 +179,7 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
         artifacts[pyfunc.HEAD] = str(model_dir / config["classifier"].get("head_file", HEAD_NAME))
     example = input_example(kind, cfg)
     tags = {**lineage, "lmpipe.stage": spec.stage, "lmpipe.task": spec.task or "", "lmpipe.kind": kind,
-            "lmpipe.model_path": spec.directory(), "lmpipe.model_fingerprint": fingerprint_path(model_dir),
+            "lmpipe.model_path": spec.directory(), "lmpipe.model_fingerprint": model.fingerprint,
             "lmpipe.tokenizer_fingerprint": tokenizer.fingerprint,
             **{f"{METRIC_TAG}{m}": repr(v) for m, v in metrics.items() if v is not None}}
     with tempfile.TemporaryDirectory(prefix="lmpipe-register-") as tmp, \
