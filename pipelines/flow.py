@@ -37,9 +37,12 @@ from prefect.tasks import exponential_backoff
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmpipe.cli import STAGES  # noqa: E402
+from lmpipe.stages import STAGES, network_stages  # noqa: E402
 
-NETWORK_STAGES = {"collect", "register"}
+NETWORK_STAGES = network_stages()
+# Runs before any chosen stage that reads files named in params, so that stage sees their current
+# fingerprints (a `dvc repro --single-item` would not run it).
+INPUTS_STAGE = "inputs"
 # Stages that download or talk to a registry fail transiently; 3 retries 30 s, 60 s, 120 s apart
 # (with jitter, so several pipelines do not retry in lockstep).
 NETWORK_RETRIES = 3
@@ -253,6 +256,8 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
     unknown = [s for s in chosen if s not in known]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages of {project / 'dvc.yaml'}: {known}")
+    if INPUTS_STAGE in known and any(STAGES[s].inputs for s in chosen if s in STAGES):
+        chosen = [INPUTS_STAGE, *chosen]
     if preset:
         print(f"params.yaml <- preset {apply_preset(project, preset)}")
     if overrides:

@@ -17,48 +17,31 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmpipe.errors import LmpipeError
+from lmpipe.stages import STAGES, StageSpec
 
 log = logging.getLogger("lmpipe")
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    module: str
-    section: str
-    help: str
-
-
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in [
-        Stage("collect", "lmpipe.data.collect", "collect", "Gather text from sources into data/raw/."),
-        Stage("clean", "lmpipe.data.clean", "clean", "Filter, redact and deduplicate data/raw/ into data/clean/."),
-        Stage("validate", "lmpipe.data.validate", "validate", "Great Expectations suites on raw and clean data."),
-        Stage("split", "lmpipe.data.split", "split", "Deterministic train/val/test split of data/clean/."),
-        Stage("tokenizer", "lmpipe.tokenizer.train", "tokenizer", "Train a sentencepiece tokenizer on the train split."),
-        Stage("tokenize", "lmpipe.tokenizer.shards", "tokenize", "Tokenize the splits into memory-mapped token shards."),
-        Stage("pretrain", "lmpipe.train.pretrain", "pretrain", "Pretrain the GPT model on the token shards."),
-        Stage("finetune", "lmpipe.train.finetune", "finetune", "Instruction tuning and classification heads (LoRA optional)."),
-        Stage("distill", "lmpipe.train.distill", "distill", "Distil a teacher model into a smaller student."),
-        Stage("evaluate", "lmpipe.evaluate.run", "evaluate", "Perplexity, bits per byte, task metrics, speed; the HTML report."),
-        Stage("register", "lmpipe.registry.register", "register", "Register trained models in MLflow and promote by the gate."),
-    ]
+# Other commands: name -> (module with ``command(args) -> int``, help). Imported only when run, so
+# a stage's process never loads registry or export code it does not use.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "promote": ("lmpipe.registry.commands", "Promote a registered model version to champion (gate applies unless --force)."),
+    "rollback": ("lmpipe.registry.commands", "Move champion back to the previous champion."),
+    "export-hf": ("lmpipe.registry.commands", "Export a model as a Hugging Face transformers directory (verified)."),
+    "lineage": ("lmpipe.lineage", "Check (or --write) the code deps of every stage in dvc.yaml against its imports."),
 }
 
 
-def _stage_help(stage: Stage) -> str:
-    from lmpipe.config import _section_models, describe_model
+def _stage_help(stage: StageSpec) -> str:
+    from lmpipe.config import describe_model, section_model
 
-    models = _section_models()
-    model = models.get(stage.section)
-    if model is None:
-        return ""
+    if stage.section is None:
+        return "Reads the params sections of the stages it serves; no keys of its own."
+    model = section_model(stage.section)
     rows = describe_model(model, stage.section)
     width = max(len(r[0]) for r in rows) if rows else 0
     lines = [f"params.yaml keys (section '{stage.section}'), override with -S KEY=VALUE:", ""]
@@ -109,24 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sp)
         if stage.name == "finetune":
             sp.add_argument("--task", help="Run only this task of finetune.tasks (what `dvc repro finetune@TASK` does).")
-    sp = sub.add_parser("promote", help="Promote a registered model version to champion (gate applies unless --force).",
+    sp = sub.add_parser("promote", help=COMMANDS["promote"][1],
                         description="Without NAME: run the gate for every model's candidate. With NAME --version N: "
                         "promote that version if it passes the gate against the current champion (or always, with --force).")
     _common(sp)
     sp.add_argument("name", nargs="?", help="Registered model name, e.g. lmpipe-pretrain.")
     sp.add_argument("--version", type=int, help="Version to promote.")
     sp.add_argument("--force", action="store_true", help="Move champion even if the gate fails (recorded as forced).")
-    sp = sub.add_parser("rollback", help="Move champion back to the previous champion.",
-                        description="Move champion back to the previous champion.")
+    sp = sub.add_parser("rollback", help=COMMANDS["rollback"][1], description=COMMANDS["rollback"][1])
     _common(sp)
     sp.add_argument("name", help="Registered model name.")
     sp.add_argument("--force", action="store_true", help="Roll back even if the previous version fails checks.")
-    sp = sub.add_parser("export-hf", help="Export a model as a Hugging Face transformers directory (verified).",
+    sp = sub.add_parser("export-hf", help=COMMANDS["export-hf"][1],
                         description="Export a model as a Hugging Face transformers directory; the export is loaded "
                         "back with transformers and its logits compared before it is kept.")
     _common(sp)
     sp.add_argument("--model", default="models/pretrain", help="Model directory (default: models/pretrain).")
     sp.add_argument("--out", help="Output directory (default: artifacts/hf/<model dir name>).")
+    sp = sub.add_parser("lineage", help=COMMANDS["lineage"][1],
+                        description="Every stage's code deps in dvc.yaml must be exactly the lmpipe modules it can "
+                        "import (found from the source, transitively) plus its resources. Without --write: print the "
+                        "differences and exit 2 when there are any. With --write: rewrite them in dvc.yaml.")
+    _common(sp)
+    sp.add_argument("--write", action="store_true", help="Rewrite the code deps in dvc.yaml.")
     sp = sub.add_parser("serve", add_help=False,
                         help="Serve the scheduled Prefect deployments from this machine (see `lmpipe serve --help`).")
     sp.add_argument("serve_args", nargs=argparse.REMAINDER)
@@ -137,23 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stage_config(stage: StageSpec, params_path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load the params a stage reads: its own section (or, for ``inputs``, all sections) and tracking."""
+    from lmpipe.config import load_params
+
+    sections = ["tracking", stage.section] if stage.section else None
+    return load_params(params_path, overrides, sections=sections)
+
+
 def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] | None = None,
               root: str | Path = ".", task: str | None = None) -> dict[str, Any]:
     """Run one stage as the CLI does (params, MLflow run, summary). Returns the stage's summary."""
-    from lmpipe.config import Paths, load_params
+    from lmpipe.config import Paths
     from lmpipe.tracking import stage_run
 
     stage = STAGES[name]
     root = Path(root).resolve()
-    params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path, overrides)
-    cfg = params.section(stage.section)
+    params = stage_config(stage, root / params_path if not Path(params_path).is_absolute() else params_path,
+                          overrides)
+    cfg = params.section(stage.section) if stage.section else params
     paths = Paths(root)
     module = importlib.import_module(stage.module)
     tracking = params.tracking
-    if os.environ.get("RANK", "0") != "0":  # under torchrun/SLURM only rank 0 records the run
+    if os.environ.get("RANK", "0") != "0" or stage.section is None:
+        # under torchrun/SLURM only rank 0 records the run; `inputs` runs on every `dvc repro`
+        # and has nothing to track
         tracking = tracking.model_copy(update={"enabled": False})
     with stage_run(name, tracking, root) as tracker:
-        tracker.log_params(cfg.model_dump(mode="json"))
+        if stage.section:
+            tracker.log_params(cfg.model_dump(mode="json"))
         if task is not None:
             summary: dict[str, Any] = module.run_task(cfg, task, paths)
         else:
@@ -177,37 +177,6 @@ def _serve(argv: list[str]) -> int:
     sys.modules[spec.name] = module  # dataclasses in the script look their module up here
     spec.loader.exec_module(module)
     return int(module.main(argv) or 0)
-
-
-def _registry_command(args: argparse.Namespace) -> int:
-    """promote / rollback / export-hf: people's commands on the registry and models."""
-    from lmpipe.config import Paths, load_params
-    from lmpipe.tracking import setup_mlflow
-
-    root = Path(args.root).resolve()
-    if args.command == "export-hf":
-        from lmpipe.registry.export_hf import run_export
-
-        result = run_export(Paths(root), args.model, args.out)
-        log.info("export-hf done: %s", json.dumps(result, default=str))
-        return 0
-    params = load_params(root / args.params, args.overrides)
-    setup_mlflow(params.tracking, root)
-    from lmpipe.registry import promote as registry
-
-    if args.command == "rollback":
-        decision = registry.rollback(args.name, force=args.force)
-        print(decision.message)
-        return 0 if decision.moved else 2
-    if args.name is None:
-        for decision in registry.promote_candidates(params.register):
-            print(decision.message)
-        return 0
-    if args.version is None:
-        raise LmpipeError("promote NAME needs --version N (or no NAME to gate every candidate)")
-    decision = registry.promote(args.name, args.version, cfg=params.register, force=args.force)
-    print(decision.message)
-    return 0 if decision.moved or decision.passed else 2
 
 
 def _setup_logging(debug: bool) -> None:
@@ -246,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 data = data[args.section]
             print(json.dumps(data, indent=2))
             return 0
-        if args.command in ("promote", "rollback", "export-hf"):
-            return _registry_command(args)
+        if args.command in COMMANDS:
+            return int(importlib.import_module(COMMANDS[args.command][0]).command(args))
         summary = run_stage(args.command, args.params, args.overrides, args.root, getattr(args, "task", None))
         shown = {k: v for k, v in summary.items() if k != "artifacts"}
         log.info("%s done: %s", args.command, json.dumps(shown, default=str))

@@ -1,7 +1,8 @@
 """Typed configuration from ``params.yaml``.
 
 One pydantic model per stage section, defined next to the stage's code (``lmpipe/<area>/config.py``)
-and assembled here into :class:`Params`. Every model forbids unknown keys and validates types
+and named in the stage registry (:mod:`lmpipe.stages`); :func:`load_params` imports only the
+sections it is asked for, so a stage loads its own config code and no other stage's. Every model forbids unknown keys and validates types
 strictly (YAML already gives typed values, so ``"5"`` for an integer is a mistake, not a
 conversion), and errors name the key path: ``params.yaml: clean.quality.min_words: ...``.
 
@@ -42,37 +43,24 @@ class TrackingConfig(Section):
     )
 
 
-def _section_models() -> dict[str, type[Section]]:
-    """Section name -> model. Imported lazily so ``lmpipe --help`` stays fast."""
-    from lmpipe.data.config import CleanConfig, CollectConfig, SplitConfig, ValidateConfig
+def section_model(name: str) -> type[Section]:
+    """The model of one params section, imported on demand (see :mod:`lmpipe.stages`).
 
-    sections: dict[str, type[Section]] = {
-        "tracking": TrackingConfig,
-        "collect": CollectConfig,
-        "clean": CleanConfig,
-        "validate": ValidateConfig,
-        "split": SplitConfig,
-    }
-    try:
-        from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
-    except ImportError:  # pragma: no cover - area not present in a partial install
-        pass
-    else:
-        sections["tokenizer"] = TokenizerConfig
-        sections["tokenize"] = TokenizeConfig
-    optional = [
-        ("pretrain", "lmpipe.train.config", "PretrainConfig"),
-        ("finetune", "lmpipe.train.finetune_config", "FinetuneConfig"),
-        ("distill", "lmpipe.train.distill_config", "DistillConfig"),
-        ("evaluate", "lmpipe.evaluate.config", "EvaluateConfig"),
-        ("register", "lmpipe.registry.config", "RegisterConfig"),
-    ]
-    for name, module, attr in optional:
-        try:
-            sections[name] = getattr(importlib.import_module(module), attr)
-        except ImportError:  # pragma: no cover - area not present in a partial install
-            continue
-    return sections
+    Only the named section's module is imported, so loading the params of one stage never loads
+    another stage's code. Raises KeyError for a name that is not a section.
+    """
+    from lmpipe.stages import section_classes
+
+    module, _, attr = section_classes()[name].partition(":")
+    model: type[Section] = getattr(importlib.import_module(module), attr)
+    return model
+
+
+def _section_models() -> dict[str, type[Section]]:
+    """Every section name -> model (imports every area's config: for ``lmpipe params`` and tests)."""
+    from lmpipe.stages import section_classes
+
+    return {name: section_model(name) for name in section_classes()}
 
 
 class Params:
@@ -284,24 +272,27 @@ def load_params(
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for override in overrides or []:
         apply_override(data, override)
-    models = _section_models()
-    unknown = [key for key in data if key not in models]
+    from lmpipe.stages import section_classes
+
+    names = list(section_classes())
+    unknown = [key for key in data if key not in names]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], list(models), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(models)})"
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(names)})"
         raise ConfigError(f"{path}: {unknown[0]}: unknown section{hint}")
     validated: dict[str, Section] = {}
-    wanted = sections or list(models)
-    for name in models:
+    wanted = sections or names
+    for name in names:
         if name not in wanted:
             continue
         raw = data.get(name) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: {name}: must be a mapping, got {type(raw).__name__}")
+        model = section_model(name)
         try:
-            validated[name] = models[name].model_validate(raw)
+            validated[name] = model.model_validate(raw)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, name, models[name], str(path))) from None
+            raise ConfigError(format_validation_error(err, name, model, str(path))) from None
     return Params(validated, str(path))
 
 
