@@ -15,7 +15,8 @@ uses for one-off flow runs, has no scheduler service, so schedules need a real s
 | deployment   | schedule                          | runs                                   |
 |--------------|-----------------------------------|----------------------------------------|
 | nightly      | cron ``0 2 * * *``                | every stage (DVC skips unchanged ones) |
-| data-refresh | every 6 hours (00, 06, 12, 18 h)  | collect, clean, validate, split        |
+| data-refresh | every 6 hours (00, 06, 12, 18 h)  | every stage: a changed source reruns   |
+|              |                                   | collect and all downstream, else none  |
 | manual       | none (``prefect deployment run``) | chosen per run, e.g. ``-p promote=true``|
 """
 
@@ -46,7 +47,6 @@ from pipelines.flow import pipeline  # noqa: E402
 
 log = logging.getLogger("lmpipe.serve")
 
-DATA_STAGES = ["collect", "clean", "validate", "split"]
 # Interval schedules count from a fixed anchor so a restart of `lmpipe serve` neither fires a run
 # at once nor shifts the times: every 6 hours from midnight UTC.
 INTERVAL_ANCHOR = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -74,8 +74,10 @@ class DeploymentSpec:
 DEPLOYMENTS = [
     DeploymentSpec("nightly", "The whole pipeline every night; DVC skips stages whose inputs did not change.",
                    cron="0 2 * * *"),
-    DeploymentSpec("data-refresh", "Collect, clean, validate and split every 6 hours to pick up new source data.",
-                   interval=dt.timedelta(hours=6), parameters={"stages": DATA_STAGES}),
+    # The `inputs` stage fingerprints every source; DVC reruns collect and everything downstream of
+    # it when one changed, and nothing when none did. It differs from nightly in its schedule only.
+    DeploymentSpec("data-refresh", "Every 6 hours: when a source changed, collect and everything downstream rerun; "
+                   "otherwise nothing runs.", interval=dt.timedelta(hours=6)),
     DeploymentSpec("manual", "No schedule: run on demand with chosen parameters (stages, preset, promote)."),
 ]
 

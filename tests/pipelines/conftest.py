@@ -54,7 +54,9 @@ if os.environ.get(f"TEST_FAIL_{name.upper()}"):
     raise SystemExit(f"lmpipe {name}: error: {LmpipeError('deliberate failure for the test')}")
 params = load_params(root / "params.yaml", sections=["tracking"])
 with stage_run(name, params.tracking, root) as tracker, atomic_dir(out) as tmp:
-    text = (src / "part-0.txt").read_text() if src else "doc"
+    # collect reads the project's corpus/ when it has one (the `inputs` stage fingerprints it)
+    text = (src / "part-0.txt").read_text() if src else "".join(
+        p.read_text() for p in sorted(root.glob("corpus/*.txt"))) or "doc"
     (tmp / "part-0.txt").write_text(f"{text} {name}")
     delay = float(os.environ.get(f"TEST_SLEEP_{name.upper()}", "0"))
     if delay:
@@ -156,16 +158,29 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 @pytest.fixture
 def make_project(tmp_path: Path) -> Callable[..., Path]:
-    """Factory: a fresh git + DVC project with the three tiny stages; returns its root."""
+    """Factory: a fresh git + DVC project with the three tiny stages; returns its root.
 
-    def make(name: str = "project", tracking: bool = True) -> Path:
+    ``inputs``: also the real ``inputs`` stage (``lmpipe inputs``) fingerprinting a ``files``
+    source ``corpus/*.txt`` that collect depends on, as in the shipped dvc.yaml.
+    """
+
+    def make(name: str = "project", tracking: bool = True, inputs: bool = False) -> Path:
         root = tmp_path / name
         root.mkdir()
         (root / "stage.py").write_text(STAGE_SCRIPT)
-        (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": STAGES}, sort_keys=False))
+        stages = STAGES
         experiment = f"orchestration-{tmp_path.name}-{name}"
-        (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": tracking, "experiment": experiment}}))
-        (root / ".gitignore").write_text("ledger.log\n*.started\n")
+        params: dict[str, object] = {"tracking": {"enabled": tracking, "experiment": experiment}}
+        if inputs:
+            (root / "corpus").mkdir()
+            (root / "corpus" / "a.txt").write_text("A first document.\n")
+            params["collect"] = {"sources": [{"type": "files", "name": "local", "paths": ["corpus/*.txt"]}]}
+            stages = {"inputs": {"cmd": "lmpipe inputs", "always_changed": True, "outs": [{"data/inputs": {"cache": False}}]},
+                      **STAGES}
+            stages["collect"] = {**STAGES["collect"], "deps": ["stage.py", "data/inputs/collect.json"]}
+        (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        (root / ".gitignore").write_text("ledger.log\n*.started\n.lmpipe/\n")
         _run(["git", "init", "-q"], root)
         _run([str(BIN / "dvc"), "init", "-q"], root)
         _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)

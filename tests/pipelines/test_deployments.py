@@ -34,7 +34,7 @@ def test_deployments_carry_cron_and_interval_schedules(tmp_path: Path) -> None:
     assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "Europe/Paris")]
     interval = refresh.schedules[0].schedule
     assert interval.interval == dt.timedelta(hours=6) and interval.anchor_date.hour == 0
-    assert refresh.parameters == {"stages": ["collect", "clean", "validate", "split"], "root": str(tmp_path)}
+    assert refresh.parameters == {"root": str(tmp_path)}
     assert not manual.schedules
     assert nightly.entrypoint.endswith("pipelines/flow.py:pipeline")
     with pytest.raises(ValueError, match=r"unknown deployment\(s\) \['weekly'\]"):
@@ -110,9 +110,13 @@ def _run_to_completion(deployment: str, parameters: dict[str, Any], timeout: flo
 
 
 @pytest.fixture
-def serving(prefect_api: str, make_project: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[Path, Any, Path]]:
-    """``lmpipe serve --root <tiny project>`` running against the session's server."""
-    project = make_project(tracking=False)
+def serving(prefect_api: str, make_project: Callable[..., Path], tmp_path: Path,
+            request: pytest.FixtureRequest) -> Iterator[tuple[Path, Any, Path]]:
+    """``lmpipe serve --root <tiny project>`` running against the session's server.
+
+    Parametrize indirectly with ``{"inputs": True}`` for a project with the ``inputs`` stage.
+    """
+    project = make_project(tracking=False, **getattr(request, "param", {}))
     log = tmp_path / "serve.log"
     env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with open(log, "wb") as out:
@@ -151,6 +155,34 @@ def test_served_deployments_are_scheduled_and_run_on_demand(serving: tuple[Path,
     assert all(r.expected_start_time > dt.datetime.now(dt.UTC) for r in planned)
 
 
+@pytest.mark.parametrize("serving", [{"inputs": True}], indirect=True)
+def test_data_refresh_reruns_collect_and_downstream_only_when_a_source_changed(
+    serving: tuple[Path, Any, Path], ledger: Callable[[Path], list[str]]
+) -> None:
+    project, proc, log = serving
+
+    def registered_here() -> Any:  # an earlier test's server may still hold the same deployment names
+        found = _deployment("data-refresh")
+        return found if found is not None and found.parameters.get("root") == str(project) else None
+
+    _wait_for(registered_here, 90, "lmpipe serve did not register its deployments", proc, log)
+    state = _run_to_completion("data-refresh", {}, 180, proc, log)
+    assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
+    assert [line for line in ledger(project) if line.startswith("done")] == ["done collect", "done clean",
+                                                                             "done split"]
+
+    state = _run_to_completion("data-refresh", {}, 180, proc, log)  # no source changed: nothing runs
+    assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
+    assert len(ledger(project)) == 6
+
+    with open(project / "corpus" / "a.txt", "a") as handle:
+        handle.write("A paragraph appended later.\n")
+    state = _run_to_completion("data-refresh", {}, 180, proc, log)
+    assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
+    assert ledger(project)[6:] == ["start collect", "done collect", "start clean", "done clean", "start split",
+                                   "done split"]
+
+
 def _prefect(*args: str, env: dict[str, str]) -> str:
     proc = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
@@ -175,7 +207,7 @@ def test_prefect_yaml_deploys_to_the_work_pool_and_a_worker_runs_it(
     assert nightly.work_pool_name == refresh.work_pool_name == manual.work_pool_name == "lmpipe"
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert [s.schedule.interval for s in refresh.schedules] == [dt.timedelta(hours=6)]
-    assert refresh.parameters == {"stages": ["collect", "clean", "validate", "split"]}
+    assert refresh.parameters == {}
     assert manual.schedules == [] and nightly.global_concurrency_limit.limit == 1
 
     log = tmp_path / "worker.log"

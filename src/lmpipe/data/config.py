@@ -26,11 +26,13 @@ class HFSource(_SourceBase):
     """A Hugging Face dataset by hub name, or a local dataset directory / data files."""
 
     type: Literal["hf"]
-    path: str = Field(..., description="Hub name ('wikitext'), a local dataset dir or a builder ('json', 'parquet').")
+    path: str = Field(..., description="Hub name ('wikitext'), a local dataset dir or a builder ('json', 'parquet').",
+                      json_schema_extra={"lmpipe_input": "hf"})
     config_name: str | None = Field(None, description="Dataset configuration (e.g. 'wikitext-2-raw-v1').")
     split: str = Field("train", description="Split to read.")
     revision: str | None = Field(None, description="Git revision of a hub dataset (pin it for reproducibility).")
-    data_files: str | list[str] | None = Field(None, description="Files for builder datasets ('json', 'parquet').")
+    data_files: str | list[str] | None = Field(None, description="Files for builder datasets ('json', 'parquet').",
+                                               json_schema_extra={"lmpipe_input": "paths"})
     text_field: str = Field("text", description="Column holding the text.")
     streaming: bool = Field(False, description="Stream instead of downloading the whole dataset first.")
 
@@ -39,7 +41,8 @@ class FilesSource(_SourceBase):
     """Local files: txt, jsonl, parquet, csv/tsv; paths may be globs."""
 
     type: Literal["files"]
-    paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.")
+    paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.",
+                             json_schema_extra={"lmpipe_input": "paths"})
     format: Literal["auto", "txt", "jsonl", "parquet", "csv", "tsv"] = Field(
         "auto", description="File format; 'auto' picks by extension."
     )
@@ -191,7 +194,8 @@ class NearDedupRule(Section):
 class DecontaminateRule(Section):
     enabled: bool = True
     ngram: int = Field(13, ge=3, description="Drop documents sharing a word n-gram of this size with an eval set (GPT-3 used 13).")
-    eval_files: list[str] = Field(default_factory=list, description="Eval sets (txt/jsonl/parquet/csv files or globs).")
+    eval_files: list[str] = Field(default_factory=list, description="Eval sets (txt/jsonl/parquet/csv files or globs).",
+                                  json_schema_extra={"lmpipe_input": "paths"})
     eval_text_field: str = Field("text", description="Text field of structured eval files.")
 
 

@@ -27,7 +27,7 @@ class EvalFile(Section):
     """A text file scored for loss, perplexity and bits per byte (e.g. WikiText-2's valid.txt)."""
 
     name: str = Field(..., pattern=NAME_PATTERN, description="Name used in metrics and the report.")
-    path: str = Field(..., description="The file, relative to the project root.")
+    path: str = Field(..., description="The file, relative to the project root.", json_schema_extra={"lmpipe_input": "paths"})
     format: Literal["text", "jsonl"] = Field(
         "text", description="text: every non-empty line is a document; jsonl: one document per line in text_field.")
     text_field: str = Field("text", description="jsonl: the field holding the text.")

@@ -50,7 +50,8 @@ class FilesData(_DataBase):
     """Local files: jsonl, json (a list of objects), csv, tsv or parquet; paths may be globs."""
 
     type: Literal["files"]
-    paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.")
+    paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.",
+                             json_schema_extra={"lmpipe_input": "paths"})
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
         "auto", description="File format; 'auto' picks by extension."
     )
@@ -60,11 +61,13 @@ class HFData(_DataBase):
     """A Hugging Face dataset: a hub name, a local dataset directory, or a builder with data_files."""
 
     type: Literal["hf"]
-    path: str = Field(..., description="Hub name, local dataset dir, or a builder ('json', 'csv', 'parquet').")
+    path: str = Field(..., description="Hub name, local dataset dir, or a builder ('json', 'csv', 'parquet').",
+                      json_schema_extra={"lmpipe_input": "hf"})
     config_name: str | None = Field(None, description="Dataset configuration.")
     split: str = Field("train", description="Split to read.")
     revision: str | None = Field(None, description="Git revision of a hub dataset (pin it for reproducibility).")
-    data_files: str | list[str] | None = Field(None, description="Files for builder datasets ('json', 'csv').")
+    data_files: str | list[str] | None = Field(None, description="Files for builder datasets ('json', 'csv').",
+                                               json_schema_extra={"lmpipe_input": "paths"})
 
 
 DataSource = Annotated[SplitData | FilesData | HFData, Field(discriminator="type")]
