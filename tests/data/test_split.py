@@ -8,6 +8,7 @@ import pytest
 from lmpipe.config import Paths
 from lmpipe.data import split
 from lmpipe.data.config import SplitConfig
+from lmpipe.data.gate import record_validation
 from lmpipe.data.shards import ShardWriter, doc_id, make_table, read_documents
 from lmpipe.errors import DataError
 
@@ -18,10 +19,13 @@ def doc(i: int) -> str:
     return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] + str((i * 31 + k) % 97) for k in range(40))
 
 
-def write_clean(root: Path, texts: list[str], shard_docs: int = 50) -> None:
+def write_clean(root: Path, texts: list[str], shard_docs: int = 50, validated: bool | None = True) -> None:
+    """data/clean with these texts, and (unless ``validated`` is None) validate's verdict on it."""
     writer = ShardWriter(root / "data" / "clean", shard_docs=shard_docs)
     writer.write(make_table([doc_id(t) for t in texts], texts, ["s"] * len(texts), ["{}"] * len(texts)))
     writer.close()
+    if validated is not None:
+        record_validation(Paths(root), validated, {})
 
 
 def split_names(root: Path) -> dict[str, set[str]]:
@@ -77,3 +81,34 @@ def test_empty_clean_data_is_an_error_and_writes_nothing(tmp_path: Path) -> None
 def test_missing_clean_dir(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="directory not found"):
         split.run(SplitConfig(), Paths(tmp_path))
+
+
+@pytest.mark.parametrize("state", ["missing", "failed", "stale"])
+def test_split_refuses_data_that_did_not_pass_validation(tmp_path: Path, state: str) -> None:
+    write_clean(tmp_path, [doc(i) for i in range(100)], validated=None if state == "missing" else state != "failed")
+    if state == "stale":  # validated, then data/clean changed
+        write_clean(tmp_path, [doc(i) for i in range(101)], validated=None)
+    expected = {"missing": "no validation result", "failed": "validation failed for this data/clean",
+                "stale": "for other data than data/clean holds now"}[state]
+    with pytest.raises(DataError, match=expected):
+        split.run(SplitConfig(decontaminate_train=False), Paths(tmp_path))
+    assert not (tmp_path / "data" / "split").exists()
+
+
+def test_split_cli_refuses_after_a_failed_validation_with_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from lmpipe.cli import main
+
+    write_clean(tmp_path, [doc(i) for i in range(100)], validated=False)
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\nsplit: {decontaminate_train: false}\n")
+    assert main(["split", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "validation failed" in err[0] and err[0].startswith("lmpipe split: error:")
+    assert not (tmp_path / "data" / "split").exists()
+
+
+def test_a_split_left_empty_is_an_error_naming_the_fix(tmp_path: Path) -> None:
+    write_clean(tmp_path, [doc(0), doc(1)])
+    with pytest.raises(DataError, match=r"split is empty .*raise split\.(val|test)_fraction"):
+        split.run(SplitConfig(decontaminate_train=False), Paths(tmp_path))
+    assert not (tmp_path / "data" / "split").exists()

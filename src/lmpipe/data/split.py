@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from lmpipe.config import Paths
 from lmpipe.data.config import SplitConfig
+from lmpipe.data.gate import require_validated
 from lmpipe.data.shards import ShardWriter, iter_shards
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_manifest
@@ -46,9 +47,14 @@ def assign_splits(ids: list[str], cfg: SplitConfig) -> np.ndarray:
 
 
 def run(cfg: SplitConfig, paths: Paths) -> dict[str, Any]:
-    """Split data/clean into data/split/{train,val,test}; return counts per split."""
+    """Split data/clean into data/split/{train,val,test}; return counts per split.
+
+    Raises DataError when data/clean has not passed validation as it is now (the gate), when it
+    is empty, or when a split with a non-zero fraction would be empty.
+    """
     if not any(table.num_rows for _, table in iter_shards(paths.clean)):
         raise DataError("no documents to split (clean removed everything?)", path=str(paths.clean))
+    require_validated(paths)
     counts: dict[str, Any] = {}
     with atomic_dir(paths.split) as tmp:
         writers = {name: ShardWriter(tmp / name) for name in SPLITS}
@@ -86,6 +92,13 @@ def run(cfg: SplitConfig, paths: Paths) -> dict[str, Any]:
         if counts["docs.train"] == 0:
             raise DataError("the train split is empty: lower split.val_fraction/test_fraction or add data",
                             path=str(paths.clean))
+        total = sum(counts[f"docs.{name}"] for name in SPLITS)
+        for name in ("val", "test"):
+            fraction = getattr(cfg, f"{name}_fraction")
+            if fraction > 0 and counts[f"docs.{name}"] == 0:
+                raise DataError(f"the {name} split is empty ({total} documents at {name}_fraction {fraction}): "
+                                f"add data, raise split.{name}_fraction, or check what clean removed "
+                                "(data/clean/clean_report.json)", path=str(paths.clean))
         write_manifest(tmp, stage="split", config=cfg, inputs={"clean": paths.clean}, counts=counts)
     log.info("split: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     return {**counts, "artifacts": [str(paths.split / "manifest.json")]}

@@ -30,9 +30,10 @@ import pyarrow.compute as pc
 
 from lmpipe.config import Paths
 from lmpipe.data.config import ValidateConfig
+from lmpipe.data.gate import record_validation
 from lmpipe.data.shards import read_documents
 from lmpipe.errors import ConfigError, ValidationFailed
-from lmpipe.io import atomic_dir, write_json
+from lmpipe.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
     specs = {name: load_suite(name, cfg, paths) for name in SUITES}  # config errors before any work
     frames = {"raw": add_derived_columns(paths.raw), "clean": add_derived_columns(paths.clean)}
     docs_dir = paths.reports / "validation"
-    metrics_path = paths.metrics / "validate.json"
     outcomes: dict[str, SuiteOutcome] = {}
     with atomic_dir(docs_dir) as tmp_docs:
         context = _context(tmp_docs)
@@ -313,7 +313,7 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
             outcomes[name] = validate_frame(context, specs[name], frames[name])
         context.build_data_docs(site_names=[DOCS_SITE])
     success = all(o.success for o in outcomes.values())
-    write_json(metrics_path, {"success": success, "suites": {n: o.to_json() for n, o in outcomes.items()}})
+    metrics_path = record_validation(paths, success, {n: o.to_json() for n, o in outcomes.items()})
     summary: dict[str, Any] = {"success": int(success), "seconds": round(time.perf_counter() - started, 3)}
     for name, outcome in outcomes.items():
         summary[f"{name}_success"] = int(outcome.success)
