@@ -198,8 +198,10 @@ def test_hf_save_to_disk_directory(tmp_path: Path, hf_cache: Path) -> None:
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t1", "t2"], "label": [0, 1]}),
                                    "test": datasets.Dataset.from_dict({"text": ["e1"], "label": [1]})})
     splits.save_to_disk(str(tmp_path / "saved"))
-    records, _ = hf_read(tmp_path, path="saved", split="test")
+    records, stats = hf_read(tmp_path, path="saved", split="test")
     assert records == [("e1", {"dataset": "saved", "config": None, "split": "test", "row": 0, "fields": {"label": 1}})]
+    recorded = stats.datasets["hub"]  # collect's manifest records what was read
+    assert recorded["path"] == "saved" and isinstance(recorded["fingerprint"], str) and recorded["fingerprint"]
     with pytest.raises(DataError, match="no split 'validation' \\(splits: train, test\\)"):
         hf_read(tmp_path, path="saved", split="validation")
 

@@ -203,7 +203,9 @@ def run(cfg: CollectConfig, paths: Paths) -> dict[str, Any]:
         }
         counts = {"docs": sum(sizes), "bytes": total_bytes, "shards": len(shards), "sources": per_source}
         inputs = {name: path for s in staged for name, path in s.stats.inputs.items()}
-        write_manifest(out, stage="collect", config=cfg, inputs=inputs, counts=counts, extra={"seed": cfg.seed})
+        datasets = {name: info for s in staged for name, info in s.stats.datasets.items()}
+        write_manifest(out, stage="collect", config=cfg, inputs=inputs, counts=counts,
+                       extra={"seed": cfg.seed, "datasets": datasets})
     log.info("collected %d documents (%d bytes) from %d source(s) into %s",
              sum(sizes), total_bytes, len(staged), paths.raw)
     summary: dict[str, Any] = {"docs": sum(sizes), "bytes": total_bytes, "shards": len(shards),

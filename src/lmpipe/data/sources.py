@@ -55,6 +55,8 @@ class SourceStats:
 
     skipped_empty: int = 0
     inputs: dict[str, Path] = field(default_factory=dict)  # local files read, for the manifest
+    # Hugging Face datasets read: requested revision and `datasets`' own content fingerprint
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -333,6 +335,9 @@ def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generato
 
     dataset = _load_hf(source, root, stats)
     where = f"hf dataset '{source.path}'"
+    stats.datasets[source.name] = {"path": source.path, "config": source.config_name, "split": source.split,
+                                   "revision": source.revision,
+                                   "fingerprint": getattr(dataset, "_fingerprint", None)}  # None when streaming
     features = dataset.features
     if features is not None:
         if source.text_field not in features:
