@@ -10,16 +10,26 @@ Order: ``normalize`` (rewrites, never drops), ``encoding``, ``length.*``, ``lang
 ``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1); then
 ``pii`` rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
 
-Chinese and Japanese have no spaces between words: the tokenizer makes each ideograph/kana a word,
-so word counts and repetition n-grams stay meaningful, and the mean-word-length and English
-stop-word checks are skipped for documents that are mostly CJK (stop words: English only).
+Languages: ``clean.languages`` holds a profile per language (:class:`LanguageProfile`): how its
+words are counted, its stop words, and its own quality and repetition thresholds. Chinese (the
+default profile, FineWeb-2's ``cmn_Hani`` settings) is segmented into words with jieba, and its
+word counts, word lengths, stop words and repetition n-grams are measured on those words. CJK text
+without a profile falls back to characters: the tokenizer makes each ideograph/kana a word, so
+counts and n-grams stay meaningful, and the mean-word-length and English stop-word checks are
+skipped for documents that are mostly CJK. Line and paragraph statistics never depend on words.
+
+Markdown (``clean.markdown``): the word and repetition rules read a prose view of the document
+(:func:`markdown_prose`): code, formulas and markup set aside, so structure is not judged as noise.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -27,7 +37,7 @@ import polars as pl
 import pyarrow as pa
 import pycld2
 
-from lmpipe.data.config import CleanConfig, PiiRule
+from lmpipe.data.config import CleanConfig, LanguageProfile, PiiRule, QualityRule, RepetitionRule
 from lmpipe.data.textstats import (
     HAS_AT,
     HAS_CONTROL,
@@ -59,17 +69,33 @@ IPV4_PATTERN = rf"(?-u:\b){_OCTET}(?:\.{_OCTET}){{3}}(?-u:\b)"
 # Phone numbers: international (+CC ...), a parenthesised area code, NNN-NNN-NNNN / NNN.NNN.NNNN, or
 # a national number with a trunk 0 in groups (020 7946 0018). Plain digit runs and other
 # space-separated numbers are left alone (years, quantities, ids).
+# Mainland China (MIIT numbering plan): mobiles are 11 digits from 13-19, written whole or 3-4-4,
+# with or without +86 / 0086; landlines a trunk 0 and a 2-3 digit area code, a dash, 7-8 digits.
+# ASCII word boundaries: a CJK character next to a digit is a boundary, a longer digit run is not.
 PHONE_PATTERN = (
     r"\+[0-9]{1,3}[ .\-]?(?:\([0-9]{1,4}\)[ .\-]?)?[0-9]{1,4}(?:[ .\-]?[0-9]{2,4}){2,4}(?-u:\b)"
     r"|\([0-9]{2,4}\)[ .\-]?[0-9]{3,4}[ .\-][0-9]{3,4}(?-u:\b)"
     r"|(?-u:\b)[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}(?-u:\b)"
     r"|(?-u:\b)0[0-9]{2,4}[ \-][0-9]{3,4}[ \-][0-9]{3,4}(?-u:\b)"
+    r"|(?-u:\b)(?:0086[ \-]?)?1[3-9][0-9](?:[0-9]{8}|[ \-][0-9]{4}[ \-][0-9]{4})(?-u:\b)"
+    r"|(?-u:\b)0[1-9][0-9]{1,2}-[0-9]{7,8}(?-u:\b)"
 )
-_PII_NEEDS = {"email": HAS_AT, "ip": HAS_DIGIT_DOT, "phone": HAS_DIGITS}
-# (kind, pattern, placeholder), applied in this order: e-mails first, since they may hold digits
+# Resident ID numbers (GB 11643-1999): 6-digit region code, birth date YYYYMMDD, 3-digit sequence
+# and an ISO 7064 MOD 11-2 check character (0-9 or X); matches with a wrong check digit are kept.
+ID_NUMBER_PATTERN = (r"(?-u:\b)[1-9][0-9]{5}(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"
+                     r"[0-9]{3}[0-9Xx](?-u:\b)")
+# the same pattern for Python's re (the check digit is tested there): lookarounds for the boundaries
+_ID_NUMBER_RE = re.compile(ID_NUMBER_PATTERN.replace("(?-u:\\b)", r"(?<![0-9A-Za-z_])", 1)
+                           .replace("(?-u:\\b)", r"(?![0-9A-Za-z_])"))
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+_PII_NEEDS = {"email": HAS_AT, "ip": HAS_DIGIT_DOT, "phone": HAS_DIGITS, "id_number": HAS_DIGITS}
+# (kind, pattern, placeholder), applied in this order: e-mails first, since they may hold digits,
+# ID numbers before phones
 PII_KINDS = (
     ("email", EMAIL_PATTERN, "<EMAIL>"),
     ("ip", IPV4_PATTERN, "<IP_ADDRESS>"),
+    ("id_number", ID_NUMBER_PATTERN, "<ID_NUMBER>"),
     ("phone", PHONE_PATTERN, "<PHONE>"),
 )
 
@@ -100,6 +126,22 @@ ENGLISH_FAST_SHARE = 0.10
 ENGLISH_FAST_MIN_WORDS = 20
 ENGLISH_FAST_CONFIDENCE = 0.99
 
+# Markdown set aside by markdown_prose, in this order: (pattern, replacement). Fenced code and display
+# math go whole; inline formulas go; inline code, links and images keep their text; heading, list,
+# quote and table markup go. Currency ("$5 and $10") is no formula: a formula starts and ends with
+# a non-space character next to its dollar signs.
+MARKDOWN_PROSE = (
+    (r"(?ms)^[ \t]*```.*?(?:^[ \t]*```[^\n]*$|\z)|^[ \t]*~~~.*?(?:^[ \t]*~~~[^\n]*$|\z)", ""),
+    (r"(?s)\$\$.+?\$\$|\\\[.+?\\\]", ""),
+    (r"\$[^\s$](?:[^$\n]*[^\s$])?\$|\\\(.+?\\\)", ""),
+    (r"(?m)^[ \t]*(?:[-*_][ \t]*){3,}$|^[ \t]*\|?(?:[ \t]*:?-{2,}:?[ \t]*\|)+[ \t]*(?::?-{2,}:?[ \t]*)?$", ""),
+    (r"!?\[([^\]\n]*)\]\([^)\n]*\)", "$1"),
+    (r"`([^`\n]*)`", "$1"),
+    (r"(?m)^[ \t]*(?:#{1,6}|>+|[-*+]|[0-9]{1,3}[.)])[ \t]+", ""),
+    (r"(?m)^[ \t]*\||\|[ \t]*$", ""),
+    (r"[ \t]\|[ \t]", " "),
+)
+
 QUALITY_CHECKS = (
     "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio",
     "max_ellipsis_line_fraction", "max_bullet_line_fraction", "min_alpha_word_fraction", "min_stop_words",
@@ -109,13 +151,21 @@ REPETITION_CHECKS = (
 )
 
 
+def _repetition_rules(cfg: CleanConfig) -> list[RepetitionRule]:
+    return [cfg.repetition, *(p.repetition for p in cfg.languages.values() if p.repetition is not None)]
+
+
 def document_rule_names(cfg: CleanConfig) -> list[str]:
-    """Names of the rules that judge single documents, in the order they are applied."""
+    """Names of the rules that judge single documents, in the order they are applied (the n-gram
+    sizes of every language's repetition rules)."""
     names = ["encoding", "length.min_chars", "length.max_chars", "language"]
     names += [f"quality.{check}" for check in QUALITY_CHECKS]
     names += [f"repetition.{check}" for check in REPETITION_CHECKS]
-    names += [f"repetition.top_ngram_char_fraction.{n}" for n in sorted(cfg.repetition.top_ngram_char_fraction)]
-    names += [f"repetition.dup_ngram_char_fraction.{n}" for n in sorted(cfg.repetition.dup_ngram_char_fraction)]
+    rules = _repetition_rules(cfg)
+    top = sorted({n for r in rules for n in r.top_ngram_char_fraction})
+    dup = sorted({n for r in rules for n in r.dup_ngram_char_fraction})
+    names += [f"repetition.top_ngram_char_fraction.{n}" for n in top]
+    names += [f"repetition.dup_ngram_char_fraction.{n}" for n in dup]
     return names
 
 
@@ -165,7 +215,7 @@ def redact_pii(texts: pl.Series, cfg: PiiRule, flags: np.ndarray | None = None) 
     texts = texts.clone()  # scatter below works in place; the caller's series stays as it was
     modified = np.zeros(len(texts), np.bool_)
     counts: dict[str, int] = {}
-    wanted = {"email": cfg.email, "ip": cfg.ip, "phone": cfg.phone}
+    wanted = {"email": cfg.email, "ip": cfg.ip, "phone": cfg.phone, "id_number": cfg.id_number}
     for kind, pattern, placeholder in PII_KINDS:
         counts[kind] = 0
         candidates = np.flatnonzero(flags & _PII_NEEDS[kind])
@@ -175,10 +225,74 @@ def redact_pii(texts: pl.Series, cfg: PiiRule, flags: np.ndarray | None = None) 
         rows = candidates[hits > 0]
         if len(rows) == 0:
             continue
-        counts[kind] = int(hits.sum())
+        if kind == "id_number":  # the check digit decides, which a pattern cannot test
+            found, replaced = _redact_id_numbers(texts.gather(rows).to_list(), placeholder)
+            rows, texts_out = rows[found > 0], pl.Series([t for t, n in zip(replaced, found, strict=True) if n],
+                                                         dtype=pl.String)
+            counts[kind] = int(found.sum())
+        else:
+            counts[kind] = int(hits.sum())
+            texts_out = texts.gather(rows).str.replace_all(pattern, placeholder, literal=False)
+        if len(rows) == 0:
+            continue
         modified[rows] = True
-        texts = texts.scatter(rows, texts.gather(rows).str.replace_all(pattern, placeholder, literal=False))
+        texts = texts.scatter(rows, texts_out)
     return texts, counts, modified
+
+
+def valid_id_number(number: str) -> bool:
+    """Whether an 18-character resident ID number has the right ISO 7064 MOD 11-2 check character."""
+    total = sum(int(digit) * weight for digit, weight in zip(number[:17], _ID_WEIGHTS, strict=True))
+    return _ID_CHECK[total % 11] == number[17].upper()
+
+
+def _redact_id_numbers(texts: list[str], placeholder: str) -> tuple[np.ndarray, list[str]]:
+    """(valid ID numbers per text, texts with them replaced by ``placeholder``)."""
+    found = np.zeros(len(texts), np.int64)
+    out = []
+    for idx, text in enumerate(texts):
+        def swap(match: re.Match[str], idx: int = idx) -> str:
+            if valid_id_number(match.group(0)):
+                found[idx] += 1
+                return placeholder
+            return match.group(0)
+        out.append(_ID_NUMBER_RE.sub(swap, text))
+    return found, out
+
+
+def markdown_prose(texts: pl.Series) -> pl.Series:
+    """The prose of Markdown documents, for the word and repetition rules (see MARKDOWN_PROSE):
+    code blocks and formulas removed, link and inline-code text kept, markup removed."""
+    for pattern, replacement in MARKDOWN_PROSE:
+        texts = texts.str.replace_all(pattern, replacement)
+    return texts
+
+
+# ------------------------------------------------------------------------------ word segmentation
+
+
+@functools.cache
+def _jieba() -> Any:
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # its dictionary loading logs at INFO to stderr
+    jieba.initialize()
+    return jieba
+
+
+def segment_words(texts: list[str]) -> list[str]:
+    """Chinese texts with their words separated by spaces: jieba's accurate mode, with its HMM for
+    words missing from the dictionary (Sun 2012; the segmenter datatrove and FineWeb-2 use for
+    Chinese). Whitespace and line breaks stay where they were."""
+    jieba = _jieba()
+    return [" ".join(jieba.lcut(text)) for text in texts]
+
+
+def word_counts(texts: list[str], segmenter: str) -> np.ndarray:
+    """Words per text as the cleaning rules count them (``segmenter`` as in LanguageProfile)."""
+    if segmenter == "jieba":
+        return tokenize(segment_words(texts), split_cjk=False).stat("words")
+    return tokenize(texts).stat("words")
 
 
 # ------------------------------------------------------------------------------------- language
@@ -369,10 +483,12 @@ class Judgement:
 
 
 def judge(cfg: CleanConfig, *, chars: np.ndarray, bad_fraction: np.ndarray, langs: np.ndarray,
-          confidence: np.ndarray, batch: TokenizedBatch) -> Judgement:
+          confidence: np.ndarray, batch: TokenizedBatch, texts: pl.Series | None = None) -> Judgement:
     """Apply every enabled document rule in order; return which rule (if any) drops each doc.
 
-    ``batch`` comes from :func:`tokenize_for_rules` of the same (normalised) texts.
+    ``batch`` comes from :func:`tokenize_for_rules` of the same (normalised) ``texts``; the texts
+    are needed when documents of a language with a profile (``clean.languages``) remain after the
+    language rule: their words are counted by the profile's segmenter.
     """
     if batch.set_counts.shape[1] != len(WORD_SETS):
         raise ValueError("judge() needs a batch from tokenize_for_rules()")
@@ -387,40 +503,106 @@ def judge(cfg: CleanConfig, *, chars: np.ndarray, bad_fraction: np.ndarray, lang
     if cfg.language.enabled:
         wrong = ~np.isin(langs.astype(str), cfg.language.keep) | (confidence < cfg.language.min_confidence)
         out.drop("language", confidence, wrong)
-    words = batch.stat("words")
-    cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
+    if not (cfg.quality.enabled or cfg.repetition.enabled):
+        return out
+    groups = language_groups(cfg, langs, out.codes == 0, batch, texts)
     if cfg.quality.enabled:
-        _quality(cfg, out, batch, words, cjk_doc, langs)
+        _quality(cfg, out, batch, groups, langs)
     if cfg.repetition.enabled:
-        _repetition(cfg, out, batch, chars)
+        _repetition(cfg, out, batch, groups, chars)
     return out
 
 
-def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, words: np.ndarray,
-             cjk_doc: np.ndarray, langs: np.ndarray) -> None:
+@dataclass
+class LanguageGroup:
+    """The documents (``rows``) of one language with a profile, tokenized by its segmenter."""
+
+    profile: LanguageProfile
+    rows: np.ndarray
+    batch: TokenizedBatch
+
+
+def language_groups(cfg: CleanConfig, langs: np.ndarray, alive: np.ndarray, batch: TokenizedBatch,
+                    texts: pl.Series | None) -> list[LanguageGroup]:
+    """The still-undecided documents of each profiled language, tokenized as the profile says
+    (jieba words joined by spaces, or the general tokenizer's characters), with the profile's stop
+    words counted (``set_counts[:, 0]``)."""
+    groups = []
+    for lang, profile in cfg.languages.items():
+        rows = np.flatnonzero(alive & (langs == lang))
+        if len(rows) == 0:
+            continue
+        if texts is None:
+            raise ValueError(f"judge() needs the texts: {len(rows)} documents have a '{lang}' profile")
+        docs = texts.gather(rows).to_list()
+        split_cjk = profile.segmenter != "jieba"
+        if not split_cjk:
+            docs = segment_words(docs)
+        stops = token_hashes(profile.stop_words, split_cjk=split_cjk) if profile.stop_words else np.zeros(0, np.uint64)
+        groups.append(LanguageGroup(profile, rows, tokenize(docs, (stops,), split_cjk=split_cjk)))
+    return groups
+
+
+def _per_doc(general: float, groups: list[LanguageGroup], rules: list[Any], key: str, n: int) -> np.ndarray:
+    """Threshold ``key`` per document: the general rule's, or its language profile's."""
+    limit = np.full(n, general, np.float64)
+    for group, rule in zip(groups, rules, strict=True):
+        if rule is not None:
+            limit[group.rows] = getattr(rule, key)
+    return limit
+
+
+def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
+             langs: np.ndarray) -> None:
     q = cfg.quality
+    n = len(out.codes)
+    words = batch.stat("words").copy()
+    word_chars = batch.stat("word_chars").copy()
+    alpha_words = batch.stat("alpha_words").copy()
+    stops = stop_word_counts(batch).copy()
+    # without a profile, CJK counted per character has no word lengths or stop words to check
+    cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
+    word_checks = ~cjk_doc
+    stop_checks = (langs == "en") & ~cjk_doc
+    on = np.ones(n, np.bool_)
+    rules = [g.profile.quality for g in groups]
+    for group, rule in zip(groups, rules, strict=True):
+        rows, gb = group.rows, group.batch
+        words[rows], word_chars[rows], alpha_words[rows] = gb.stat("words"), gb.stat("word_chars"), gb.stat("alpha_words")
+        stops[rows] = gb.set_counts[:, 0]
+        word_checks[rows] = True
+        stop_checks[rows] = bool(group.profile.stop_words)
+        on[rows] = rule is None or rule.enabled
+
+    def limit(key: str) -> np.ndarray:
+        return _per_doc(getattr(q, key), groups, rules, key, n)
+
     lines = batch.stat("lines")
-    mean_len = _ratio(batch.stat("word_chars"), words)
+    mean_len = _ratio(word_chars, words)
     symbols = _ratio(np.maximum(batch.stat("hashes"), batch.stat("ellipses")), words)
-    out.drop("quality.min_words", words, words < q.min_words)
-    out.drop("quality.max_words", words, words > q.max_words)
-    out.drop("quality.min_mean_word_length", mean_len, (mean_len < q.min_mean_word_length) & ~cjk_doc)
-    out.drop("quality.max_mean_word_length", mean_len, (mean_len > q.max_mean_word_length) & ~cjk_doc)
-    out.drop("quality.max_symbol_word_ratio", symbols, symbols > q.max_symbol_word_ratio)
+    out.drop("quality.min_words", words, on & (words < limit("min_words")))
+    out.drop("quality.max_words", words, on & (words > limit("max_words")))
+    out.drop("quality.min_mean_word_length", mean_len, on & (mean_len < limit("min_mean_word_length")) & word_checks)
+    out.drop("quality.max_mean_word_length", mean_len, on & (mean_len > limit("max_mean_word_length")) & word_checks)
+    out.drop("quality.max_symbol_word_ratio", symbols, on & (symbols > limit("max_symbol_word_ratio")))
     ellipsis = _ratio(batch.stat("ellipsis_lines"), lines)
-    out.drop("quality.max_ellipsis_line_fraction", ellipsis, ellipsis > q.max_ellipsis_line_fraction)
+    out.drop("quality.max_ellipsis_line_fraction", ellipsis, on & (ellipsis > limit("max_ellipsis_line_fraction")))
     bullets = _ratio(batch.stat("bullet_lines"), lines)
-    out.drop("quality.max_bullet_line_fraction", bullets, bullets > q.max_bullet_line_fraction)
-    alpha = _ratio(batch.stat("alpha_words"), words)
-    out.drop("quality.min_alpha_word_fraction", alpha, alpha < q.min_alpha_word_fraction)
-    if q.min_stop_words > 0:
-        stops = stop_word_counts(batch)
-        english = (langs == "en") & ~cjk_doc
-        out.drop("quality.min_stop_words", stops, english & (stops < q.min_stop_words))
+    out.drop("quality.max_bullet_line_fraction", bullets, on & (bullets > limit("max_bullet_line_fraction")))
+    alpha = _ratio(alpha_words, words)
+    out.drop("quality.min_alpha_word_fraction", alpha, on & (alpha < limit("min_alpha_word_fraction")))
+    min_stops = limit("min_stop_words")
+    out.drop("quality.min_stop_words", stops, on & stop_checks & (min_stops > 0) & (stops < min_stops))
 
 
-def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, chars: np.ndarray) -> None:
+def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
+                chars: np.ndarray) -> None:
     r = cfg.repetition
+    n = len(out.codes)
+    rules = [g.profile.repetition for g in groups]
+    on = np.ones(n, np.bool_)
+    for group, rule in zip(groups, rules, strict=True):
+        on[group.rows] = rule is None or rule.enabled
     checks = (
         ("max_dup_line_fraction", _ratio(batch.stat("dup_lines"), batch.stat("lines"))),
         ("max_dup_para_fraction", _ratio(batch.stat("dup_paras"), batch.stat("paras"))),
@@ -428,12 +610,39 @@ def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, chars: 
         ("max_dup_para_char_fraction", _ratio(batch.stat("dup_para_chars"), chars)),
     )
     for check, value in checks:
-        out.drop(f"repetition.{check}", value, value > getattr(r, check))
-    # n-gram statistics are the costliest: compute them only for documents still in
-    top, dup = repetition_stats(batch, list(r.top_ngram_char_fraction), list(r.dup_ngram_char_fraction),
-                                select=out.codes == 0)
-    for n, limit in sorted(r.top_ngram_char_fraction.items()):
-        value = np.minimum(top[:, n], 1.0)
-        out.drop(f"repetition.top_ngram_char_fraction.{n}", value, value > limit)
-    for n, limit in sorted(r.dup_ngram_char_fraction.items()):
-        out.drop(f"repetition.dup_ngram_char_fraction.{n}", dup[:, n], dup[:, n] > limit)
+        out.drop(f"repetition.{check}", value, on & (value > _per_doc(getattr(r, check), groups, rules, check, n)))
+    # n-gram statistics are the costliest: compute them only for documents still in, each on the
+    # words of its language (a profile's segmenter) with its language's limits
+    all_rules = [r, *(rule for rule in rules if rule is not None)]
+    top_ns = sorted({k for rule in all_rules for k in rule.top_ngram_char_fraction})
+    dup_ns = sorted({k for rule in all_rules for k in rule.dup_ngram_char_fraction})
+    alive = (out.codes == 0) & on
+    general = alive.copy()
+    for group in groups:
+        general[group.rows] = False
+    top, dup = repetition_stats(batch, list(r.top_ngram_char_fraction), list(r.dup_ngram_char_fraction), select=general)
+    width = max([*top_ns, *dup_ns, 0]) + 1
+    top, dup = _widen(top, width), _widen(dup, width)
+    top_limit = {k: np.where(general, r.top_ngram_char_fraction.get(k, np.inf), np.inf) for k in top_ns}
+    dup_limit = {k: np.where(general, r.dup_ngram_char_fraction.get(k, np.inf), np.inf) for k in dup_ns}
+    for group, rule in zip(groups, rules, strict=True):
+        rule = rule or r
+        g_top, g_dup = repetition_stats(group.batch, list(rule.top_ngram_char_fraction),
+                                        list(rule.dup_ngram_char_fraction), select=alive[group.rows])
+        top[group.rows], dup[group.rows] = _widen(g_top, width), _widen(g_dup, width)
+        for k in top_ns:
+            top_limit[k][group.rows] = np.where(alive[group.rows], rule.top_ngram_char_fraction.get(k, np.inf), np.inf)
+        for k in dup_ns:
+            dup_limit[k][group.rows] = np.where(alive[group.rows], rule.dup_ngram_char_fraction.get(k, np.inf), np.inf)
+    for k in top_ns:
+        value = np.minimum(top[:, k], 1.0)
+        out.drop(f"repetition.top_ngram_char_fraction.{k}", value, value > top_limit[k])
+    for k in dup_ns:
+        out.drop(f"repetition.dup_ngram_char_fraction.{k}", dup[:, k], dup[:, k] > dup_limit[k])
+
+
+def _widen(stats: np.ndarray, width: int) -> np.ndarray:
+    """``stats`` ([docs, n + 1]) padded with zero columns to ``width``."""
+    if stats.shape[1] >= width:
+        return stats[:, :width]
+    return np.pad(stats, ((0, 0), (0, width - stats.shape[1])))
