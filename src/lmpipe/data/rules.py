@@ -39,6 +39,7 @@ import pycld2
 
 from lmpipe.data.config import CleanConfig, LanguageProfile, PiiRule, QualityRule, RepetitionRule
 from lmpipe.data.textstats import (
+    EMPTY_NORM,
     HAS_AT,
     HAS_CONTROL,
     HAS_CR,
@@ -558,17 +559,24 @@ def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: li
     n = len(out.codes)
     words = batch.stat("words").copy()
     word_chars = batch.stat("word_chars").copy()
-    alpha_words = batch.stat("alpha_words").copy()
+    alpha_words = batch.stat("alpha_words")
     stops = stop_word_counts(batch).copy()
     # without a profile, CJK counted per character has no word lengths or stop words to check
     cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
     word_checks = ~cjk_doc
     stop_checks = (langs == "en") & ~cjk_doc
+    alpha = _ratio(alpha_words, words)
     on = np.ones(n, np.bool_)
     rules = [g.profile.quality for g in groups]
     for group, rule in zip(groups, rules, strict=True):
         rows, gb = group.rows, group.batch
-        words[rows], word_chars[rows], alpha_words[rows] = gb.stat("words"), gb.stat("word_chars"), gb.stat("alpha_words")
+        # as datatrove counts them (FineWeb-2's thresholds assume it): words and their lengths
+        # without punctuation tokens, the share of words with a letter among all tokens
+        doc = np.repeat(np.arange(len(gb)), np.diff(gb.tok_offsets))
+        real = (gb.tok_flags & EMPTY_NORM) == 0
+        words[rows] = np.bincount(doc, weights=real, minlength=len(gb))
+        word_chars[rows] = np.bincount(doc, weights=np.where(real, gb.tok_chars, 0), minlength=len(gb))
+        alpha[rows] = _ratio(gb.stat("alpha_words"), gb.stat("words"))
         stops[rows] = gb.set_counts[:, 0]
         word_checks[rows] = True
         stop_checks[rows] = bool(group.profile.stop_words)
@@ -589,7 +597,6 @@ def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: li
     out.drop("quality.max_ellipsis_line_fraction", ellipsis, on & (ellipsis > limit("max_ellipsis_line_fraction")))
     bullets = _ratio(batch.stat("bullet_lines"), lines)
     out.drop("quality.max_bullet_line_fraction", bullets, on & (bullets > limit("max_bullet_line_fraction")))
-    alpha = _ratio(alpha_words, words)
     out.drop("quality.min_alpha_word_fraction", alpha, on & (alpha < limit("min_alpha_word_fraction")))
     min_stops = limit("min_stop_words")
     out.drop("quality.min_stop_words", stops, on & stop_checks & (min_stops > 0) & (stops < min_stops))

@@ -92,14 +92,20 @@ def char_class(cp: int, ascii_class: np.ndarray) -> int:
             or 0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x2FA1F:
         return CJK
     # CJK and full-width punctuation separate tokens like spaces do
-    if 0x3001 <= cp <= 0x303F or 0xFF01 <= cp <= 0xFF0F or 0xFF1A <= cp <= 0xFF20 \
-            or 0xFF3B <= cp <= 0xFF40 or 0xFF5B <= cp <= 0xFF65:
+    if cjk_punctuation(cp):
         return SEP
     # Latin-1 punctuation, general punctuation, currency, symbols, arrows, box drawing, emoji
     if cp < 0xC0 or cp == 0xD7 or cp == 0xF7 or 0x2010 <= cp <= 0x2BFF or 0xFE00 <= cp <= 0xFE0F \
             or 0x1F000 <= cp <= 0x1FAFF or 0xFFF0 <= cp <= 0xFFFF:
         return PUNCT
     return LETTER
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def cjk_punctuation(cp: int) -> bool:
+    """CJK and full-width punctuation (char_class: SEP)."""
+    return 0x3001 <= cp <= 0x303F or 0xFF01 <= cp <= 0xFF0F or 0xFF1A <= cp <= 0xFF20 \
+        or 0xFF3B <= cp <= 0xFF40 or 0xFF5B <= cp <= 0xFF65
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -228,8 +234,11 @@ def _tokenize(data, offsets, ascii_class, bullets, tok_hash, tok_chars, tok_flag
                 else:
                     cp, nb = _decode(data, i, end)
                     cls = char_class(cp, ascii_class)
-                    if cls == CJK and not split_cjk:
-                        cls = JOINED_CJK  # pre-segmented text: ideographs join into words
+                    if not split_cjk:  # pre-segmented text: ideographs join into words, and
+                        if cls == CJK:  # CJK punctuation is a token (a non-word, as datatrove counts it)
+                            cls = JOINED_CJK
+                        elif cls == SEP and cjk_punctuation(cp):
+                            cls = PUNCT
             else:
                 cp, nb, cls = 10, 1, SEP  # a virtual newline closes the last token and line
             if cp != 0x2E:
@@ -460,8 +469,9 @@ def tokenize(texts: pa.Array | pa.ChunkedArray | list[str], word_sets: tuple[np.
     ``word_sets`` are arrays of token hashes (from :func:`token_hashes`); occurrences of each set's
     words are counted per document. With ``split_cjk`` (the default) every CJK character is a token
     of its own; without it CJK characters join like letters, for text already segmented into
-    space-separated words (Chinese through jieba, see :mod:`lmpipe.data.rules`). A one-character
-    word hashes the same either way. Reads only the given array; allocates token arrays bounded
+    space-separated words (Chinese through jieba, see :mod:`lmpipe.data.rules`), and CJK punctuation
+    is a token of its own (no letter) as in datatrove's word counts. A one-character word hashes the
+    same either way. Reads only the given array; allocates token arrays bounded
     by the batch's byte size.
     """
     if len(word_sets) > 8:
