@@ -37,7 +37,7 @@ import polars as pl
 import pyarrow as pa
 import pycld2
 
-from lmpipe.data.config import CleanConfig, LanguageProfile, PiiRule, QualityRule, RepetitionRule
+from lmpipe.data.config import CleanConfig, LanguageProfile, PiiRule, RepetitionRule
 from lmpipe.data.textstats import (
     EMPTY_NORM,
     HAS_AT,
