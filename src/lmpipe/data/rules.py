@@ -127,9 +127,9 @@ ENGLISH_FAST_SHARE = 0.10
 ENGLISH_FAST_MIN_WORDS = 20
 ENGLISH_FAST_CONFIDENCE = 0.99
 
-# Markdown set aside by markdown_prose, in this order: (pattern, replacement). Fenced code and display
-# math go whole; inline formulas go; inline code, links and images keep their text; heading, list,
-# quote and table markup go. Currency ("$5 and $10") is no formula: a formula starts and ends with
+# Markdown set aside by markdown_prose, in this order: (pattern, replacement). Fenced code, display
+# math and table rows go whole; inline formulas go; inline code, links and images keep their text;
+# heading, list and quote markers and horizontal rules go. Currency ("$5 and $10") is no formula: a formula starts and ends with
 # a non-space character next to its dollar signs.
 MARKDOWN_PROSE = (
     (r"(?ms)^[ \t]*```.*?(?:^[ \t]*```[^\n]*$|\z)|^[ \t]*~~~.*?(?:^[ \t]*~~~[^\n]*$|\z)", ""),
@@ -139,8 +139,7 @@ MARKDOWN_PROSE = (
     (r"!?\[([^\]\n]*)\]\([^)\n]*\)", "$1"),
     (r"`([^`\n]*)`", "$1"),
     (r"(?m)^[ \t]*(?:#{1,6}|>+|[-*+]|[0-9]{1,3}[.)])[ \t]+", ""),
-    (r"(?m)^[ \t]*\||\|[ \t]*$", ""),
-    (r"[ \t]\|[ \t]", " "),
+    (r"(?m)^[ \t]*\|.*\|[ \t]*$", ""),
 )
 
 QUALITY_CHECKS = (
