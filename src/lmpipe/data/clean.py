@@ -346,8 +346,8 @@ class _Tally:
     def add(self, result: ChunkResult, kept: pa.Table, limit: int, dedup_removed: dict[str, dict[str, int]]) -> None:
         self.worker_cpu += result.cpu_seconds
         for lang, counts in result.by_language.items():
-            have = self.by_language.get(lang)
-            self.by_language[lang] = counts if have is None else have + counts
+            prior = self.by_language.get(lang)
+            self.by_language[lang] = counts if prior is None else prior + counts
         for lang, removed in dedup_removed.items():
             slot = self.dedup_by_language.setdefault(lang, {})
             for name, docs in removed.items():

@@ -219,9 +219,9 @@ def noise(kind: str, rng: random.Random, recent: deque[Record]) -> Record:
         text, meta = GENERATORS[rng.choice(("story", "review"))](rng)
         extra = "".join(line.format(**_pii(rng)) for line in rng.sample(PII_LINES, rng.randint(1, 2)))
         return text + extra, {**meta, "noise": kind}
-    meta: dict[str, object] = {"kind": "noise", "noise": kind, "language": "zh"}
+    tags: dict[str, object] = {"kind": "noise", "noise": kind, "language": "zh"}
     if kind == "repetitive_spam":
-        return "\n".join([rng.choice(SPAM)] * rng.randint(8, 20)), meta
+        return "\n".join([rng.choice(SPAM)] * rng.randint(8, 20)), tags
     if kind == "boilerplate":
-        return "\n".join(b.format(year=rng.randint(2015, 2025)) for b in rng.sample(BOILERPLATE, 2)), meta
+        return "\n".join(b.format(year=rng.randint(2015, 2025)) for b in rng.sample(BOILERPLATE, 2)), tags
     raise ValueError(f"unknown noise kind {kind!r}")

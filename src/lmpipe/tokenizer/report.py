@@ -95,13 +95,15 @@ def language_report(docs: list[str], langs: list[str], encoded: list[list[int]])
         chars = sum(len(docs[i]) for i in rows)
         tokens = sum(len(encoded[i]) for i in rows)
         words = [spaced_words(docs[i]) for i in rows]
-        spaced = [w for w in words if w is not None]
+        spaced_docs = sum(w is not None for w in words)
+        n_words = sum(w for w in words if w is not None)
         spaced_tokens = sum(len(encoded[i]) for i, w in zip(rows, words, strict=True) if w is not None)
         out[lang] = {
             "documents": len(rows), "bytes": n_bytes, "chars": chars, "tokens": tokens,
             "bytes_per_token": n_bytes / tokens if tokens else 0.0,
             "tokens_per_char": tokens / chars if chars else 0.0,
-            "tokens_per_word": spaced_tokens / sum(spaced) if len(spaced) > len(rows) / 2 and sum(spaced) else None,
+            # only where most documents are written with spaces between words
+            "tokens_per_word": spaced_tokens / n_words if spaced_docs > len(rows) / 2 and n_words else None,
         }
     return out
 
