@@ -19,14 +19,8 @@ from zh_corpus import PROSE, corpus
 from lmpipe.config import Paths, load_params
 from lmpipe.data import clean
 from lmpipe.data.config import CleanConfig, PiiRule, chinese_profile
-from lmpipe.data.rules import (
-    ID_NUMBER_PATTERN,
-    markdown_prose,
-    redact_pii,
-    segment_words,
-    valid_id_number,
-    word_counts,
-)
+from lmpipe.data.pii import ID_NUMBER_PATTERN, redact_pii, valid_id_number
+from lmpipe.data.segment import markdown_prose, segment_words, word_counts
 from lmpipe.data.shards import ShardWriter, make_table, read_documents
 from lmpipe.data.synthetic import generate
 from lmpipe.data.synthetic_zh import resident_id

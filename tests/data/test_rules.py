@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from lmpipe.data.clean import ChunkResult, process_chunk, rule_names
 from lmpipe.data.config import CleanConfig, PiiRule
-from lmpipe.data.rules import clearly_english, detect_languages, normalize, redact_pii, tokenize_for_rules
+from lmpipe.data.pii import redact_pii
+from lmpipe.data.rules import clearly_english, detect_languages, normalize, tokenize_for_rules
 from lmpipe.data.shards import doc_id, make_table
 from lmpipe.data.textstats import scan_flags, tokenize
 

@@ -44,17 +44,16 @@ from lmpipe.config import Paths
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, exact_keys, minhash_signatures
+from lmpipe.data.pii import PII_KINDS, redact_pii
 from lmpipe.data.rules import (
-    PII_KINDS,
     bad_char_fraction,
     detect_languages,
     document_rule_names,
     judge,
-    markdown_prose,
     normalize,
-    redact_pii,
     tokenize_for_rules,
 )
+from lmpipe.data.segment import markdown_prose
 from lmpipe.data.shards import ShardWriter, doc_id, iter_shards, shard_files
 from lmpipe.data.textstats import scan_flags
 from lmpipe.errors import ConfigError, DataError

@@ -8,7 +8,7 @@ rule that drops it, so the removals of all rules add up to the documents removed
 
 Order: ``normalize`` (rewrites, never drops), ``encoding``, ``length.*``, ``language``,
 ``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1); then
-``pii`` rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
+``pii`` (:mod:`lmpipe.data.pii`) rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
 
 Languages: ``clean.languages`` holds a profile per language (:class:`LanguageProfile`): how its
 words are counted, its stop words, and its own quality and repetition thresholds. Chinese (the
@@ -19,14 +19,11 @@ counts and n-grams stay meaningful, and the mean-word-length and English stop-wo
 skipped for documents that are mostly CJK. Line and paragraph statistics never depend on words.
 
 Markdown (``clean.markdown``): the word and repetition rules read a prose view of the document
-(:func:`markdown_prose`): code, formulas and markup set aside, so structure is not judged as noise.
+(:func:`lmpipe.data.segment.markdown_prose`): code, formulas and markup set aside, so structure is not judged as noise.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,21 +34,18 @@ import polars as pl
 import pyarrow as pa
 import pycld2
 
-from lmpipe.data.config import CleanConfig, LanguageProfile, PiiRule, RepetitionRule
+from lmpipe.data.config import CleanConfig, LanguageProfile, RepetitionRule
+from lmpipe.data.segment import segment_words
 from lmpipe.data.textstats import (
     EMPTY_NORM,
-    HAS_AT,
     HAS_CONTROL,
     HAS_CR,
-    HAS_DIGIT_DOT,
-    HAS_DIGITS,
     HAS_NON_ASCII,
     NGRAM_BASE,
     TokenizedBatch,
     count_get,
     count_insert,
     mix64,
-    scan_flags,
     table_mask,
     token_hashes,
     tokenize,
@@ -63,42 +57,6 @@ CONTROL_PATTERN = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\x{200B}\x{2060}\x{FEFF}
 # Broken encodings: the replacement character, and UTF-8 read as cp1252/latin-1 ("Ã©" for "é",
 # "â€™" for "’", "Â " for a no-break space); counted on the raw text, before controls are removed.
 MOJIBAKE_PATTERN = r"\x{FFFD}|Ã[\x{80}-\x{BF}]|â€|â\x{80}[\x{80}-\x{BF}]|Â[\x{A0}-\x{BF}]"
-
-EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-IPV4_PATTERN = rf"(?-u:\b){_OCTET}(?:\.{_OCTET}){{3}}(?-u:\b)"
-# Phone numbers: international (+CC ...), a parenthesised area code, NNN-NNN-NNNN / NNN.NNN.NNNN, or
-# a national number with a trunk 0 in groups (020 7946 0018). Plain digit runs and other
-# space-separated numbers are left alone (years, quantities, ids).
-# Mainland China (MIIT numbering plan): mobiles are 11 digits from 13-19, written whole or 3-4-4,
-# with or without +86 / 0086; landlines a trunk 0 and a 2-3 digit area code, a dash, 7-8 digits.
-# ASCII word boundaries: a CJK character next to a digit is a boundary, a longer digit run is not.
-PHONE_PATTERN = (
-    r"\+[0-9]{1,3}[ .\-]?(?:\([0-9]{1,4}\)[ .\-]?)?[0-9]{1,4}(?:[ .\-]?[0-9]{2,4}){2,4}(?-u:\b)"
-    r"|\([0-9]{2,4}\)[ .\-]?[0-9]{3,4}[ .\-][0-9]{3,4}(?-u:\b)"
-    r"|(?-u:\b)[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}(?-u:\b)"
-    r"|(?-u:\b)0[0-9]{2,4}[ \-][0-9]{3,4}[ \-][0-9]{3,4}(?-u:\b)"
-    r"|(?-u:\b)(?:0086[ \-]?)?1[3-9][0-9](?:[0-9]{8}|[ \-][0-9]{4}[ \-][0-9]{4})(?-u:\b)"
-    r"|(?-u:\b)0[1-9][0-9]{1,2}-[0-9]{7,8}(?-u:\b)"
-)
-# Resident ID numbers (GB 11643-1999): 6-digit region code, birth date YYYYMMDD, 3-digit sequence
-# and an ISO 7064 MOD 11-2 check character (0-9 or X); matches with a wrong check digit are kept.
-ID_NUMBER_PATTERN = (r"(?-u:\b)[1-9][0-9]{5}(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"
-                     r"[0-9]{3}[0-9Xx](?-u:\b)")
-# the same pattern for Python's re (the check digit is tested there): lookarounds for the boundaries
-_ID_NUMBER_RE = re.compile(ID_NUMBER_PATTERN.replace("(?-u:\\b)", r"(?<![0-9A-Za-z_])", 1)
-                           .replace("(?-u:\\b)", r"(?![0-9A-Za-z_])"))
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-_PII_NEEDS = {"email": HAS_AT, "ip": HAS_DIGIT_DOT, "phone": HAS_DIGITS, "id_number": HAS_DIGITS}
-# (kind, pattern, placeholder), applied in this order: e-mails first, since they may hold digits,
-# ID numbers before phones
-PII_KINDS = (
-    ("email", EMAIL_PATTERN, "<EMAIL>"),
-    ("ip", IPV4_PATTERN, "<IP_ADDRESS>"),
-    ("id_number", ID_NUMBER_PATTERN, "<ID_NUMBER>"),
-    ("phone", PHONE_PATTERN, "<PHONE>"),
-)
 
 # Gopher's stop words (Rae et al. 2021, A.1.1)
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -126,21 +84,6 @@ WORD_SETS = (token_hashes(list(STOP_WORDS)), token_hashes(list(ENGLISH_FUNCTION_
 ENGLISH_FAST_SHARE = 0.10
 ENGLISH_FAST_MIN_WORDS = 20
 ENGLISH_FAST_CONFIDENCE = 0.99
-
-# Markdown set aside by markdown_prose, in this order: (pattern, replacement). Fenced code, display
-# math and table rows go whole; inline formulas go; inline code, links and images keep their text;
-# heading, list and quote markers and horizontal rules go. Currency ("$5 and $10") is no formula: a formula starts and ends with
-# a non-space character next to its dollar signs.
-MARKDOWN_PROSE = (
-    (r"(?ms)^[ \t]*```.*?(?:^[ \t]*```[^\n]*$|\z)|^[ \t]*~~~.*?(?:^[ \t]*~~~[^\n]*$|\z)", ""),
-    (r"(?s)\$\$.+?\$\$|\\\[.+?\\\]", ""),
-    (r"\$[^\s$](?:[^$\n]*[^\s$])?\$|\\\(.+?\\\)", ""),
-    (r"(?m)^[ \t]*(?:[-*_][ \t]*){3,}$|^[ \t]*\|?(?:[ \t]*:?-{2,}:?[ \t]*\|)+[ \t]*(?::?-{2,}:?[ \t]*)?$", ""),
-    (r"!?\[([^\]\n]*)\]\([^)\n]*\)", "$1"),
-    (r"`([^`\n]*)`", "$1"),
-    (r"(?m)^[ \t]*(?:#{1,6}|>+|[-*+]|[0-9]{1,3}[.)])[ \t]+", ""),
-    (r"(?m)^[ \t]*\|.*\|[ \t]*$", ""),
-)
 
 QUALITY_CHECKS = (
     "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio",
@@ -202,97 +145,6 @@ def bad_char_fraction(raw: pl.Series, chars: np.ndarray, flags: np.ndarray) -> n
     if len(rows):
         bad[rows] = raw.gather(rows).str.count_matches(MOJIBAKE_PATTERN).fill_null(0).to_numpy()
     return np.divide(bad, chars, out=np.zeros_like(bad), where=chars > 0)
-
-
-def redact_pii(texts: pl.Series, cfg: PiiRule, flags: np.ndarray | None = None) -> tuple[pl.Series, dict[str, int], np.ndarray]:
-    """Replace e-mails, IPv4 addresses and phone numbers with placeholders.
-
-    Returns the new texts, matches per kind, and a mask of the documents that changed. Only
-    documents that can match (``flags`` from :func:`scan_flags`: an '@', digits) are searched,
-    and only those with a match go through the replacement.
-    """
-    flags = scan_flags(texts.to_arrow()) if flags is None else flags
-    texts = texts.clone()  # scatter below works in place; the caller's series stays as it was
-    modified = np.zeros(len(texts), np.bool_)
-    counts: dict[str, int] = {}
-    wanted = {"email": cfg.email, "ip": cfg.ip, "phone": cfg.phone, "id_number": cfg.id_number}
-    for kind, pattern, placeholder in PII_KINDS:
-        counts[kind] = 0
-        candidates = np.flatnonzero(flags & _PII_NEEDS[kind])
-        if not (cfg.enabled and wanted[kind]) or len(candidates) == 0:
-            continue
-        hits = texts.gather(candidates).str.count_matches(pattern).fill_null(0).to_numpy()
-        rows = candidates[hits > 0]
-        if len(rows) == 0:
-            continue
-        if kind == "id_number":  # the check digit decides, which a pattern cannot test
-            found, replaced = _redact_id_numbers(texts.gather(rows).to_list(), placeholder)
-            rows, texts_out = rows[found > 0], pl.Series([t for t, n in zip(replaced, found, strict=True) if n],
-                                                         dtype=pl.String)
-            counts[kind] = int(found.sum())
-        else:
-            counts[kind] = int(hits.sum())
-            texts_out = texts.gather(rows).str.replace_all(pattern, placeholder, literal=False)
-        if len(rows) == 0:
-            continue
-        modified[rows] = True
-        texts = texts.scatter(rows, texts_out)
-    return texts, counts, modified
-
-
-def valid_id_number(number: str) -> bool:
-    """Whether an 18-character resident ID number has the right ISO 7064 MOD 11-2 check character."""
-    total = sum(int(digit) * weight for digit, weight in zip(number[:17], _ID_WEIGHTS, strict=True))
-    return _ID_CHECK[total % 11] == number[17].upper()
-
-
-def _redact_id_numbers(texts: list[str], placeholder: str) -> tuple[np.ndarray, list[str]]:
-    """(valid ID numbers per text, texts with them replaced by ``placeholder``)."""
-    found = np.zeros(len(texts), np.int64)
-    out = []
-    for idx, text in enumerate(texts):
-        def swap(match: re.Match[str], idx: int = idx) -> str:
-            if valid_id_number(match.group(0)):
-                found[idx] += 1
-                return placeholder
-            return match.group(0)
-        out.append(_ID_NUMBER_RE.sub(swap, text))
-    return found, out
-
-
-def markdown_prose(texts: pl.Series) -> pl.Series:
-    """The prose of Markdown documents, for the word and repetition rules (see MARKDOWN_PROSE):
-    code blocks and formulas removed, link and inline-code text kept, markup removed."""
-    for pattern, replacement in MARKDOWN_PROSE:
-        texts = texts.str.replace_all(pattern, replacement)
-    return texts
-
-
-# ------------------------------------------------------------------------------ word segmentation
-
-
-@functools.cache
-def _jieba() -> Any:
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)  # its dictionary loading logs at INFO to stderr
-    jieba.initialize()
-    return jieba
-
-
-def segment_words(texts: list[str]) -> list[str]:
-    """Chinese texts with their words separated by spaces: jieba's accurate mode, with its HMM for
-    words missing from the dictionary (Sun 2012; the segmenter datatrove and FineWeb-2 use for
-    Chinese). Whitespace and line breaks stay where they were."""
-    jieba = _jieba()
-    return [" ".join(jieba.lcut(text)) for text in texts]
-
-
-def word_counts(texts: list[str], segmenter: str) -> np.ndarray:
-    """Words per text as the cleaning rules count them (``segmenter`` as in LanguageProfile)."""
-    if segmenter == "jieba":
-        return tokenize(segment_words(texts), split_cjk=False).stat("words")
-    return tokenize(texts).stat("words")
 
 
 # ------------------------------------------------------------------------------------- language

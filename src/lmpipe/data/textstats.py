@@ -9,7 +9,7 @@ of its own: Chinese and Japanese have no spaces, and treating a whole sentence a
 make every word-based rule meaningless for them. CJK punctuation separates tokens like a space.
 This per-character split is the fallback for CJK text without a word segmenter (Japanese; Korean
 separates words with spaces and needs none); Chinese documents are segmented into words with
-jieba first and tokenized with ``split_cjk=False`` (:func:`lmpipe.data.rules.segment_words`).
+jieba first and tokenized with ``split_cjk=False`` (:func:`lmpipe.data.segment.segment_words`).
 
 Each token gets a 64-bit hash of its *normalised* form: letters and digits only, ASCII and Latin-1
 letters lower-cased. So ``"The,"`` and ``"the"`` hash alike, which is what exact dedup (case and
@@ -469,7 +469,7 @@ def tokenize(texts: pa.Array | pa.ChunkedArray | list[str], word_sets: tuple[np.
     ``word_sets`` are arrays of token hashes (from :func:`token_hashes`); occurrences of each set's
     words are counted per document. With ``split_cjk`` (the default) every CJK character is a token
     of its own; without it CJK characters join like letters, for text already segmented into
-    space-separated words (Chinese through jieba, see :mod:`lmpipe.data.rules`), and CJK punctuation
+    space-separated words (Chinese through jieba, see :mod:`lmpipe.data.segment`), and CJK punctuation
     is a token of its own (no letter) as in datatrove's word counts. A one-character word hashes the
     same either way. Reads only the given array; allocates token arrays bounded
     by the batch's byte size.
