@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_rules import BAD, GOOD, removed, run
 from zh_corpus import PROSE, corpus
 
@@ -20,10 +22,12 @@ from lmpipe.config import Paths, load_params
 from lmpipe.data import clean
 from lmpipe.data.config import CleanConfig, PiiRule, chinese_profile
 from lmpipe.data.pii import ID_NUMBER_PATTERN, redact_pii, valid_id_number
+from lmpipe.data.rules import judge, tokenize_for_rules
 from lmpipe.data.segment import markdown_prose, segment_words, word_counts
 from lmpipe.data.shards import ShardWriter, make_table, read_documents
 from lmpipe.data.synthetic import generate
 from lmpipe.data.synthetic_zh import resident_id
+from lmpipe.data.textstats import tokenize
 
 REPO = Path(__file__).parents[2]
 # sentences of one paragraph each, as a files source with txt_split: paragraph gives them
@@ -175,3 +179,25 @@ def test_english_documents_do_not_change_with_a_chinese_share(seed: int) -> None
     mixed = list(generate(200, noise_fraction=0.15, seed=seed, zh_fraction=0.1))
     assert [r for r in mixed if r[1].get("language") != "zh" or r[1].get("noise") == "non_english"] == english
     assert sum(r[1].get("language") == "zh" for r in mixed) == 20 + round(0.15 * 20)
+
+
+cjk_text = st.text(st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from("的是了，。、“”《》中文字词\n ")),
+                   max_size=300)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(cjk_text, min_size=1, max_size=5), st.booleans())
+def test_chinese_path_never_crashes(texts: list[str], markdown: bool) -> None:
+    cfg = CleanConfig.model_validate({"length": {"min_chars": 0}, "language": {"keep": ["zh"]},
+                                      "markdown": {"enabled": markdown}})
+    series = pl.Series(texts, dtype=pl.String)
+    judged = markdown_prose(series) if markdown else series
+    batch = tokenize_for_rules(judged.to_arrow())
+    n = len(texts)
+    verdict = judge(cfg, chars=series.str.len_chars().to_numpy().astype(float), bad_fraction=np.zeros(n),
+                    langs=np.array(["zh"] * n, dtype=object), confidence=np.ones(n), batch=batch, texts=judged)
+    assert verdict.codes.shape == (n,) and verdict.codes.min() >= 0
+    assert verdict.codes.max() <= len(verdict.names)
+    assert not np.isin(verdict.codes, [verdict.code_of["language"]]).any()  # every document took the Chinese path
+    segmented = tokenize(segment_words(texts), split_cjk=False)
+    assert segmented.tok_offsets[-1] == len(segmented.tok_hash)
