@@ -11,6 +11,9 @@ signature and a dedup key:
   key, then near duplicates with a streaming MinHash LSH index (:mod:`lmpipe.data.dedup`); the first
   document of a cluster is kept. Survivors go straight into the parquet shards.
 
+The report counts every rule's removals overall and per detected language (``by_language``; dedup
+runs one language at a time within a chunk, which keeps the first of each cluster all the same).
+
 Everything is built inside :func:`lmpipe.io.atomic_dir`, so an interrupted run leaves the previous
 ``data/clean`` (or none), never a partial one. Each kept document's ``meta`` gets ``lang``; when
 cleaning changed its text, ``id`` is recomputed from the new text and the old one kept as
