@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from lmpipe.data.clean import ChunkResult, process_chunk, rule_names
 from lmpipe.data.config import CleanConfig, PiiRule
-from lmpipe.data.rules import clearly_english, detect_languages, normalize, redact_pii, tokenize_for_rules
+from lmpipe.data.pii import redact_pii
+from lmpipe.data.rules import clearly_english, detect_languages, normalize, tokenize_for_rules
 from lmpipe.data.shards import doc_id, make_table
 from lmpipe.data.textstats import scan_flags, tokenize
 
@@ -135,7 +136,7 @@ def test_pii_placeholders_and_counts() -> None:
     out, counts, modified = redact_pii(pl.Series([text, GOOD[0]]), PiiRule())
     assert out[0] == ("Write to <EMAIL> or call <PHONE> or <PHONE>; the server is at <IP_ADDRESS> and the "
                       "year 1999 2000 2001 stays, as does version 1.2.3 and 3.14.")
-    assert counts == {"email": 1, "ip": 1, "phone": 2}
+    assert counts == {"email": 1, "ip": 1, "phone": 2, "id_number": 0}
     assert modified.tolist() == [True, False]
     off, counts, _ = redact_pii(pl.Series([text]), PiiRule(phone=False, ip=False))
     assert "<EMAIL>" in off[0] and "555-0133" in off[0] and counts["phone"] == 0
@@ -146,7 +147,7 @@ def test_pii_in_the_stage_output_and_counts() -> None:
     result = run([GOOD[0] + " Mail me at bob@mail.example.org, or ring 555-123-4567.", GOOD[1]], cfg)
     texts = result.table.column("text").to_pylist()
     assert texts[0].endswith("Mail me at <EMAIL>, or ring <PHONE>.") and texts[1] == GOOD[1]
-    assert result.pii_docs == 1 and result.pii_matches == {"email": 1, "ip": 0, "phone": 1}
+    assert result.pii_docs == 1 and result.pii_matches == {"email": 1, "ip": 0, "phone": 1, "id_number": 0}
 
 
 def test_normalize_unicode_and_controls() -> None:

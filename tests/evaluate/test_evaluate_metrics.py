@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from lmpipe.errors import DataError
 from lmpipe.evaluate.config import EvaluateConfig, SpeedSettings
-from lmpipe.evaluate.lm import file_stream, read_documents, score_tokens, windows
+from lmpipe.evaluate.lm import file_stream, read_documents, score_tokens, split_groups, windows
 from lmpipe.evaluate.speed import measure
-from lmpipe.evaluate.tasks import bleu, lcs_length, rouge_l
+from lmpipe.evaluate.tasks import CJKTokenizer, bleu, rouge_l, text_scores
 from lmpipe.model.gpt import GPT, GPTConfig
 
 
@@ -46,6 +46,40 @@ def test_score_matches_full_context_cross_entropy_and_bits_per_byte() -> None:
         assert score["bpb"] == pytest.approx(direct * 24 / math.log(2) / 96.0, rel=1e-5)
         assert score["perplexity"] == pytest.approx(math.exp(direct), rel=1e-5)
     assert "bpb" not in score_tokens(model, tokens, None)
+
+
+def test_bits_per_byte_per_language_from_the_split_documents(tmp_path: Path) -> None:
+    from lmpipe.data.shards import ShardWriter, make_table
+
+    # a split of four documents (en, zh, en, zh) and a token stream laid out as tokenize writes it
+    texts = ["a cat", "我爱北京", "the dog sat", "天安门"]
+    langs = ["en", "zh", "en", "zh"]
+    writer = ShardWriter(tmp_path / "val", 100)
+    writer.write(make_table([f"d{i}" for i in range(4)], texts, ["s"] * 4, [f'{{"lang":"{lang}"}}' for lang in langs]))
+    writer.close()
+    eos = 0
+    rng = np.random.default_rng(2)
+    lengths = [3, 4, 5, 2]
+    tokens = np.concatenate([np.r_[rng.integers(1, 50, size=n), eos] for n in lengths])
+    groups = split_groups(tmp_path / "val", tokens, eos)
+    assert groups is not None and groups.names == ["en", "zh"]
+    assert groups.ids.tolist() == [0] * 4 + [1] * 5 + [0] * 6 + [1] * 3  # each document with its EOS
+    assert groups.n_bytes.tolist() == [len(b"a cat") + len(b"the dog sat"), len("我爱北京天安门".encode())]
+    model = tiny_gpt(block=32)
+    n_bytes = float(sum(len(t.encode()) for t in texts))
+    score = score_tokens(model, tokens, n_bytes, groups=groups)
+    en, zh = score["by_language"]["en"], score["by_language"]["zh"]
+    # the first token is never a target; every other position is scored in its own language
+    assert en["tokens"] == 9 and zh["tokens"] == 8 and en["tokens"] + zh["tokens"] == score["tokens"]
+    nats = en["loss"] * en["tokens"] + zh["loss"] * zh["tokens"]
+    assert nats / score["tokens"] == pytest.approx(score["loss"], rel=1e-6)
+    assert zh["bpb"] == pytest.approx(zh["loss"] * 8 / math.log(2) / groups.n_bytes[1], rel=1e-6)
+    assert en["bpb"] == pytest.approx(en["loss"] * 9 / math.log(2) / (groups.n_bytes[0] * 9 / 9), rel=1e-6)
+    # a prefix keeps the positions' languages and prorates the bytes
+    head = groups.prefix(6)
+    assert head.ids.tolist() == [0] * 4 + [1] * 2 and head.n_bytes[1] == pytest.approx(groups.n_bytes[1] * 2 / 8)
+    # one language, or documents that do not match the stream: no per-language numbers
+    assert split_groups(tmp_path / "val", tokens[:-1], eos) is None
 
 
 def test_sliding_window_gives_more_context_than_disjoint_windows() -> None:
@@ -80,13 +114,14 @@ def test_eval_file_documents_and_bytes(tmp_path: Path) -> None:
         read_documents(tmp_path / "missing.txt", "text", "text")
 
 
-def test_rouge_l_by_hand_and_bleu() -> None:
-    assert lcs_length(["a", "b", "c", "d", "e"], ["a", "c", "e", "f"]) == 3
-    assert lcs_length([], ["a"]) == 0
-    # LCS of "the cat sat on the mat" and "the cat is on the mat" is "the cat on the mat": 5 of 6 tokens each.
-    score = rouge_l("The cat sat on the mat", "the cat is on the mat")
+def test_rouge_l_matches_reference_values_and_bleu() -> None:
+    # Lin (2004), section 3.1: against "police killed the gunman", "police kill the gunman" has an LCS
+    # of 3 words (ROUGE-L 3/4) and "the gunman kill police" of 2 (ROUGE-L 2/4).
+    assert rouge_l("police kill the gunman", "police killed the gunman")["f1"] == pytest.approx(3 / 4)
+    assert rouge_l("the gunman kill police", "police killed the gunman")["f1"] == pytest.approx(2 / 4)
+    # rouge-score's tokenisation: case and punctuation do not count
+    score = rouge_l("The cat sat on the mat.", "the cat is on the mat")
     assert score["precision"] == pytest.approx(5 / 6) and score["recall"] == pytest.approx(5 / 6)
-    assert score["f1"] == pytest.approx(5 / 6)
     partial = rouge_l("cat mat", "the cat is on the mat")
     assert partial["precision"] == 1.0 and partial["recall"] == pytest.approx(2 / 6)
     assert partial["f1"] == pytest.approx(2 * 1.0 * (2 / 6) / (1.0 + 2 / 6))
@@ -94,6 +129,41 @@ def test_rouge_l_by_hand_and_bleu() -> None:
     perfect, signature = bleu(["the cat sat on the mat today"], ["the cat sat on the mat today"])
     assert perfect == pytest.approx(100.0) and "13a" in signature
     assert bleu(["dog"], ["the cat sat on the mat today"])[0] < 5
+
+
+def test_rouge_l_and_bleu_tokenize_chinese() -> None:
+    from rouge_score import rouge_scorer
+
+    # each Chinese character is a token: LCS of 我爱北京 and 我爱北京天安门 is 4 of 4 and 4 of 7
+    score = rouge_l("我爱北京", "我爱北京天安门")
+    assert score["precision"] == 1.0 and score["recall"] == pytest.approx(4 / 7)
+    assert score["f1"] == pytest.approx(8 / 11)
+    # the library's default tokenizer keeps only a-z and 0-9: Chinese answers would score nothing
+    assert rouge_scorer.RougeScorer(["rougeL"]).score("我爱北京天安门", "我爱北京")["rougeL"].fmeasure == 0.0
+    assert CJKTokenizer().tokenize("GPT-2 模型, v1.5") == ["gpt", "2", "模", "型", "v1", "5"]
+    mixed = rouge_l("答案是60个苹果", "答案是 60 个 apples")
+    assert mixed["precision"] == pytest.approx(5 / 7) and mixed["recall"] == pytest.approx(5 / 6)
+    # sacrebleu's zh tokenizer for Chinese references: one character per token, so a close answer
+    # scores; with 13a the whole sentence would be one token and score 0
+    close, signature = bleu(["今天上海的火车晚点了二十分钟。"], ["今天去上海的火车晚点了二十分钟。"])
+    assert "tok:zh" in signature and close > 50
+    import sacrebleu
+
+    assert sacrebleu.BLEU(tokenize="13a").corpus_score(["今天上海的火车晚点了二十分钟。"],
+                                                       [["今天去上海的火车晚点了二十分钟。"]]).score < 1
+
+
+def test_text_scores_per_reference_language() -> None:
+    answers = ["the cat sat on the mat", "我爱北京", "a dog"]
+    references = ["the cat sat on the mat", "我爱北京天安门", "the dog barked"]
+    scores = text_scores(answers, references)
+    assert scores["examples"] == 3 and "tok:zh" in scores["bleu_signature"]
+    by_language = scores["by_language"]
+    assert by_language["zh"]["examples"] == 1 and by_language["zh"]["rouge_l"] == pytest.approx(8 / 11)
+    assert "tok:zh" in by_language["zh"]["bleu_signature"] and "tok:13a" in by_language["other"]["bleu_signature"]
+    assert by_language["other"]["exact_match"] == 0.5 and scores["exact_match"] == pytest.approx(1 / 3)
+    assert scores["rouge_l"] == pytest.approx(np.mean([1.0, 8 / 11, rouge_l("a dog", "the dog barked")["f1"]]))
+    assert "by_language" not in text_scores(["the cat"], ["the cat"])
 
 
 def test_speed_measures_every_model_and_batch_size() -> None:

@@ -11,6 +11,9 @@ signature and a dedup key:
   key, then near duplicates with a streaming MinHash LSH index (:mod:`lmpipe.data.dedup`); the first
   document of a cluster is kept. Survivors go straight into the parquet shards.
 
+The report counts every rule's removals overall and per detected language (``by_language``; dedup
+runs one language at a time within a chunk, which keeps the first of each cluster all the same).
+
 Everything is built inside :func:`lmpipe.io.atomic_dir`, so an interrupted run leaves the previous
 ``data/clean`` (or none), never a partial one. Each kept document's ``meta`` gets ``lang``; when
 cleaning changed its text, ``id`` is recomputed from the new text and the old one kept as
@@ -44,15 +47,16 @@ from lmpipe.config import Paths
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, exact_keys, minhash_signatures
+from lmpipe.data.pii import PII_KINDS, redact_pii
 from lmpipe.data.rules import (
     bad_char_fraction,
     detect_languages,
     document_rule_names,
     judge,
     normalize,
-    redact_pii,
     tokenize_for_rules,
 )
+from lmpipe.data.segment import markdown_prose
 from lmpipe.data.shards import ShardWriter, doc_id, iter_shards, shard_files
 from lmpipe.data.textstats import scan_flags
 from lmpipe.errors import ConfigError, DataError
@@ -87,6 +91,7 @@ class ChunkResult:
     keys: np.ndarray  # exact-dedup key per survivor
     signatures: np.ndarray | None  # MinHash signature per survivor
     cpu_seconds: float = 0.0  # CPU time the chunk took in its worker
+    by_language: dict[str, np.ndarray] = field(default_factory=dict)  # language -> documents per rule code
 
 
 # ------------------------------------------------------------------------------ filter (workers)
@@ -165,8 +170,14 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
     if cfg.length.enabled:
         detect &= (chars >= cfg.length.min_chars) & (chars <= cfg.length.max_chars)
     batch = tokenize_for_rules(texts.to_arrow())
-    langs, confidence = detect_languages(texts, batch, np.flatnonzero(detect))
-    verdict = judge(cfg, chars=chars, bad_fraction=bad, langs=langs, confidence=confidence, batch=batch)
+    # with clean.markdown the rules (language id included) read the prose; dedup reads the whole text
+    judged, rule_batch = texts, batch
+    if cfg.markdown.enabled:
+        judged = markdown_prose(texts)
+        rule_batch = tokenize_for_rules(judged.to_arrow())
+    langs, confidence = detect_languages(judged, rule_batch, np.flatnonzero(detect))
+    verdict = judge(cfg, chars=chars, bad_fraction=bad, langs=langs, confidence=confidence, batch=rule_batch,
+                    texts=judged)
     codes, values = verdict.codes, verdict.values
     if cfg.decontaminate.enabled and index is not None and len(index):
         rows = np.flatnonzero(codes == 0)
@@ -186,7 +197,7 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
         examples[name] = found
 
     out_texts = texts.gather(kept)
-    pii_matches = {"email": 0, "ip": 0, "phone": 0}
+    pii_matches = {kind: 0 for kind, _, _ in PII_KINDS}
     pii_docs = 0
     if cfg.pii.enabled:
         # the raw text's flags hold unless normalisation rewrote it (NFKC turns '＠' into '@')
@@ -216,8 +227,10 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
     if cfg.near_dedup.enabled:
         nd = cfg.near_dedup
         signatures = minhash_signatures(batch, kept, nd.num_perm, nd.shingle_size, nd.seed)
+    by_language = {str(lang): np.bincount(codes[langs == lang], minlength=len(names) + 1)
+                   for lang in np.unique(langs.astype(str))}
     return ChunkResult(
-        table=out, docs=n, bytes=int(in_bytes.sum()),
+        table=out, docs=n, bytes=int(in_bytes.sum()), by_language=by_language,
         removed_docs=np.bincount(codes, minlength=len(names) + 1),
         removed_bytes=np.bincount(codes, weights=in_bytes, minlength=len(names) + 1).astype(np.int64),
         examples=examples, normalized=int(rewritten.sum()), pii_docs=pii_docs, pii_matches=pii_matches,
@@ -323,14 +336,24 @@ class _Tally:
     bytes_out: int = 0
     normalized: int = 0
     pii_docs: int = 0
-    pii: dict[str, int] = field(default_factory=lambda: {"email": 0, "phone": 0, "ip": 0})
+    pii: dict[str, int] = field(default_factory=lambda: {kind: 0 for kind, _, _ in PII_KINDS})
     removed_docs: np.ndarray | None = None
     removed_bytes: np.ndarray | None = None
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     languages: dict[str, int] = field(default_factory=dict)
+    # language -> documents per rule code (0: passed the document rules), and removed by dedup
+    by_language: dict[str, np.ndarray] = field(default_factory=dict)
+    dedup_by_language: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def add(self, result: ChunkResult, kept: pa.Table, limit: int) -> None:
+    def add(self, result: ChunkResult, kept: pa.Table, limit: int, dedup_removed: dict[str, dict[str, int]]) -> None:
         self.worker_cpu += result.cpu_seconds
+        for lang, counts in result.by_language.items():
+            prior = self.by_language.get(lang)
+            self.by_language[lang] = counts if prior is None else prior + counts
+        for lang, removed in dedup_removed.items():
+            slot = self.dedup_by_language.setdefault(lang, {})
+            for name, docs in removed.items():
+                slot[name] = slot.get(name, 0) + docs
         self.docs_in += result.docs
         self.bytes_in += result.bytes
         self.normalized += result.normalized
@@ -374,7 +397,46 @@ def _report(cfg: CleanConfig, tally: _Tally, dedup: StreamDedup) -> dict[str, An
         "pii": {"enabled": cfg.pii.enabled, "docs_modified": tally.pii_docs, "matches": tally.pii},
         "lsh": lsh,
         "languages": dict(sorted(tally.languages.items())),
+        "by_language": _by_language(tally),
     }
+
+
+def _by_language(tally: _Tally) -> dict[str, dict[str, Any]]:
+    """Per detected language ("und": not detected, as for documents an earlier rule dropped):
+    documents in and out, and the documents each rule removed (rules that removed none left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for lang in sorted(tally.by_language):
+        counts = tally.by_language[lang]
+        removed = {name: int(counts[idx]) for idx, name in enumerate(tally.names, start=1) if counts[idx]}
+        removed.update({name: docs for name, docs in tally.dedup_by_language.get(lang, {}).items() if docs})
+        removed = {name: removed[name] for name in tally.names if name in removed}
+        out[lang] = {"input": int(counts.sum()), "output": tally.languages.get(lang, 0), "removed": removed}
+    return out
+
+
+def dedup_by_language(dedup: StreamDedup, result: ChunkResult) -> tuple[pa.Table, dict[str, dict[str, int]]]:
+    """``dedup.filter`` of a chunk's survivors, one language at a time, so the report can say how
+    many documents of each language each dedup rule removed. A duplicate has its original's
+    language, so keep-first within each language is keep-first overall; rows keep their order."""
+    table = result.table
+    langs = table.column("lang").to_numpy(zero_copy_only=False).astype(str)
+    order = list(dict.fromkeys(langs.tolist()))
+    removed: dict[str, dict[str, int]] = {}
+    parts = []
+    for lang in order:
+        rows = np.flatnonzero(langs == lang) if len(order) > 1 else np.arange(len(langs))
+        part = table if len(order) == 1 else table.take(pa.array(rows)).append_column("_row", pa.array(rows))
+        before = {name: entry["docs"] for name, entry in dedup.removed.items()}
+        signatures = None if result.signatures is None else result.signatures[rows]
+        parts.append(dedup.filter(part, result.keys[rows], signatures))
+        removed[lang] = {name: entry["docs"] - before[name] for name, entry in dedup.removed.items()}
+    if len(parts) == 1:
+        return parts[0], removed
+    if not parts:
+        return table, removed
+    merged = pa.concat_tables(parts)
+    merged = merged.take(pa.array(np.argsort(merged.column("_row").to_numpy(), kind="stable")))
+    return merged.drop_columns(["_row"]), removed
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -430,9 +492,9 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         with _progress() as progress:
             task = progress.add_task("clean", total=total_docs)
             for result in _results(paths.raw, cfg, index, workers):
-                kept = dedup.filter(result.table, result.keys, result.signatures)
+                kept, dedup_removed = dedup_by_language(dedup, result)
                 writer.write(kept.select(["id", "text", "source", "meta"]))
-                tally.add(result, kept, cfg.examples_per_rule)
+                tally.add(result, kept, cfg.examples_per_rule, dedup_removed)
                 progress.advance(task, result.docs)
         writer.close()
         report = _report(cfg, tally, dedup)

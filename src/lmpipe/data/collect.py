@@ -38,7 +38,7 @@ from lmpipe.config import Paths
 from lmpipe.data.config import CollectConfig, FilesSource, HFSource, Source, SyntheticSource
 from lmpipe.data.shards import ShardWriter, doc_id, make_table
 from lmpipe.data.sources import Record, SourceStats, read_files_source, read_hf_source, read_url_source
-from lmpipe.data.synthetic import check_kinds, generate
+from lmpipe.data.synthetic import check_kinds, chinese_count, generate
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_manifest
 
@@ -70,7 +70,7 @@ def read_source(source: Source, root: Path, seed: int, stats: SourceStats,
     if isinstance(source, SyntheticSource):
         check_kinds(source.kinds, f"collect.sources.{source.name}.kinds")
         return generate(source.num_docs, noise_fraction=source.noise_fraction, kinds=source.kinds,
-                        seed=source_seed(seed, source.name))
+                        seed=source_seed(seed, source.name), zh_fraction=source.zh_fraction)
     if isinstance(source, FilesSource):
         return read_files_source(source, root, stats)
     if isinstance(source, HFSource):
@@ -80,7 +80,8 @@ def read_source(source: Source, root: Path, seed: int, stats: SourceStats,
 
 def _expected_docs(source: Source) -> int | None:
     if isinstance(source, SyntheticSource):
-        total = source.num_docs + round(source.noise_fraction * source.num_docs)
+        total = source.num_docs + round(source.noise_fraction * source.num_docs) \
+            + chinese_count(source.num_docs, source.noise_fraction, source.zh_fraction)
         return min(total, source.max_docs) if source.max_docs else total
     return source.max_docs
 

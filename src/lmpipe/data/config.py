@@ -77,6 +77,10 @@ class SyntheticSource(_SourceBase):
         default_factory=lambda: {"story": 0.5, "review": 0.3, "instruction": 0.2},
         description="Mix of document kinds: story, review (labelled sentiment), instruction.",
     )
+    zh_fraction: float = Field(
+        0.0, ge=0, le=1, description="Extra Chinese documents of the same kinds and mix, as a fraction of num_docs "
+        "(the English documents stay the same for a seed).",
+    )
 
 
     @field_validator("kinds")
@@ -145,7 +149,9 @@ class QualityRule(Section):
     max_ellipsis_line_fraction: float = Field(0.3, ge=0, le=1, description="Gopher: lines ending in '...' <= 30%.")
     max_bullet_line_fraction: float = Field(0.9, ge=0, le=1, description="Gopher: lines starting with a bullet <= 90%.")
     min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="Gopher: >= 80% of words contain a letter.")
-    min_stop_words: int = Field(2, ge=0, description="Gopher: at least 2 of the, be, to, of, and, that, have, with (English only).")
+    min_stop_words: int = Field(
+        2, ge=0, description="Gopher: at least 2 of the, be, to, of, and, that, have, with (English; other languages "
+        "count the `stop_words` of their clean.languages profile, or skip the check).")
 
 
 class RepetitionRule(Section):
@@ -175,8 +181,64 @@ class LanguageRule(Section):
 class PiiRule(Section):
     enabled: bool = True
     email: bool = Field(True, description="Replace e-mail addresses with <EMAIL>.")
-    phone: bool = Field(True, description="Replace phone numbers with <PHONE>.")
+    phone: bool = Field(True, description="Replace phone numbers (mainland China mobiles and landlines too) with <PHONE>.")
     ip: bool = Field(True, description="Replace IPv4 addresses with <IP_ADDRESS>.")
+    id_number: bool = Field(True, description="Replace mainland China resident ID numbers (18 characters, valid "
+                            "GB 11643 check digit) with <ID_NUMBER>.")
+
+
+# FineWeb-2's Chinese stop words (huggingface/fineweb-2, configs/cmn_Hani.yml): the 22 most frequent
+# words of its Chinese data, Simplified and Traditional forms both.
+CHINESE_STOP_WORDS = ("的", "年", "在", "月", "是", "和", "日", "了", "於", "·", "為", "有", "被", "人", "中", "为",
+                      "他", "與", "後", "也", "而", "由")
+
+
+class LanguageProfile(Section):
+    """How documents of one language (as `clean.language` detects it) are judged.
+
+    ``quality`` and ``repetition``, when given, replace clean.quality / clean.repetition for this
+    language whole (keys left out take their Gopher defaults, not the general section's values); the
+    general ``enabled`` switches still turn a rule group off for every language.
+    """
+
+    segmenter: Literal["characters", "jieba"] = Field(
+        "characters",
+        description="How words are counted. characters: whitespace-separated words, and each CJK ideograph or "
+        "kana a word of its own (the fallback for CJK text without a segmenter, e.g. Japanese; Korean separates "
+        "words with spaces). jieba: Chinese word segmentation with jieba (about 1 MB/s per core).",
+    )
+    stop_words: list[str] = Field(
+        default_factory=list, description="Stop words counted for quality.min_stop_words (empty: no stop-word check).")
+    quality: QualityRule | None = Field(None, description="Quality rules for this language (null: clean.quality).")
+    repetition: RepetitionRule | None = Field(None, description="Repetition rules for this language (null: clean.repetition).")
+
+
+def chinese_profile() -> LanguageProfile:
+    """Chinese as FineWeb-2 filters it (Penedo et al. 2025; huggingface/fineweb-2, configs/cmn_Hani.yml):
+    words by jieba (datatrove's Chinese word tokenizer), mean word length 1-5, at least 73.5% of
+    words with a letter (its max_non_alpha_words_ratio 0.735, a minimum despite the name), 22 stop
+    words, duplicate lines <= 28.7% (dup_line_frac), and its top/duplicate n-gram limits. Every other
+    threshold is Gopher's, as in FineWeb-2."""
+    return LanguageProfile(
+        segmenter="jieba",
+        stop_words=list(CHINESE_STOP_WORDS),
+        quality=QualityRule(min_mean_word_length=1.0, max_mean_word_length=5.0, min_alpha_word_fraction=0.735),
+        repetition=RepetitionRule(
+            max_dup_line_fraction=0.287,
+            top_ngram_char_fraction={2: 0.256, 3: 0.201, 4: 0.171},
+            dup_ngram_char_fraction={5: 0.198, 6: 0.182, 7: 0.167, 8: 0.154, 9: 0.14, 10: 0.127},
+        ),
+    )
+
+
+class MarkdownRule(Section):
+    enabled: bool = Field(
+        False,
+        description="Judge Markdown as structure: the word and repetition rules read the prose only (code fences, "
+        "math blocks and inline formulas, table pipes, heading, list and quote markers are set aside), so "
+        "headings are not symbols and a list of sentences is not a bullet-line menu. For corpora whose normal "
+        "shape is Markdown (technical articles, documentation).",
+    )
 
 
 class ExactDedupRule(Section):
@@ -212,6 +274,12 @@ class CleanConfig(Section):
     exact_dedup: ExactDedupRule = Field(default_factory=ExactDedupRule)
     near_dedup: NearDedupRule = Field(default_factory=NearDedupRule)
     decontaminate: DecontaminateRule = Field(default_factory=DecontaminateRule)
+    markdown: MarkdownRule = Field(default_factory=MarkdownRule)
+    languages: dict[str, LanguageProfile] = Field(
+        default_factory=lambda: {"zh": chinese_profile()},
+        description="ISO 639-1 code -> how that language's documents are judged (word segmentation, stop words, "
+        "its own quality and repetition thresholds); languages without a profile use the general rules.",
+    )
     examples_per_rule: int = Field(5, ge=0, le=100, description="Examples of removed documents kept per rule in the report.")
     shard_docs: int = Field(20_000, gt=0, description="Documents per output parquet shard.")
     workers: int | None = Field(None, gt=0, description="Worker threads/processes; default: all cores.")

@@ -8,18 +8,25 @@ rule that drops it, so the removals of all rules add up to the documents removed
 
 Order: ``normalize`` (rewrites, never drops), ``encoding``, ``length.*``, ``language``,
 ``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1); then
-``pii`` rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
+``pii`` (:mod:`lmpipe.data.pii`) rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
 
-Chinese and Japanese have no spaces between words: the tokenizer makes each ideograph/kana a word,
-so word counts and repetition n-grams stay meaningful, and the mean-word-length and English
-stop-word checks are skipped for documents that are mostly CJK (stop words: English only).
+Languages: ``clean.languages`` holds a profile per language (:class:`LanguageProfile`): how its
+words are counted, its stop words, and its own quality and repetition thresholds. Chinese (the
+default profile, FineWeb-2's ``cmn_Hani`` settings) is segmented into words with jieba, and its
+word counts, word lengths, stop words and repetition n-grams are measured on those words. CJK text
+without a profile falls back to characters: the tokenizer makes each ideograph/kana a word, so
+counts and n-grams stay meaningful, and the mean-word-length and English stop-word checks are
+skipped for documents that are mostly CJK. Line and paragraph statistics never depend on words.
+
+Markdown (``clean.markdown``): the word and repetition rules read a prose view of the document
+(:func:`lmpipe.data.segment.markdown_prose`): code, formulas and markup set aside, so structure is not judged as noise.
 """
 
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -27,20 +34,18 @@ import polars as pl
 import pyarrow as pa
 import pycld2
 
-from lmpipe.data.config import CleanConfig, PiiRule
+from lmpipe.data.config import CleanConfig, LanguageProfile, RepetitionRule
+from lmpipe.data.segment import segment_words
 from lmpipe.data.textstats import (
-    HAS_AT,
+    EMPTY_NORM,
     HAS_CONTROL,
     HAS_CR,
-    HAS_DIGIT_DOT,
-    HAS_DIGITS,
     HAS_NON_ASCII,
     NGRAM_BASE,
     TokenizedBatch,
     count_get,
     count_insert,
     mix64,
-    scan_flags,
     table_mask,
     token_hashes,
     tokenize,
@@ -52,26 +57,6 @@ CONTROL_PATTERN = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\x{200B}\x{2060}\x{FEFF}
 # Broken encodings: the replacement character, and UTF-8 read as cp1252/latin-1 ("Ã©" for "é",
 # "â€™" for "’", "Â " for a no-break space); counted on the raw text, before controls are removed.
 MOJIBAKE_PATTERN = r"\x{FFFD}|Ã[\x{80}-\x{BF}]|â€|â\x{80}[\x{80}-\x{BF}]|Â[\x{A0}-\x{BF}]"
-
-EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-IPV4_PATTERN = rf"(?-u:\b){_OCTET}(?:\.{_OCTET}){{3}}(?-u:\b)"
-# Phone numbers: international (+CC ...), a parenthesised area code, NNN-NNN-NNNN / NNN.NNN.NNNN, or
-# a national number with a trunk 0 in groups (020 7946 0018). Plain digit runs and other
-# space-separated numbers are left alone (years, quantities, ids).
-PHONE_PATTERN = (
-    r"\+[0-9]{1,3}[ .\-]?(?:\([0-9]{1,4}\)[ .\-]?)?[0-9]{1,4}(?:[ .\-]?[0-9]{2,4}){2,4}(?-u:\b)"
-    r"|\([0-9]{2,4}\)[ .\-]?[0-9]{3,4}[ .\-][0-9]{3,4}(?-u:\b)"
-    r"|(?-u:\b)[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}(?-u:\b)"
-    r"|(?-u:\b)0[0-9]{2,4}[ \-][0-9]{3,4}[ \-][0-9]{3,4}(?-u:\b)"
-)
-_PII_NEEDS = {"email": HAS_AT, "ip": HAS_DIGIT_DOT, "phone": HAS_DIGITS}
-# (kind, pattern, placeholder), applied in this order: e-mails first, since they may hold digits
-PII_KINDS = (
-    ("email", EMAIL_PATTERN, "<EMAIL>"),
-    ("ip", IPV4_PATTERN, "<IP_ADDRESS>"),
-    ("phone", PHONE_PATTERN, "<PHONE>"),
-)
 
 # Gopher's stop words (Rae et al. 2021, A.1.1)
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -109,13 +94,21 @@ REPETITION_CHECKS = (
 )
 
 
+def _repetition_rules(cfg: CleanConfig) -> list[RepetitionRule]:
+    return [cfg.repetition, *(p.repetition for p in cfg.languages.values() if p.repetition is not None)]
+
+
 def document_rule_names(cfg: CleanConfig) -> list[str]:
-    """Names of the rules that judge single documents, in the order they are applied."""
+    """Names of the rules that judge single documents, in the order they are applied (the n-gram
+    sizes of every language's repetition rules)."""
     names = ["encoding", "length.min_chars", "length.max_chars", "language"]
     names += [f"quality.{check}" for check in QUALITY_CHECKS]
     names += [f"repetition.{check}" for check in REPETITION_CHECKS]
-    names += [f"repetition.top_ngram_char_fraction.{n}" for n in sorted(cfg.repetition.top_ngram_char_fraction)]
-    names += [f"repetition.dup_ngram_char_fraction.{n}" for n in sorted(cfg.repetition.dup_ngram_char_fraction)]
+    rules = _repetition_rules(cfg)
+    top = sorted({n for r in rules for n in r.top_ngram_char_fraction})
+    dup = sorted({n for r in rules for n in r.dup_ngram_char_fraction})
+    names += [f"repetition.top_ngram_char_fraction.{n}" for n in top]
+    names += [f"repetition.dup_ngram_char_fraction.{n}" for n in dup]
     return names
 
 
@@ -152,33 +145,6 @@ def bad_char_fraction(raw: pl.Series, chars: np.ndarray, flags: np.ndarray) -> n
     if len(rows):
         bad[rows] = raw.gather(rows).str.count_matches(MOJIBAKE_PATTERN).fill_null(0).to_numpy()
     return np.divide(bad, chars, out=np.zeros_like(bad), where=chars > 0)
-
-
-def redact_pii(texts: pl.Series, cfg: PiiRule, flags: np.ndarray | None = None) -> tuple[pl.Series, dict[str, int], np.ndarray]:
-    """Replace e-mails, IPv4 addresses and phone numbers with placeholders.
-
-    Returns the new texts, matches per kind, and a mask of the documents that changed. Only
-    documents that can match (``flags`` from :func:`scan_flags`: an '@', digits) are searched,
-    and only those with a match go through the replacement.
-    """
-    flags = scan_flags(texts.to_arrow()) if flags is None else flags
-    texts = texts.clone()  # scatter below works in place; the caller's series stays as it was
-    modified = np.zeros(len(texts), np.bool_)
-    counts: dict[str, int] = {}
-    wanted = {"email": cfg.email, "ip": cfg.ip, "phone": cfg.phone}
-    for kind, pattern, placeholder in PII_KINDS:
-        counts[kind] = 0
-        candidates = np.flatnonzero(flags & _PII_NEEDS[kind])
-        if not (cfg.enabled and wanted[kind]) or len(candidates) == 0:
-            continue
-        hits = texts.gather(candidates).str.count_matches(pattern).fill_null(0).to_numpy()
-        rows = candidates[hits > 0]
-        if len(rows) == 0:
-            continue
-        counts[kind] = int(hits.sum())
-        modified[rows] = True
-        texts = texts.scatter(rows, texts.gather(rows).str.replace_all(pattern, placeholder, literal=False))
-    return texts, counts, modified
 
 
 # ------------------------------------------------------------------------------------- language
@@ -369,10 +335,12 @@ class Judgement:
 
 
 def judge(cfg: CleanConfig, *, chars: np.ndarray, bad_fraction: np.ndarray, langs: np.ndarray,
-          confidence: np.ndarray, batch: TokenizedBatch) -> Judgement:
+          confidence: np.ndarray, batch: TokenizedBatch, texts: pl.Series | None = None) -> Judgement:
     """Apply every enabled document rule in order; return which rule (if any) drops each doc.
 
-    ``batch`` comes from :func:`tokenize_for_rules` of the same (normalised) texts.
+    ``batch`` comes from :func:`tokenize_for_rules` of the same (normalised) ``texts``; the texts
+    are needed when documents of a language with a profile (``clean.languages``) remain after the
+    language rule: their words are counted by the profile's segmenter.
     """
     if batch.set_counts.shape[1] != len(WORD_SETS):
         raise ValueError("judge() needs a batch from tokenize_for_rules()")
@@ -387,40 +355,112 @@ def judge(cfg: CleanConfig, *, chars: np.ndarray, bad_fraction: np.ndarray, lang
     if cfg.language.enabled:
         wrong = ~np.isin(langs.astype(str), cfg.language.keep) | (confidence < cfg.language.min_confidence)
         out.drop("language", confidence, wrong)
-    words = batch.stat("words")
-    cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
+    if not (cfg.quality.enabled or cfg.repetition.enabled):
+        return out
+    groups = language_groups(cfg, langs, out.codes == 0, batch, texts)
     if cfg.quality.enabled:
-        _quality(cfg, out, batch, words, cjk_doc, langs)
+        _quality(cfg, out, batch, groups, langs)
     if cfg.repetition.enabled:
-        _repetition(cfg, out, batch, chars)
+        _repetition(cfg, out, batch, groups, chars)
     return out
 
 
-def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, words: np.ndarray,
-             cjk_doc: np.ndarray, langs: np.ndarray) -> None:
+@dataclass
+class LanguageGroup:
+    """The documents (``rows``) of one language with a profile, tokenized by its segmenter."""
+
+    profile: LanguageProfile
+    rows: np.ndarray
+    batch: TokenizedBatch
+
+
+def language_groups(cfg: CleanConfig, langs: np.ndarray, alive: np.ndarray, batch: TokenizedBatch,
+                    texts: pl.Series | None) -> list[LanguageGroup]:
+    """The still-undecided documents of each profiled language, tokenized as the profile says
+    (jieba words joined by spaces, or the general tokenizer's characters), with the profile's stop
+    words counted (``set_counts[:, 0]``)."""
+    groups = []
+    for lang, profile in cfg.languages.items():
+        rows = np.flatnonzero(alive & (langs == lang))
+        if len(rows) == 0:
+            continue
+        if texts is None:
+            raise ValueError(f"judge() needs the texts: {len(rows)} documents have a '{lang}' profile")
+        docs = texts.gather(rows).to_list()
+        split_cjk = profile.segmenter != "jieba"
+        if not split_cjk:
+            docs = segment_words(docs)
+        stops = token_hashes(profile.stop_words, split_cjk=split_cjk) if profile.stop_words else np.zeros(0, np.uint64)
+        groups.append(LanguageGroup(profile, rows, tokenize(docs, (stops,), split_cjk=split_cjk)))
+    return groups
+
+
+def _per_doc(general: float, groups: list[LanguageGroup], rules: list[Any], key: str, n: int) -> np.ndarray:
+    """Threshold ``key`` per document: the general rule's, or its language profile's."""
+    limit = np.full(n, general, np.float64)
+    for group, rule in zip(groups, rules, strict=True):
+        if rule is not None:
+            limit[group.rows] = getattr(rule, key)
+    return limit
+
+
+def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
+             langs: np.ndarray) -> None:
     q = cfg.quality
+    n = len(out.codes)
+    words = batch.stat("words").copy()
+    word_chars = batch.stat("word_chars").copy()
+    alpha_words = batch.stat("alpha_words")
+    stops = stop_word_counts(batch).copy()
+    # without a profile, CJK counted per character has no word lengths or stop words to check
+    cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
+    word_checks = ~cjk_doc
+    stop_checks = (langs == "en") & ~cjk_doc
+    alpha = _ratio(alpha_words, words)
+    on = np.ones(n, np.bool_)
+    rules = [g.profile.quality for g in groups]
+    for group, rule in zip(groups, rules, strict=True):
+        rows, gb = group.rows, group.batch
+        # as datatrove counts them (FineWeb-2's thresholds assume it): words and their lengths
+        # without punctuation tokens, the share of words with a letter among all tokens
+        doc = np.repeat(np.arange(len(gb)), np.diff(gb.tok_offsets))
+        real = (gb.tok_flags & EMPTY_NORM) == 0
+        words[rows] = np.bincount(doc, weights=real, minlength=len(gb))
+        word_chars[rows] = np.bincount(doc, weights=np.where(real, gb.tok_chars, 0), minlength=len(gb))
+        alpha[rows] = _ratio(gb.stat("alpha_words"), gb.stat("words"))
+        stops[rows] = gb.set_counts[:, 0]
+        word_checks[rows] = True
+        stop_checks[rows] = bool(group.profile.stop_words)
+        on[rows] = rule is None or rule.enabled
+
+    def limit(key: str) -> np.ndarray:
+        return _per_doc(getattr(q, key), groups, rules, key, n)
+
     lines = batch.stat("lines")
-    mean_len = _ratio(batch.stat("word_chars"), words)
+    mean_len = _ratio(word_chars, words)
     symbols = _ratio(np.maximum(batch.stat("hashes"), batch.stat("ellipses")), words)
-    out.drop("quality.min_words", words, words < q.min_words)
-    out.drop("quality.max_words", words, words > q.max_words)
-    out.drop("quality.min_mean_word_length", mean_len, (mean_len < q.min_mean_word_length) & ~cjk_doc)
-    out.drop("quality.max_mean_word_length", mean_len, (mean_len > q.max_mean_word_length) & ~cjk_doc)
-    out.drop("quality.max_symbol_word_ratio", symbols, symbols > q.max_symbol_word_ratio)
+    out.drop("quality.min_words", words, on & (words < limit("min_words")))
+    out.drop("quality.max_words", words, on & (words > limit("max_words")))
+    out.drop("quality.min_mean_word_length", mean_len, on & (mean_len < limit("min_mean_word_length")) & word_checks)
+    out.drop("quality.max_mean_word_length", mean_len, on & (mean_len > limit("max_mean_word_length")) & word_checks)
+    out.drop("quality.max_symbol_word_ratio", symbols, on & (symbols > limit("max_symbol_word_ratio")))
     ellipsis = _ratio(batch.stat("ellipsis_lines"), lines)
-    out.drop("quality.max_ellipsis_line_fraction", ellipsis, ellipsis > q.max_ellipsis_line_fraction)
+    out.drop("quality.max_ellipsis_line_fraction", ellipsis, on & (ellipsis > limit("max_ellipsis_line_fraction")))
     bullets = _ratio(batch.stat("bullet_lines"), lines)
-    out.drop("quality.max_bullet_line_fraction", bullets, bullets > q.max_bullet_line_fraction)
-    alpha = _ratio(batch.stat("alpha_words"), words)
-    out.drop("quality.min_alpha_word_fraction", alpha, alpha < q.min_alpha_word_fraction)
-    if q.min_stop_words > 0:
-        stops = stop_word_counts(batch)
-        english = (langs == "en") & ~cjk_doc
-        out.drop("quality.min_stop_words", stops, english & (stops < q.min_stop_words))
+    out.drop("quality.max_bullet_line_fraction", bullets, on & (bullets > limit("max_bullet_line_fraction")))
+    out.drop("quality.min_alpha_word_fraction", alpha, on & (alpha < limit("min_alpha_word_fraction")))
+    min_stops = limit("min_stop_words")
+    out.drop("quality.min_stop_words", stops, on & stop_checks & (min_stops > 0) & (stops < min_stops))
 
 
-def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, chars: np.ndarray) -> None:
+def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
+                chars: np.ndarray) -> None:
     r = cfg.repetition
+    n = len(out.codes)
+    rules = [g.profile.repetition for g in groups]
+    on = np.ones(n, np.bool_)
+    for group, rule in zip(groups, rules, strict=True):
+        on[group.rows] = rule is None or rule.enabled
     checks = (
         ("max_dup_line_fraction", _ratio(batch.stat("dup_lines"), batch.stat("lines"))),
         ("max_dup_para_fraction", _ratio(batch.stat("dup_paras"), batch.stat("paras"))),
@@ -428,12 +468,39 @@ def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, chars: 
         ("max_dup_para_char_fraction", _ratio(batch.stat("dup_para_chars"), chars)),
     )
     for check, value in checks:
-        out.drop(f"repetition.{check}", value, value > getattr(r, check))
-    # n-gram statistics are the costliest: compute them only for documents still in
-    top, dup = repetition_stats(batch, list(r.top_ngram_char_fraction), list(r.dup_ngram_char_fraction),
-                                select=out.codes == 0)
-    for n, limit in sorted(r.top_ngram_char_fraction.items()):
-        value = np.minimum(top[:, n], 1.0)
-        out.drop(f"repetition.top_ngram_char_fraction.{n}", value, value > limit)
-    for n, limit in sorted(r.dup_ngram_char_fraction.items()):
-        out.drop(f"repetition.dup_ngram_char_fraction.{n}", dup[:, n], dup[:, n] > limit)
+        out.drop(f"repetition.{check}", value, on & (value > _per_doc(getattr(r, check), groups, rules, check, n)))
+    # n-gram statistics are the costliest: compute them only for documents still in, each on the
+    # words of its language (a profile's segmenter) with its language's limits
+    all_rules = [r, *(rule for rule in rules if rule is not None)]
+    top_ns = sorted({k for rule in all_rules for k in rule.top_ngram_char_fraction})
+    dup_ns = sorted({k for rule in all_rules for k in rule.dup_ngram_char_fraction})
+    alive = (out.codes == 0) & on
+    general = alive.copy()
+    for group in groups:
+        general[group.rows] = False
+    top, dup = repetition_stats(batch, list(r.top_ngram_char_fraction), list(r.dup_ngram_char_fraction), select=general)
+    width = max([*top_ns, *dup_ns, 0]) + 1
+    top, dup = _widen(top, width), _widen(dup, width)
+    top_limit = {k: np.where(general, r.top_ngram_char_fraction.get(k, np.inf), np.inf) for k in top_ns}
+    dup_limit = {k: np.where(general, r.dup_ngram_char_fraction.get(k, np.inf), np.inf) for k in dup_ns}
+    for group, rule in zip(groups, rules, strict=True):
+        rule = rule or r
+        g_top, g_dup = repetition_stats(group.batch, list(rule.top_ngram_char_fraction),
+                                        list(rule.dup_ngram_char_fraction), select=alive[group.rows])
+        top[group.rows], dup[group.rows] = _widen(g_top, width), _widen(g_dup, width)
+        for k in top_ns:
+            top_limit[k][group.rows] = np.where(alive[group.rows], rule.top_ngram_char_fraction.get(k, np.inf), np.inf)
+        for k in dup_ns:
+            dup_limit[k][group.rows] = np.where(alive[group.rows], rule.dup_ngram_char_fraction.get(k, np.inf), np.inf)
+    for k in top_ns:
+        value = np.minimum(top[:, k], 1.0)
+        out.drop(f"repetition.top_ngram_char_fraction.{k}", value, value > top_limit[k])
+    for k in dup_ns:
+        out.drop(f"repetition.dup_ngram_char_fraction.{k}", dup[:, k], dup[:, k] > dup_limit[k])
+
+
+def _widen(stats: np.ndarray, width: int) -> np.ndarray:
+    """``stats`` ([docs, n + 1]) padded with zero columns to ``width``."""
+    if stats.shape[1] >= width:
+        return stats[:, :width]
+    return np.pad(stats, ((0, 0), (0, width - stats.shape[1])))

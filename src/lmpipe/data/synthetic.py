@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
+from lmpipe.data import synthetic_zh
 from lmpipe.errors import ConfigError
 
 Record = tuple[str, dict[str, Any]]
@@ -356,9 +357,13 @@ FOREIGN = {
              "de la lluvia, el bosque huele a musgo y a tierra mojada.|Mi abuelo disfruta contando historias de "
              "su juventud en el campo.|El tren a Sevilla llegó hoy con veinte minutos de retraso.|Este fin de "
              "semana preparamos una tarta de manzana para los vecinos."),
-    "zh": _p("早上，孩子们一起走路去村里的学校。|面包店的老板每天早上六点开门。|夏天，很多家庭会去海边度假。|下雨以后，"
-             "森林里有青苔和泥土的味道。|我的爷爷喜欢讲他年轻时在农村的故事。|今天去上海的火车晚点了二十分钟。|这个周末"
-             "我们给邻居做了一个苹果派。|市图书馆每个星期三为孩子们举办读书活动。"),
+    # Japanese, not Chinese: Chinese is a language of the corpus (its share comes from synthetic_zh).
+    # Eight sentences, as the Chinese list had, so the random stream and every English document
+    # stay as they were.
+    "ja": _p("朝、子どもたちはいっしょに村の学校まで歩いて行きます。|パン屋の主人は毎朝六時に店を開けます。|"
+             "夏になると、たくさんの家族が海辺で休みを過ごします。|雨のあとの森は、こけと土のにおいがします。|"
+             "祖父は若いころの田舎の話をするのが好きです。|今日の大阪行きの電車は二十分遅れました。|"
+             "週末、私たちは近所の人にりんごのパイを焼きました。|市の図書館では毎週水曜日に子ども向けの読み聞かせがあります。"),
 }
 SITES = _p("dailynews-online.com|shopwise.net|bestrecipes.org|techgadgets.io|travelnotes.co|citytimes.info")
 BOILERPLATE = (  # web page furniture; '|' is part of the text here, so a plain tuple
@@ -429,7 +434,7 @@ def _noise(kind: str, rng: random.Random, recent: deque[Record]) -> Record:
         lang = rng.choice(tuple(FOREIGN))
         sentences = rng.sample(FOREIGN[lang], rng.randint(4, 6))
         meta["language"] = lang
-        return ("" if lang == "zh" else " ").join(sentences), meta
+        return ("" if lang == "ja" else " ").join(sentences), meta
     if kind == "boilerplate":
         blocks = [b.format(site=rng.choice(SITES), year=rng.randint(2015, 2025)) for b in rng.sample(BOILERPLATE, 3)]
         while len(" ".join(blocks).split()) >= 45:  # page furniture alone: under Gopher's 50-word minimum
@@ -463,16 +468,51 @@ def check_kinds(kinds: Mapping[str, float], where: str = "kinds") -> None:
         raise ConfigError(f"{where}: weights must be >= 0 with a positive sum")
 
 
+def chinese_count(num_docs: int, noise_fraction: float, zh_fraction: float) -> int:
+    """Documents of the Chinese share: clean ones plus their noise."""
+    clean = round(zh_fraction * num_docs)
+    return clean + round(noise_fraction * clean)
+
+
+def _chinese(num_docs: int, noise_fraction: float, kinds: Mapping[str, float],
+             rng: random.Random) -> Generator[Record, None, None]:
+    """The Chinese share (:mod:`lmpipe.data.synthetic_zh`): ``num_docs`` clean documents in the
+    ``kinds`` mix, each noisy one after a clean one."""
+    order = [kind for kind, count in _apportion(num_docs, kinds).items() for _ in range(count)]
+    rng.shuffle(order)
+    n_noise = round(noise_fraction * num_docs)
+    noise_kinds = [synthetic_zh.NOISE_KINDS[i % len(synthetic_zh.NOISE_KINDS)] for i in range(n_noise)]
+    rng.shuffle(noise_kinds)
+    after = sorted(rng.randrange(num_docs) for _ in range(n_noise))
+    recent: deque[Record] = deque(maxlen=256)
+    pending = 0
+    for idx, kind in enumerate(order):
+        record = synthetic_zh.GENERATORS[kind](rng)
+        recent.append(record)
+        yield record
+        while pending < n_noise and after[pending] == idx:
+            yield synthetic_zh.noise(noise_kinds[pending], rng, recent)
+            pending += 1
+
+
 def generate(num_docs: int, *, noise_fraction: float = 0.15, kinds: Mapping[str, float] | None = None,
-             seed: int = 0) -> Generator[Record, None, None]:
-    """Yield ``num_docs`` clean documents plus ``round(noise_fraction * num_docs)`` noisy ones.
+             seed: int = 0, zh_fraction: float = 0.0) -> Generator[Record, None, None]:
+    """Yield ``num_docs`` clean documents plus ``round(noise_fraction * num_docs)`` noisy ones, and
+    a Chinese share of ``round(zh_fraction * num_docs)`` clean documents with their own noise.
 
     Kinds are mixed exactly in proportion to ``kinds`` (default story 0.5, review 0.3, instruction
     0.2); noise kinds take turns, so all nine appear from nine noisy documents on, each after a clean
-    one. Deterministic for ``seed``. Raises ConfigError for a bad ``kinds``.
+    one. Chinese documents come from a random stream of their own, interleaved after English
+    ones, so the English documents are the same whatever ``zh_fraction``. Deterministic for
+    ``seed``. Raises ConfigError for a bad ``kinds``.
     """
     kinds = dict(kinds) if kinds is not None else {"story": 0.5, "review": 0.3, "instruction": 0.2}
     check_kinds(kinds)
+    zh_rng = random.Random(f"zh:{seed}")
+    n_zh_clean = round(zh_fraction * num_docs)
+    zh_stream = _chinese(n_zh_clean, noise_fraction, kinds, zh_rng) if n_zh_clean else iter(())
+    zh_after = sorted(zh_rng.randrange(num_docs) for _ in range(chinese_count(num_docs, noise_fraction, zh_fraction)))
+    zh_next = 0
     rng = random.Random(seed)
     order = [kind for kind, count in _apportion(num_docs, kinds).items() for _ in range(count)]
     rng.shuffle(order)
@@ -489,4 +529,7 @@ def generate(num_docs: int, *, noise_fraction: float = 0.15, kinds: Mapping[str,
         while pending < n_noise and after[pending] == idx:
             yield _noise(noise_kinds[pending], rng, recent)
             pending += 1
+        while zh_next < len(zh_after) and zh_after[zh_next] == idx:
+            yield next(zh_stream)
+            zh_next += 1
 

@@ -7,6 +7,9 @@ in Python. The loops are numba-compiled (``cache=True``: compiled once per machi
 Tokens are maximal runs of non-space characters, except that each CJK ideograph or kana is a token
 of its own: Chinese and Japanese have no spaces, and treating a whole sentence as one "word" would
 make every word-based rule meaningless for them. CJK punctuation separates tokens like a space.
+This per-character split is the fallback for CJK text without a word segmenter (Japanese; Korean
+separates words with spaces and needs none); Chinese documents are segmented into words with
+jieba first and tokenized with ``split_cjk=False`` (:func:`lmpipe.data.segment.segment_words`).
 
 Each token gets a 64-bit hash of its *normalised* form: letters and digits only, ASCII and Latin-1
 letters lower-cased. So ``"The,"`` and ``"the"`` hash alike, which is what exact dedup (case and
@@ -43,7 +46,9 @@ NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
 _PARA_SALT = np.uint64(0xA0761D6478BD642F)
 _SET_MAX_CHARS = 12  # word-set members (stop words, function words) are short; skip longer tokens
 
-SEP, LETTER, DIGIT, PUNCT, CJK = 0, 1, 2, 3, 4
+# character classes; JOINED_CJK..PUNCT are the characters of a token (one range test in the kernel)
+# JOINED_CJK: a CJK character inside a word of pre-segmented text (tokenize(split_cjk=False))
+SEP, JOINED_CJK, LETTER, DIGIT, PUNCT, CJK = 0, 1, 2, 3, 4, 5
 _ASCII_CLASS = np.full(128, PUNCT, dtype=np.uint8)
 _ASCII_CLASS[[9, 10, 11, 12, 13, 32]] = SEP
 _ASCII_CLASS[:9] = SEP
@@ -87,14 +92,20 @@ def char_class(cp: int, ascii_class: np.ndarray) -> int:
             or 0xF900 <= cp <= 0xFAFF or 0x20000 <= cp <= 0x2FA1F:
         return CJK
     # CJK and full-width punctuation separate tokens like spaces do
-    if 0x3001 <= cp <= 0x303F or 0xFF01 <= cp <= 0xFF0F or 0xFF1A <= cp <= 0xFF20 \
-            or 0xFF3B <= cp <= 0xFF40 or 0xFF5B <= cp <= 0xFF65:
+    if cjk_punctuation(cp):
         return SEP
     # Latin-1 punctuation, general punctuation, currency, symbols, arrows, box drawing, emoji
     if cp < 0xC0 or cp == 0xD7 or cp == 0xF7 or 0x2010 <= cp <= 0x2BFF or 0xFE00 <= cp <= 0xFE0F \
             or 0x1F000 <= cp <= 0x1FAFF or 0xFFF0 <= cp <= 0xFFFF:
         return PUNCT
     return LETTER
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def cjk_punctuation(cp: int) -> bool:
+    """CJK and full-width punctuation (char_class: SEP)."""
+    return 0x3001 <= cp <= 0x303F or 0xFF01 <= cp <= 0xFF0F or 0xFF1A <= cp <= 0xFF20 \
+        or 0xFF3B <= cp <= 0xFF40 or 0xFF5B <= cp <= 0xFF65
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -183,7 +194,7 @@ def _ends_with_ellipsis(data: np.ndarray, start: int, end: int) -> bool:
 @numba.njit(cache=True, nogil=True)
 def _tokenize(data, offsets, ascii_class, bullets, tok_hash, tok_chars, tok_flags, tok_offsets, stats,
               keys, stamps, counts, line_hash, line_chars, para_hash, para_chars, set_hashes, set_bits,
-              set_filter, set_counts):  # pragma: no cover - compiled
+              set_filter, set_counts, split_cjk):  # pragma: no cover - compiled
     n_docs = offsets.shape[0] - 1
     t = 0
     stamp = 0
@@ -223,11 +234,16 @@ def _tokenize(data, offsets, ascii_class, bullets, tok_hash, tok_chars, tok_flag
                 else:
                     cp, nb = _decode(data, i, end)
                     cls = char_class(cp, ascii_class)
+                    if not split_cjk:  # pre-segmented text: ideographs join into words, and
+                        if cls == CJK:  # CJK punctuation is a token (a non-word, as datatrove counts it)
+                            cls = JOINED_CJK
+                        elif cls == SEP and cjk_punctuation(cp):
+                            cls = PUNCT
             else:
                 cp, nb, cls = 10, 1, SEP  # a virtual newline closes the last token and line
             if cp != 0x2E:
                 dots = 0
-            if LETTER <= cls <= PUNCT:  # letter, digit or punctuation: part of a token
+            if JOINED_CJK <= cls <= PUNCT:  # letter, digit or punctuation: part of a token
                 if not in_tok:
                     in_tok = True
                     tok_start = i
@@ -240,6 +256,8 @@ def _tokenize(data, offsets, ascii_class, bullets, tok_hash, tok_chars, tok_flag
                     flags &= ~EMPTY_NORM
                     if cls == LETTER:
                         flags |= HAS_LETTER
+                    elif cls == JOINED_CJK:
+                        flags |= HAS_LETTER | IS_CJK
                 elif cp == 0x23:  # '#', Gopher's symbol-to-word ratio
                     hashes += 1
                 elif cp == 0x2E:
@@ -444,11 +462,16 @@ def utf8_buffers(texts: pa.Array | pa.ChunkedArray | list[str]) -> tuple[np.ndar
     return data, offsets
 
 
-def tokenize(texts: pa.Array | pa.ChunkedArray | list[str], word_sets: tuple[np.ndarray, ...] = ()) -> TokenizedBatch:
+def tokenize(texts: pa.Array | pa.ChunkedArray | list[str], word_sets: tuple[np.ndarray, ...] = (), *,
+             split_cjk: bool = True) -> TokenizedBatch:
     """Tokenize a batch of documents and count what the rules need (one compiled pass over the bytes).
 
     ``word_sets`` are arrays of token hashes (from :func:`token_hashes`); occurrences of each set's
-    words are counted per document. Reads only the given array; allocates token arrays bounded
+    words are counted per document. With ``split_cjk`` (the default) every CJK character is a token
+    of its own; without it CJK characters join like letters, for text already segmented into
+    space-separated words (Chinese through jieba, see :mod:`lmpipe.data.segment`), and CJK punctuation
+    is a token of its own (no letter) as in datatrove's word counts. A one-character word hashes the
+    same either way. Reads only the given array; allocates token arrays bounded
     by the batch's byte size.
     """
     if len(word_sets) > 8:
@@ -480,14 +503,15 @@ def tokenize(texts: pa.Array | pa.ChunkedArray | list[str], word_sets: tuple[np.
         np.empty(size, np.uint64), np.zeros(size, np.int64), np.empty(size, np.int32),
         np.empty(max_lines, np.uint64), np.empty(max_lines, np.int64),
         np.empty(max_lines, np.uint64), np.empty(max_lines, np.int64),
-        union, bits, set_filter, set_counts,
+        union, bits, set_filter, set_counts, split_cjk,
     )
     return TokenizedBatch(tok_hash[:used], tok_chars[:used], tok_flags[:used], tok_offsets, stats, set_counts)
 
 
-def token_hashes(words: list[str]) -> np.ndarray:
-    """Normalised hash of each given word (as the tokenizer would hash it), e.g. for stop words."""
-    batch = tokenize(words)
+def token_hashes(words: list[str], *, split_cjk: bool = True) -> np.ndarray:
+    """Normalised hash of each given word (as the tokenizer would hash it), e.g. for stop words;
+    0 for an entry that is not one token (``split_cjk`` as in :func:`tokenize`)."""
+    batch = tokenize(words, split_cjk=split_cjk)
     out = np.zeros(len(words), np.uint64)
     for idx in range(len(words)):
         lo, hi = batch.tok_offsets[idx], batch.tok_offsets[idx + 1]

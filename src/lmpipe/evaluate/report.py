@@ -178,6 +178,12 @@ def tokenizer_section(paths: Paths) -> str:
              f"{fmt(report.get('sample_bytes'))} bytes of the {html.escape(str(report.get('split', 'val')))} split.</p>",
              '<div class="kpis">', *(f'<div class="kpi"><b>{fmt(v, 3)}</b><span>{k}</span></div>' for k, v in kpis),
              "</div>"]
+    languages = report.get("by_language") or {}
+    if languages:
+        parts.append("<h3>Per language</h3>" + table(
+            ["language", "documents", "bytes", "tokens", "bytes / token", "tokens / character", "tokens / word"],
+            [[lang, e.get("documents"), e.get("bytes"), e.get("tokens"), e.get("bytes_per_token"),
+              e.get("tokens_per_char"), e.get("tokens_per_word")] for lang, e in languages.items()], text_columns={0}))
     meta = read_json(paths.tokens / "meta.json")
     if meta is not None:
         rows = [[s, e.get("documents"), e.get("tokens"), e.get("bytes")] for s, e in meta.get("splits", {}).items()]
@@ -295,6 +301,8 @@ def lm_section(results: dict[str, Any]) -> str:
             score = model.get("lm", {}).get(split)
             if score:
                 rows.append([name, split, score.get("tokens"), score["loss"], score["perplexity"], score.get("bpb")])
+                for lang, part in (score.get("by_language") or {}).items():
+                    rows.append([name, f"{split} ({lang})", part.get("tokens"), part["loss"], None, part.get("bpb")])
     parts.append(table(["model", "data", "tokens scored", "loss", "perplexity", "bits/byte"], rows))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(min(12, 2 + 1.5 * len(models) * len(sets) / 2), 3.2))
@@ -346,9 +354,12 @@ def tasks_section(results: dict[str, Any]) -> str:
                              r["majority_accuracy"]] for n, r in models.items()]))
     for task, result in instruction.items():
         parts.append(f"<h3>Instructions: {html.escape(task)}</h3>")
-        parts.append(table(["prompts", "BLEU", "ROUGE-L F1", "exact match"],
-                           [[result["examples"], result["bleu"], result["rouge_l"], result["exact_match"]]]))
-        parts.append(f"<p class='note'>sacrebleu {html.escape(result['bleu_signature'])}</p>")
+        rows = [["all", result["examples"], result["bleu"], result["rouge_l"], result["exact_match"],
+                 result["bleu_signature"]]]
+        rows += [[lang, part["examples"], part["bleu"], part["rouge_l"], part["exact_match"], part["bleu_signature"]]
+                 for lang, part in result.get("by_language", {}).items()]
+        parts.append(table(["references", "prompts", "BLEU", "ROUGE-L F1", "exact match", "sacrebleu signature"], rows,
+                           text_columns={0, 5}))
         parts.append(table(["prompt", "reference", "generated", "ROUGE-L"],
                            [[s["prompt"], s["reference"], s["generated"], s["rouge_l"]] for s in result["samples"]],
                            text_columns={0, 1, 2}))

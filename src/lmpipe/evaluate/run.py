@@ -60,10 +60,10 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
             "size_bytes": speed.size_on_disk(directory), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
             "distill": config.get("distill"), "lm": {}}
 
-    for data_name, (tokens, n_bytes) in streams(cfg, paths, sp, info).items():
+    for data_name, (tokens, n_bytes, groups) in streams(cfg, paths, sp, info).items():
         for name, model in models.items():
             score = lm.score_tokens(model, tokens, n_bytes, stride=cfg.stride, batch_size=cfg.batch_size, device=device,
-                                    precision=cfg.precision)
+                                    precision=cfg.precision, groups=groups)
             results["models"][name]["lm"][data_name] = score
             log.info("%s on %s: loss %.4f, bits/byte %s", name, data_name, score["loss"],
                      f"{score['bpb']:.4f}" if "bpb" in score else "n/a")
@@ -118,14 +118,15 @@ def resolve_models(cfg: EvaluateConfig, paths: Paths) -> dict[str, Path]:
             if present(cfg, paths, f"models.{name}", relative)}
 
 
-def streams(cfg: EvaluateConfig, paths: Paths, sp: Any, info: Any) -> dict[str, tuple[Any, float | None]]:
-    """Token streams to score, by name: the configured splits, then the eval files."""
-    out: dict[str, tuple[Any, float | None]] = {}
+def streams(cfg: EvaluateConfig, paths: Paths, sp: Any, info: Any) -> dict[str, tuple[Any, float | None, Any]]:
+    """Token streams to score, by name: the configured splits (with the language of each position
+    when a split has several, for bits per byte per language), then the eval files."""
+    out: dict[str, tuple[Any, float | None, Any]] = {}
     for split in cfg.splits:
-        out[split] = lm.split_stream(paths.tokens, split, info.fingerprint, cfg.max_tokens)
+        out[split] = lm.split_stream(paths.tokens, split, info.fingerprint, cfg.max_tokens, paths.split / split)
     for spec in cfg.eval_files:
         docs = lm.read_documents(paths.root / spec.path, spec.format, spec.text_field)
-        out[spec.name] = lm.file_stream(docs, sp, info.eos_id, cfg.max_tokens)
+        out[spec.name] = (*lm.file_stream(docs, sp, info.eos_id, cfg.max_tokens), None)
     return out
 
 
@@ -164,7 +165,12 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, model in results["models"].items():
         entry: dict[str, Any] = {k: model[k] for k in ("parameters", "non_embedding_parameters", "size_bytes")}
-        entry.update({data: {k: v for k, v in score.items() if k != "tokens"} for data, score in model["lm"].items()})
+        entry.update({data: {k: v for k, v in score.items() if k not in ("tokens", "by_language")}
+                      for data, score in model["lm"].items()})
+        for data, score in model["lm"].items():
+            if score.get("by_language"):
+                entry[data]["by_language"] = {lang: {k: v for k, v in part.items() if k != "tokens"}
+                                              for lang, part in score["by_language"].items()}
         entry.update(model.get("speed", {}))
         out[name] = entry
     if results.get("comparison"):
@@ -176,6 +182,9 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, Any]:
                      for n, r in models.items()}
     for task, result in results.get("instruction", {}).items():
         out[task] = {k: result[k] for k in ("bleu", "rouge_l", "exact_match")}
+        if "by_language" in result:
+            out[task]["by_language"] = {lang: {k: part[k] for k in ("bleu", "rouge_l", "exact_match")}
+                                        for lang, part in result["by_language"].items()}
     return out
 
 

@@ -4,19 +4,25 @@ and sample generations for fixed prompts.
 - Classification reuses the finetune stage's reading, encoding and metrics
   (:mod:`lmpipe.train.classify`), so a classifier is scored exactly as it was selected.
 - BLEU is sacrebleu's corpus BLEU (Post 2018, "A Call for Clarity in Reporting BLEU Scores"): its
-  13a tokenisation and signature make the number comparable across papers.
-- ROUGE-L (Lin 2004) is the F1 of the longest common subsequence of lower-cased whitespace tokens,
-  averaged over examples (the F1 variant that rouge-score reports), implemented here with the
-  standard O(n m) dynamic programme.
+  13a tokenisation, or its ``zh`` tokenisation (each Chinese character a token, 13a for the rest,
+  as WMT scores Chinese) when references are Chinese; the signature says which.
+- ROUGE-L (Lin 2004) is Google's ``rouge-score`` (the reference Python implementation of ROUGE
+  1.5.5), F1 of the longest common subsequence averaged over examples, with its tokenisation
+  (lower case, runs of a-z and 0-9) extended so that every CJK character is a token: Chinese has
+  no spaces, and without this an answer in Chinese would be a single token or none.
+- Instruction scores are also given per reference language (``zh`` for references with Chinese
+  characters, ``other`` for the rest), each with its BLEU tokenisation.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import numpy as np
 import torch
+from rouge_score import rouge_scorer, tokenizers
 
 from lmpipe.config import Paths
 from lmpipe.evaluate.config import ClassificationEval, InstructionEval
@@ -26,40 +32,63 @@ from lmpipe.model.gpt import GPT
 log = logging.getLogger(__name__)
 
 EXAMPLES_SHOWN = 5  # instruction answers kept for the report
+# CJK ideographs (with extensions and compatibility forms), kana and Hangul syllables
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f"
+_TOKEN = re.compile(f"[{_CJK}]|[a-z0-9]+")
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 
 
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token lists (one-row dynamic programme)."""
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for token in a:
-        diagonal = 0
-        for j, other in enumerate(b, start=1):
-            keep = row[j]
-            row[j] = diagonal + 1 if token == other else max(row[j], row[j - 1])
-            diagonal = keep
-    return row[-1]
+class CJKTokenizer(tokenizers.Tokenizer):
+    """rouge-score's default tokenisation (lower-cased runs of a-z and 0-9; no stemming), plus every
+    CJK character as a token of its own. On text without CJK it gives the default's tokens."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower())
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CJKTokenizer())
 
 
 def rouge_l(hypothesis: str, reference: str) -> dict[str, float]:
-    """ROUGE-L precision, recall and F1 of one hypothesis against one reference."""
-    hyp, ref = hypothesis.lower().split(), reference.lower().split()
-    if not hyp or not ref:
-        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    lcs = lcs_length(hyp, ref)
-    precision, recall = lcs / len(hyp), lcs / len(ref)
-    f1 = 2 * precision * recall / (precision + recall) if lcs else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
+    """ROUGE-L precision, recall and F1 of one hypothesis against one reference (rouge-score)."""
+    score = _ROUGE.score(reference, hypothesis)["rougeL"]
+    return {"precision": float(score.precision), "recall": float(score.recall), "f1": float(score.fmeasure)}
+
+
+def is_chinese(text: str, min_share: float = 0.2) -> bool:
+    """Whether at least ``min_share`` of the non-space characters are Chinese ideographs."""
+    chars = len(text) - sum(c.isspace() for c in text)
+    return chars > 0 and len(_HAN.findall(text)) >= min_share * chars
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
-    """sacrebleu corpus BLEU (0-100) of the hypotheses against one reference each, and its signature."""
+    """sacrebleu corpus BLEU (0-100) of the hypotheses against one reference each, and its signature.
+
+    Tokenisation: ``zh`` when any reference is Chinese (:func:`is_chinese`), else ``13a``."""
     import sacrebleu
 
-    metric = sacrebleu.BLEU()
+    metric = sacrebleu.BLEU(tokenize="zh" if any(map(is_chinese, references)) else "13a")
     score = metric.corpus_score(hypotheses, [references])
     return float(score.score), str(metric.get_signature())
+
+
+def text_scores(answers: list[str], references: list[str]) -> dict[str, Any]:
+    """BLEU, mean ROUGE-L F1 and exact-match rate of answers against references, overall and per
+    reference language (``by_language``: ``zh`` and ``other``, where both occur)."""
+    rouge = [rouge_l(a, r)["f1"] for a, r in zip(answers, references, strict=True)]
+    exact = [a.strip().lower() == r.strip().lower() for a, r in zip(answers, references, strict=True)]
+    score, signature = bleu(answers, references)
+    out: dict[str, Any] = {"bleu": score, "rouge_l": float(np.mean(rouge)), "exact_match": float(np.mean(exact)),
+                           "examples": len(answers), "bleu_signature": signature, "rouge_l_each": rouge}
+    chinese = np.array([is_chinese(r) for r in references], np.bool_)
+    if chinese.any() and not chinese.all():
+        out["by_language"] = {}
+        for name, rows in (("zh", np.flatnonzero(chinese)), ("other", np.flatnonzero(~chinese))):
+            part_bleu, part_signature = bleu([answers[i] for i in rows], [references[i] for i in rows])
+            out["by_language"][name] = {"bleu": part_bleu, "rouge_l": float(np.mean([rouge[i] for i in rows])),
+                                        "exact_match": float(np.mean([exact[i] for i in rows])),
+                                        "examples": len(rows), "bleu_signature": part_signature}
+    return out
 
 
 def classification_scores(name: str, spec: ClassificationEval, paths: Paths, sp: Any, info: Any,
@@ -102,14 +131,13 @@ def instruction_scores(name: str, spec: InstructionEval, paths: Paths, sp: Any, 
     prompts = sft.held_out_prompts(conversations, spec.max_examples)
     answers = [sft.generate_reply(model, template, prompt, spec.max_new_tokens, device) for prompt, _ in prompts]
     references = [reference for _, reference in prompts]
-    score, signature = bleu(answers, references)
-    rouge = [rouge_l(a, r) for a, r in zip(answers, references, strict=True)]
-    exact = [a.strip().lower() == r.strip().lower() for a, r in zip(answers, references, strict=True)]
+    scores = text_scores(answers, references)
+    rouge = scores.pop("rouge_l_each")
+    score = scores["bleu"]
     result = {
-        "bleu": score, "rouge_l": float(np.mean([r["f1"] for r in rouge])), "exact_match": float(np.mean(exact)),
-        "examples": len(answers), "bleu_signature": signature,
+        **scores,
         "samples": [{"prompt": "\n".join(f"{m.role}: {m.content}" for m in prompt), "reference": reference,
-                     "generated": answer, "rouge_l": r["f1"]}
+                     "generated": answer, "rouge_l": r}
                     for (prompt, reference), answer, r in list(zip(prompts, answers, rouge, strict=True))[:EXAMPLES_SHOWN]],
     }
     log.info("instruction %s: BLEU %.2f, ROUGE-L %.4f, exact %.3f on %d prompts", name, score, result["rouge_l"],

@@ -415,8 +415,8 @@ def run(cfg: TokenizerConfig, paths: Paths) -> dict[str, Any]:
     if sp.vocab_size() < cfg.vocab_size:
         log.warning("the corpus supports only %d pieces, fewer than tokenizer.vocab_size=%d",
                     sp.vocab_size(), cfg.vocab_size)
-    docs, report_split = report_documents(paths.split, cfg.report_max_bytes)
-    report = tokenizer_report(sp, docs, cfg.top_tokens, num_threads=cfg.num_threads or cpu_count())
+    docs, report_split, languages = report_documents(paths.split, cfg.report_max_bytes)
+    report = tokenizer_report(sp, docs, cfg.top_tokens, num_threads=cfg.num_threads or cpu_count(), languages=languages)
     report["split"] = report_split
     special = {piece: sp.piece_to_id(piece) for piece in cfg.special_tokens}
     info: dict[str, Any] = {
