@@ -141,10 +141,12 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
               root: str | Path = ".", task: str | None = None) -> dict[str, Any]:
     """Run one stage as the CLI does (params, MLflow run, summary). Returns the stage's summary."""
     from lmpipe.config import Paths, load_params
+    from lmpipe.io import sweep_staging
     from lmpipe.tracking import stage_run
 
     stage = STAGES[name]
     root = Path(root).resolve()
+    sweep_staging(root)  # staging dirs of killed stages (lmpipe.io)
     params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path, overrides)
     cfg = params.section(stage.section)
     paths = Paths(root)
