@@ -160,7 +160,9 @@ class PretrainModule(L.LightningModule):
         return build_optimizer(self.model, self.cfg, self.device, self._group_names)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        return (self._compiled or self.model)(idx, targets)
+        # Not `self._compiled or self.model`: truth-testing a compiled module calls len() on it, which raises.
+        model = self._compiled if self._compiled is not None else self.model
+        return model(idx, targets)
 
     # ------------------------------------------------------------------------------ train
 
