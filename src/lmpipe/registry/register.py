@@ -173,7 +173,8 @@ def absolute_floors(kind: str, spec: ModelSpec, paths: Paths) -> tuple[dict[str,
 
     Unigram floors come from the val split of ``data/tokens/`` (checked against the tokenizer);
     the majority-class floor from the key ``<prefix>majority_accuracy`` next to the metric's
-    ``<prefix>accuracy`` in its metrics file. A floor that cannot be read is a problem line, not
+    ``<prefix>accuracy`` in its metrics file (the fine-tune stage writes ``test_majority_accuracy``
+    next to ``test_accuracy``). A floor that cannot be read is a problem line, not
     an error: the model is still registered, it just cannot be a first champion automatically.
     """
     floors: dict[str, float] = {}

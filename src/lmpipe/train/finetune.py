@@ -321,8 +321,6 @@ def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp
             confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
             np.add.at(confusion, (actual, predicted), 1)
             report = classify.classification_metrics(confusion, labels)
-            # The register stage's absolute floor: a first champion must beat always answering the majority class.
-            export.numbers[f"{split}_majority_accuracy"] = report["majority_accuracy"]
             export.details[split] = {**report, "confusion": confusion.tolist(), "labels": labels}
             if split == "dev":
                 export.metrics_extra["dev_per_class"] = report["per_class"]

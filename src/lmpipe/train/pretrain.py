@@ -162,13 +162,15 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def build_trainer(cfg: PretrainConfig, callbacks: list[Callback], root_dir: Path | None = None) -> L.Trainer:
+def build_trainer(cfg: PretrainConfig, callbacks: list[Callback], checkpoint_dir: Path | None = None) -> L.Trainer:
     """A Trainer stripped to what the stage uses: no Lightning logger, progress bar, model summary,
     checkpointing or validation loop (the stage's callbacks do those without per-step cost).
 
-    ``root_dir`` (the run's checkpoint directory) is Lightning's root: under SLURM it loads
-    ``hpc_ckpt_N.ckpt`` from there by itself, so the stage keeps that directory free of files it
-    has not checked. Lightning's SLURM auto-requeue is off; :class:`PeriodicCheckpoint` does it.
+    With ``checkpoint_dir`` (the pretrain run's checkpoint directory): it is Lightning's root, where
+    under SLURM Lightning would load ``hpc_ckpt_N.ckpt`` by itself, so the stage keeps it free of
+    files it has not checked; Lightning's SLURM auto-requeue is off (:class:`PeriodicCheckpoint`
+    requeues); FSDP saves sharded checkpoints (:class:`ShardedFSDPStrategy`). Without it (the
+    fine-tune and distill stages) FSDP gathers full checkpoints on rank 0.
     """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -191,16 +193,21 @@ def build_trainer(cfg: PretrainConfig, callbacks: list[Callback], root_dir: Path
         ddp_kwargs: dict[str, Any] = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         strategy = DDPStrategy(**ddp_kwargs)
     elif cfg.strategy == "fsdp":
-        strategy = ShardedFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+        if checkpoint_dir is not None:
+            strategy = ShardedFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+        else:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
     plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
+    if checkpoint_dir is not None and SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=precision, max_steps=cfg.max_steps, max_epochs=-1, limit_val_batches=0,
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, callbacks=callbacks, plugins=plugins,
-        deterministic=cfg.deterministic, use_distributed_sampler=False, default_root_dir=root_dir,
+        deterministic=cfg.deterministic, use_distributed_sampler=False, default_root_dir=checkpoint_dir,
     )
 
 
