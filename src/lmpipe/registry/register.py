@@ -194,8 +194,9 @@ def absolute_floors(kind: str, spec: ModelSpec, paths: Paths) -> tuple[dict[str,
                 majority_ref = f"{file}:{key.removesuffix('accuracy')}majority_accuracy"
                 values, missing = read_metrics(spec.model_copy(update={"metrics": {metric: majority_ref}}), paths.root)
                 problems.extend(f"floor: {m}" for m in missing)
-                if values[metric] is not None:
-                    floors[metric] = values[metric]
+                majority = values[metric]
+                if majority is not None:
+                    floors[metric] = majority
         except (DataError, FingerprintMismatch) as err:
             problems.append(f"{metric}: no {source} floor ({err})")
     return floors, problems

@@ -178,8 +178,8 @@ def agreed_resume_checkpoint(trainer: L.Trainer, directory: Path, key: str) -> R
                                              if point else None})
         return point
     strategy.setup_environment()  # the process group; Lightning's own setup finds it initialised
-    point = find_resume_checkpoint(directory, key) if strategy.global_rank == 0 else None
-    shared = strategy.broadcast([str(point.path), point.step, point.tokens_per_step] if point else None, src=0)
+    point = find_resume_checkpoint(directory, key) if trainer.global_rank == 0 else None
+    shared: Any = strategy.broadcast([str(point.path), point.step, point.tokens_per_step] if point else None, src=0)
     return ResumePoint(Path(shared[0]), int(shared[1]), shared[2]) if shared else None
 
 
