@@ -151,7 +151,9 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ setup
 
-    def configure_model(self) -> None:
+    def on_fit_start(self) -> None:
+        # After the strategy has set the model up, so under FSDP (the GPT wrapped as the FSDP
+        # root) the compiled module is the wrapped one and its forward still gathers the shards.
         if self.cfg.compile and self._compiled is None:
             # Kept outside the module tree so state_dict keys stay those of the plain model.
             object.__setattr__(self, "_compiled", torch.compile(self.model))
