@@ -116,7 +116,7 @@ def test_slurm_requeue_checkpoint_goes_through_lmpipes_checks(tmp_path: Path, mo
     assert not (root / "models" / "pretrain").exists()
     point = find_resume_checkpoint(ckpt_dir, ckpt_dir.name)
     assert point is not None and point.path.name == "step-00000004.ckpt" and point.step == 4
-    assert not list(ckpt_dir.glob("hpc_ckpt_*")) and list(ckpt_dir.glob("rejected-hpc-ckpt-1.ckpt"))
+    assert not list(ckpt_dir.glob("hpc_ckpt_*")) and (ckpt_dir / "hpc-ckpt-1.ckpt.rejected").is_file()
 
     summary = train(cfg, Paths(root))  # the requeued job
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 8

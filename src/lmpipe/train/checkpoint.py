@@ -191,7 +191,8 @@ def reject_lightning_requeue_checkpoints(directory: Path) -> None:
         return
     for path in directory.iterdir():
         if "hpc_ckpt_" in path.name:
-            target = path.with_name("rejected-" + path.name.replace("hpc_ckpt_", "hpc-ckpt-"))
+            # Neither "hpc_ckpt_" (Lightning's scan) nor ".ckpt" at the end (find_resume_checkpoint's).
+            target = path.with_name(path.name.replace("hpc_ckpt_", "hpc-ckpt-") + ".rejected")
             log.warning("not resuming from %s (not written by lmpipe's checkpoints); renamed to %s", path, target.name)
             os.replace(path, target)
 
