@@ -1,17 +1,25 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from lmpipe import io as lmpipe_io
 from lmpipe.errors import DataError
 from lmpipe.io import (
+    STAGING_NAME,
     atomic_dir,
     atomic_write,
     config_hash,
     fingerprint_path,
     read_manifest,
+    sweep_staging,
     verify_manifest,
     write_json,
     write_manifest,
@@ -93,3 +101,62 @@ def test_jsonl_objects_skip_blank_lines_and_name_the_bad_line(tmp_path: Path) ->
         list(jsonl_objects(path))
     # lines decoded by the caller (e.g. with a replacement policy) are taken as given
     assert list(jsonl_objects(path, [(7, '{"b": 3}')])) == [(7, {"b": 3})]
+
+
+def test_atomic_dir_fsyncs_every_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data reaches the disk before the rename makes it visible: each file, each directory of the
+    new output, and the parent that holds its new name are fsynced."""
+    synced: set[int] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(lmpipe_io.os, "fsync", recording_fsync)
+    target = tmp_path / "models" / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"2")
+    expected = [target / "a.bin", target / "sub" / "b.bin", target / "sub", target, target.parent]
+    assert [p for p in expected if p.stat().st_ino not in synced] == []
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from lmpipe.io import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"half")
+    Path(sys.argv[2]).touch()
+    time.sleep(600)
+"""
+
+
+def test_killed_stage_leaves_no_temp_dir_in_a_dependency_and_the_next_stage_sweeps_it(tmp_path: Path) -> None:
+    """A stage killed while building models/finetune/sft leaves models/finetune (a DVC dep of
+    evaluate) as it was; its staging dir, outside, is removed when the next stage starts."""
+    from lmpipe.cli import main
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\n")
+    finetune = tmp_path / "models" / "finetune"
+    (finetune / "cls").mkdir(parents=True)
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(finetune / "sft"), str(ready)])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert sorted(p.name for p in finetune.iterdir()) == ["cls"]
+    staging = tmp_path / STAGING_NAME
+    [left] = list(staging.iterdir())
+    assert left.name.startswith(f"{child.pid}@")
+    live = staging / f"{os.getpid()}@{os.uname().nodename}+x.abc.tmp"  # a running stage's: kept
+    live.mkdir()
+    assert main(["split", "--root", str(tmp_path)]) == 2  # fails (no data/clean), after the sweep
+    assert list(staging.iterdir()) == [live]
+    assert sweep_staging(tmp_path) == []

@@ -137,10 +137,13 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
               root: str | Path = ".", task: str | None = None) -> dict[str, Any]:
     """Run one stage as the CLI does (params, MLflow run, summary). Returns the stage's summary."""
     from lmpipe.config import Paths
+    from lmpipe.io import sweep_staging
     from lmpipe.tracking import stage_run
 
     stage = STAGES[name]
     root = Path(root).resolve()
+    if os.environ.get("RANK", "0") == "0":  # one sweeper: other ranks may start while rank 0 stages
+        sweep_staging(root)  # staging dirs of killed stages (lmpipe.io)
     params = stage_config(stage, root / params_path if not Path(params_path).is_absolute() else params_path,
                           overrides)
     cfg = params.section(stage.section) if stage.section else params

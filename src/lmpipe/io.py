@@ -2,8 +2,16 @@
 
 Nothing in lmpipe writes a final output path directly. Files go to a temporary sibling and are
 renamed into place (``os.replace`` is atomic on POSIX within one filesystem); directories are built
-in a temporary sibling directory and swapped in as a whole. An interrupted stage therefore leaves
-either the previous complete output or nothing, never a half-written output that looks complete.
+in a staging directory and swapped in as a whole. An interrupted stage therefore leaves either the
+previous complete output or nothing, never a half-written output that looks complete. Everything
+is fsynced (files, then their directories) before the rename and the parent after it, so a power
+loss cannot leave a renamed output whose data never reached the disk.
+
+Staging directories live in ``<project>/.lmpipe-tmp/`` (the nearest ancestor holding ``dvc.yaml``
+or ``params.yaml``), never next to the output: ``models/finetune/sft`` is built outside
+``models/finetune``, which is a DVC dependency of evaluate, so a killed stage cannot change what
+DVC hashes there. Each staging entry is named after its host and process; the CLI sweeps the
+entries of processes that are gone when a stage starts (:func:`sweep_staging`).
 
 Every stage output directory carries ``manifest.json``: the producing stage, a hash of its config,
 fingerprints of its inputs, counts, and the sha256 of each file, so lineage can be checked without
@@ -17,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +35,8 @@ from lmpipe import __version__
 from lmpipe.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
+STAGING_NAME = ".lmpipe-tmp"
+PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
 _CHUNK = 1 << 20
 # mkstemp/mkdtemp create owner-only paths; outputs should get the usual umask-based modes.
 _UMASK = os.umask(0)
@@ -95,6 +106,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: A
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -138,28 +150,114 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         handle.write(data)
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so the names created, renamed or removed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file under ``root``, then every directory (deepest first), then ``root``."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            file = os.path.join(directory, name)
+            if os.path.islink(file):
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(directory)
+
+
+def project_root(path: str | os.PathLike[str]) -> Path | None:
+    """The nearest ancestor of ``path`` holding dvc.yaml or params.yaml (None outside a project)."""
+    for parent in Path(path).resolve().parents:
+        if any((parent / marker).is_file() for marker in PROJECT_MARKERS):
+            return parent
+    return None
+
+
+def staging_dir(path: str | os.PathLike[str]) -> Path:
+    """Where a temporary copy of output ``path`` is built: the project's ``.lmpipe-tmp/`` when it
+    is on the same filesystem as ``path`` (so the final rename is atomic), else ``path``'s parent."""
+    path = Path(path)
+    root = project_root(path)
+    if root is not None:
+        staging = root / STAGING_NAME
+        staging.mkdir(exist_ok=True)
+        if staging.stat().st_dev == path.parent.stat().st_dev:
+            return staging
+    return path.parent
+
+
+def _owner_tag() -> str:
+    """``<pid>@<host>``: neither part can hold '+', which ends the tag in a staging entry's name."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def sweep_staging(root: str | os.PathLike[str]) -> list[Path]:
+    """Remove staging entries in ``root/.lmpipe-tmp`` left by processes of this host that are
+    gone (a killed stage); entries of running processes and other hosts stay. Returns what was removed."""
+    staging = Path(root) / STAGING_NAME
+    if not staging.is_dir():
+        return []
+    host = socket.gethostname()
+    removed = []
+    for entry in staging.iterdir():
+        pid, _, entry_host = entry.name.split("+", 1)[0].partition("@")
+        if entry_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and swap it in as a whole on success.
+    """Build a directory in a staging directory (:func:`staging_dir`) and swap it in as a whole on success.
 
-    Yields the temporary directory. On success the old ``path`` (if any) is replaced; on an
-    exception the temporary directory is deleted and ``path`` is left as it was.
+    Yields the temporary directory. On success its files and directories are fsynced, the old
+    ``path`` (if any) is moved aside and the new one renamed into place, and the parent fsynced;
+    on an exception the temporary directory is deleted and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging = staging_dir(path)
+    prefix = f"{_owner_tag()}+{path.name}." if staging != path.parent else f".{path.name}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=staging))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)
     old = None
     if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
+        old = Path(tempfile.mkdtemp(prefix=f"{prefix}old-", dir=staging))
+        os.replace(path, old / path.name)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if staging != path.parent:
+        fsync_dir(staging)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

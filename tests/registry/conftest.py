@@ -1,5 +1,6 @@
-"""A tiny project for registry tests: a sentencepiece tokenizer trained on generated text, tiny
-random-init GPTs saved as pretrain / chat / classifier model directories, and metrics files.
+"""A tiny project for registry tests: a sentencepiece tokenizer trained on generated text, the
+splits tokenized by the tokenize stage (the gate's unigram floor), tiny random-init GPTs saved as
+pretrain / chat / classifier model directories with manifests, and metrics files.
 
 Helpers reach tests as fixtures (``models``, ``free_port``), never by importing this module."""
 
@@ -24,11 +25,12 @@ from safetensors.torch import save as save_safetensors
 
 from lmpipe.config import Paths
 from lmpipe.data.shards import ShardWriter, doc_id
-from lmpipe.io import write_bytes, write_json
+from lmpipe.io import write_bytes, write_json, write_manifest
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import save_model
+from lmpipe.tokenizer import shards as tokenize_stage
 from lmpipe.tokenizer import train as tokenizer_train
-from lmpipe.tokenizer.config import TokenizerConfig
+from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
 from lmpipe.tokenizer.train import load_tokenizer
 from lmpipe.train.sft import ChatTemplate
 
@@ -50,7 +52,8 @@ def _docs(n: int, seed: int) -> list[str]:
 
 
 def make_tokenizer(root: Path) -> Paths:
-    """Train a 300-piece tokenizer on generated text into ``root/artifacts/tokenizer``."""
+    """Train a 300-piece tokenizer on generated text into ``root/artifacts/tokenizer`` and
+    tokenize the splits into ``root/data/tokens``."""
     for split, n, seed in (("train", 200, 0), ("val", 20, 1), ("test", 10, 2)):
         docs = _docs(n, seed)
         writer = ShardWriter(root / "data" / "split" / split, shard_docs=100)
@@ -59,7 +62,13 @@ def make_tokenizer(root: Path) -> Paths:
         writer.close()
     paths = Paths(root)
     tokenizer_train.run(TokenizerConfig.model_validate({"vocab_size": 300, "num_threads": 1}), paths)
+    tokenize_stage.run(TokenizeConfig.model_validate({"workers": 1}), paths)
     return paths
+
+
+def seal(directory: Path, stage: str) -> None:
+    """The manifest a training stage writes last into its model directory."""
+    write_manifest(directory, stage=stage, config={"test": True})
 
 
 def tiny_gpt(vocab_size: int, seed: int = 0, **overrides: Any) -> GPT:
@@ -74,6 +83,7 @@ def save_pretrain(paths: Paths, seed: int, val_bpb: float | None, **overrides: A
     model = tiny_gpt(sp.vocab_size(), seed, **overrides)
     save_model(model, paths.models / "pretrain", extra={"tokenizer_fingerprint": info.fingerprint,
                                                         "eos_id": info.eos_id, "objective": "clm"})
+    seal(paths.models / "pretrain", "pretrain")
     write_json(paths.metrics / "pretrain.json", {} if val_bpb is None else {"val_bpb": val_bpb})
     return model
 
@@ -85,15 +95,19 @@ def save_chat(paths: Paths, seed: int = 1) -> GPT:
     save_model(model, paths.models / "finetune" / "sft", extra={
         "tokenizer_fingerprint": info.fingerprint, "eos_id": info.eos_id, "pad_id": info.pad_id,
         "objective": "clm", "chat_template": template.describe()})
-    write_json(paths.metrics / "finetune_sft.json", {"dev_loss": 3.5})
+    seal(paths.models / "finetune" / "sft", "finetune")
+    write_json(paths.metrics / "finetune_sft.json", {"dev_loss": 2.5})  # below the unigram floor (~3.0)
     return model
 
 
-def save_classifier(paths: Paths, seed: int = 2, accuracy: float = 0.8) -> tuple[GPT, torch.nn.Linear]:
+def save_classifier(paths: Paths, seed: int = 2, accuracy: float = 0.8, majority: float = 0.5,
+                    head_outputs: int | None = None) -> tuple[GPT, torch.nn.Linear]:
+    """A classifier in models/finetune/cls; ``head_outputs`` other than the label count makes a
+    head that does not fit its labels (the model loads in lmpipe but not as a served model)."""
     sp, info = load_tokenizer(paths.tokenizer)
     model = tiny_gpt(sp.vocab_size(), seed)
     torch.manual_seed(seed + 100)
-    head = torch.nn.Linear(model.config.n_embd, len(LABELS))
+    head = torch.nn.Linear(model.config.n_embd, head_outputs or len(LABELS))
     directory = paths.models / "finetune" / "cls"
     write_bytes(directory / "head.safetensors", save_safetensors(
         {k: v.contiguous() for k, v in head.state_dict().items()}, metadata={"pooling": "last"}))
@@ -101,7 +115,8 @@ def save_classifier(paths: Paths, seed: int = 2, accuracy: float = 0.8) -> tuple
         "tokenizer_fingerprint": info.fingerprint, "eos_id": info.eos_id, "pad_id": info.pad_id,
         "objective": "clm", "classifier": {"labels": LABELS, "pooling": "last", "head_file": "head.safetensors"},
         "finetune": {"task": "cls", "max_length": 32}})
-    write_json(paths.metrics / "finetune_cls.json", {"test_accuracy": accuracy})
+    seal(directory, "finetune")
+    write_json(paths.metrics / "finetune_cls.json", {"test_accuracy": accuracy, "test_majority_accuracy": majority})
     return model, head
 
 
@@ -125,6 +140,7 @@ class ModelFactory:
     generation = staticmethod(lmpipe_generation)
     pretrain = staticmethod(save_pretrain)
     chat = staticmethod(save_chat)
+    seal = staticmethod(seal)
     classifier = staticmethod(save_classifier)
     labels = LABELS
 
@@ -202,6 +218,7 @@ def project(tokenizer_project: Path, tmp_path: Path) -> Paths:
     import shutil
 
     shutil.copytree(tokenizer_project / "artifacts", tmp_path / "artifacts")
+    shutil.copytree(tokenizer_project / "data" / "tokens", tmp_path / "data" / "tokens")
     return Paths(tmp_path)
 
 

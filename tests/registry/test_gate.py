@@ -39,9 +39,20 @@ def test_missing_or_nan_metric_never_passes(bad: float | None) -> None:
     assert not passed and "champion val_bpb" in checks[0].reason
 
 
-def test_first_model_is_promoted_when_its_metrics_are_finite() -> None:
-    passed, checks = evaluate_gate({"val_bpb": 9.0, "accuracy": 0.1}, None, {**LOWER, **HIGHER_DROP})
-    assert passed and all("no champion yet" in c.reason for c in checks)
+def test_first_model_must_beat_its_absolute_floor() -> None:
+    """No champion yet: finite is not enough, each metric must beat what a model that ignores its
+    input reaches (unigram bits/byte 4.2, majority class 0.6 here); a metric without a floor fails."""
+    rules = {**LOWER, **HIGHER_DROP}
+    floors = {"val_bpb": 4.2, "accuracy": 0.6}
+    passed, checks = evaluate_gate({"val_bpb": 9.0, "accuracy": 0.1}, None, rules, floors)
+    assert not passed and [c.passed for c in checks] == [False, False]
+    assert "val_bpb 9 does not beat the absolute floor 4.2" in checks[1].reason
+    assert not evaluate_gate({"val_bpb": 4.2}, None, LOWER, floors)[0], "equal to the floor is not better"
+    assert not evaluate_gate({"accuracy": 0.6}, None, HIGHER_DROP, floors)[0]
+    passed, checks = evaluate_gate({"val_bpb": 1.3, "accuracy": 0.8}, None, rules, floors)
+    assert passed and all("beats the absolute floor" in c.reason for c in checks)
+    passed, checks = evaluate_gate({"val_bpb": 1.3}, None, LOWER)
+    assert not passed and "no absolute floor" in checks[0].reason
 
 
 def test_every_rule_must_pass_and_every_failure_is_reported() -> None:

@@ -20,6 +20,7 @@ from lmpipe.io import write_json
 from lmpipe.registry import register
 from lmpipe.registry.config import RegisterConfig
 from lmpipe.registry.promote import RegistryError, promote, rollback
+from lmpipe.tokenizer.shards import unigram_bits_per_byte
 
 
 def read_json(path: Path) -> Any:
@@ -49,7 +50,7 @@ def git_commit_all(root: Path) -> str:
 
 
 def write_lineage_inputs(paths: Paths, register_md5: str) -> None:
-    write_json(paths.tokens / "meta.json", {"dtype": "uint16", "train_tokens": 123})
+    assert (paths.tokens / "meta.json").is_file()  # the tokenize stage's, from the fixture
     lock = {"schema": "2.0", "stages": {
         "tokenize": {"cmd": "lmpipe tokenize", "outs": [{"path": "data/tokens", "md5": "abc.dir"}]},
         "register": {"cmd": "lmpipe register", "outs": [{"path": "metrics/register.json", "md5": register_md5}]},
@@ -150,7 +151,7 @@ def test_model_from_another_tokenizer_is_refused(project: Paths, models: Any) ->
     config = json.loads(config_path.read_text())
     config["tokenizer_fingerprint"] = "0" * 64
     config_path.write_text(json.dumps(config))
-    (project.models / "pretrain" / "manifest.json").unlink(missing_ok=True)
+    models.seal(project.models / "pretrain", "pretrain")
     with pytest.raises(FingerprintMismatch, match="trained with tokenizer 000000000000"):
         register.run(pretrain_only("wrongtok"), project)
 
@@ -168,3 +169,76 @@ def test_corrupt_metrics_file_names_the_file(project: Paths, models: Any) -> Non
     (project.metrics / "pretrain.json").write_text("{not json")
     with pytest.raises(DataError, match=r"pretrain\.json: not valid JSON"):
         register.run(pretrain_only("corrupt"), project)
+
+
+def test_model_dir_without_a_valid_manifest_is_refused(project: Paths, models: Any) -> None:
+    """The manifest is the proof that a training stage wrote the directory as it is now."""
+    models.pretrain(project, seed=0, val_bpb=1.0)
+    model_dir = project.models / "pretrain"
+    manifest = read_json(model_dir / "manifest.json")
+    (model_dir / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest.json"):
+        register.run(pretrain_only("nomanifest"), project)
+    del manifest["files"]["model.safetensors"]
+    write_json(model_dir / "manifest.json", manifest)
+    with pytest.raises(DataError, match="does not list model.safetensors"):
+        register.run(pretrain_only("nomanifest"), project)
+    models.seal(model_dir, "pretrain")
+    config = read_json(model_dir / "config.json")
+    config["training"] = {"edited": True}  # changed after the stage wrote it
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="sha256 differs from manifest: config.json"):
+        register.run(pretrain_only("nomanifest"), project)
+
+
+def test_first_model_must_beat_the_unigram_floor(project: Paths, sqlite_store: str, models: Any) -> None:
+    """A first version is registered but not champion when its val_bpb is above the unigram
+    entropy of the val shards in bits per byte; one below it becomes champion."""
+    floor = unigram_bits_per_byte(project.tokens, "val", project.tokenizer)
+    assert 1.0 < floor < 9.0
+    cfg = pretrain_only("floor")
+    models.pretrain(project, seed=0, val_bpb=9.0)
+    summary = register.run(cfg, project)
+    assert summary["registered"] == 1 and summary["promoted"] == 0
+    client = MlflowClient()
+    assert aliases_of(client, "floor-pretrain") == {"candidate": "1"}
+    assert float(client.get_model_version("floor-pretrain", "1").tags["lmpipe.floor.val_bpb"]) == pytest.approx(floor)
+    entry = read_json(project.metrics / "register.json")["models"][0]
+    assert "val_bpb 9 does not beat the absolute floor" in entry["gate"]["message"]
+    models.pretrain(project, seed=1, val_bpb=floor - 0.5)
+    summary = register.run(cfg, project)
+    assert summary["promoted"] == 1 and aliases_of(client, "floor-pretrain")["champion"] == "2"
+
+
+def test_classifier_without_a_majority_floor_is_not_a_first_champion(project: Paths, sqlite_store: str,
+                                                                     models: Any) -> None:
+    cfg = RegisterConfig.model_validate({
+        "name_prefix": "major", "models": [{"stage": "finetune", "task": "cls",
+                                            "metrics": {"accuracy": "metrics/finetune_cls.json:test_accuracy"}}]})
+    models.classifier(project, accuracy=0.55, majority=0.6)  # worse than always answering the majority
+    assert register.run(cfg, project)["promoted"] == 0
+    entry = read_json(project.metrics / "register.json")["models"][0]
+    assert "accuracy 0.55 does not beat the absolute floor 0.6" in entry["gate"]["message"]
+
+
+@pytest.mark.slow
+def test_version_that_failed_its_smoke_test_is_not_counted_as_registered(project: Paths, sqlite_store: str,
+                                                                        models: Any) -> None:
+    """A classifier whose head does not fit its labels loads in lmpipe but not as a served model:
+    registration fails, the version is marked, and a retry registers (and fails) again instead of
+    reporting the model as already registered."""
+    cfg = RegisterConfig.model_validate({
+        "name_prefix": "smoke", "models": [{"stage": "finetune", "task": "cls",
+                                            "metrics": {"accuracy": "metrics/finetune_cls.json:test_accuracy"}}]})
+    models.classifier(project, head_outputs=3)
+    client = MlflowClient()
+    for attempt in (1, 2):
+        with pytest.raises(DataError, match="does not load and predict"):
+            register.run(cfg, project)
+        version = client.get_model_version("smoke-finetune-cls", str(attempt))
+        assert version.tags["lmpipe.smoke"] == "failed" and "lmpipe.model_fingerprint" not in version.tags
+    assert aliases_of(client, "smoke-finetune-cls") == {}
+    models.classifier(project)  # fixed: registered as a new version, smoke-tested and promoted
+    summary = register.run(cfg, project)
+    assert summary["registered"] == 1 and summary["smoke-finetune-cls/version"] == 3 and summary["promoted"] == 1
+    assert client.get_model_version("smoke-finetune-cls", "3").tags["lmpipe.smoke"] == "passed"

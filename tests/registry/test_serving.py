@@ -75,6 +75,7 @@ def served(tokenizer_project: Path, _store_uri: str, tmp_path_factory: pytest.Te
     """Pretrain, chat and classifier models registered (and promoted) under the prefix ``srv``."""
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(tokenizer_project / "artifacts", root / "artifacts")
+    shutil.copytree(tokenizer_project / "data" / "tokens", root / "data" / "tokens")  # the gate's unigram floor
     paths = Paths(root)
     models.pretrain(paths, seed=0, val_bpb=1.2)
     models.chat(paths)

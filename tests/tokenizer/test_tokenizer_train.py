@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -94,6 +95,20 @@ def test_same_corpus_and_seed_give_byte_identical_model(tmp_path: Path, model_ty
         capture_output=True, check=True,
     )
     assert child.stdout == (a / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_model_bytes_do_not_depend_on_the_thread_or_core_count(tmp_path: Path, model_type: str) -> None:
+    """num_threads 1 and 2, and the default (all cores) on a process pinned to one core: one model."""
+    paths = make_project(tmp_path, n_train=600)
+    train_dir = paths.split / "train"
+    models = {threads: train.train_sentencepiece(tiny(model_type=model_type, num_threads=threads), train_dir)[0]
+              for threads in (1, 2)}
+    assert models[1] == models[2]
+    default = tiny(model_type=model_type).model_copy(update={"num_threads": None})
+    one_core = subprocess.run([sys.executable, "-c", TRAIN_IN_CHILD, default.model_dump_json(), str(train_dir)],
+                              capture_output=True, check=True, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert one_core.stdout == models[1]
 
 
 TRAIN_IN_CHILD = """

@@ -8,8 +8,11 @@ Aliases of a registered model (MLflow model registry):
 The gate compares a version's metrics with the champion's, metric by metric, with the rules of
 ``register.gate``. Metrics live on each version as tags ``lmpipe.metric.<name>`` (written at
 registration from the metrics files), so the comparison needs nothing but the registry. A missing
-or NaN metric never passes, on either side; the first version of a model (no champion yet) is
-promoted when its own metrics are all present and finite.
+or NaN metric never passes, on either side. The first version of a model (no champion yet) is
+promoted only when every metric beats its absolute floor, tags ``lmpipe.floor.<name>`` written at
+registration: what a model that ignores its input reaches (the unigram entropy of the data for a
+language model, the majority class for a classifier; see ``register.KIND_FLOORS``). A metric
+without a floor does not pass: such a first version is promoted by hand (``--force``).
 
 The champions so far are kept, oldest first, in the registered model's tag
 ``lmpipe.champion_history``, so repeated rollbacks walk back one champion at a time.
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 METRIC_TAG = "lmpipe.metric."
+FLOOR_TAG = "lmpipe.floor."
 HISTORY_TAG = "lmpipe.champion_history"
 
 
@@ -82,13 +86,15 @@ def _finite(value: float | None) -> bool:
 
 
 def evaluate_gate(candidate: Mapping[str, float | None], champion: Mapping[str, float | None] | None,
-                  rules: Mapping[str, GateRule]) -> tuple[bool, list[GateCheck]]:
+                  rules: Mapping[str, GateRule],
+                  floors: Mapping[str, float | None] | None = None) -> tuple[bool, list[GateCheck]]:
     """Check ``candidate`` metrics against ``champion`` ones (None: there is no champion yet).
 
     ``improvement`` is champion - candidate for lower-is-better metrics and candidate - champion
-    for higher-is-better ones; a rule passes when it is at least the rule's threshold. Every rule
-    is checked (all reasons are reported); the gate passes only when all pass and there is at
-    least one rule.
+    for higher-is-better ones; a rule passes when it is at least the rule's threshold. Without a
+    champion, each metric must be strictly better than its absolute floor in ``floors`` (a
+    missing floor fails). Every rule is checked (all reasons are reported); the gate passes only
+    when all pass and there is at least one rule.
     """
     checks = []
     for metric, rule in sorted(rules.items()):
@@ -101,8 +107,18 @@ def evaluate_gate(candidate: Mapping[str, float | None], champion: Mapping[str, 
             continue
         assert new is not None
         if champion is None:
-            checks.append(GateCheck(metric, rule.direction, threshold, new, None, True,
-                                    f"{metric} {new:.6g} (no champion yet)"))
+            floor = (floors or {}).get(metric)
+            if not _finite(floor):
+                checks.append(GateCheck(metric, rule.direction, threshold, new, None, False,
+                                        f"{metric} {new:.6g}: no champion yet and no absolute floor to clear "
+                                        "(promote with force)"))
+                continue
+            assert floor is not None
+            beats = new < floor if rule.direction == "lower" else new > floor
+            word = "beats" if beats else "does not beat"
+            checks.append(GateCheck(metric, rule.direction, threshold, new, None, beats,
+                                    f"{metric} {new:.6g} {word} the absolute floor {floor:.6g} "
+                                    f"({rule.direction} is better; no champion yet)"))
             continue
         if not _finite(old):
             reason = f"champion {metric} is {'missing' if old is None else old}: cannot compare (promote with force)"
@@ -133,15 +149,16 @@ def client_for(client: Any | None = None) -> Any:
     return MlflowClient()
 
 
-def version_metrics(version: Any) -> dict[str, float | None]:
-    """The gate metrics recorded on a model version (tags ``lmpipe.metric.*``)."""
+def version_metrics(version: Any, prefix: str = METRIC_TAG) -> dict[str, float | None]:
+    """The gate metrics recorded on a model version (tags ``lmpipe.metric.*``; with
+    ``prefix=FLOOR_TAG`` their absolute floors)."""
     out: dict[str, float | None] = {}
     for key, value in (version.tags or {}).items():
-        if key.startswith(METRIC_TAG):
+        if key.startswith(prefix):
             try:
-                out[key[len(METRIC_TAG):]] = float(value)
+                out[key[len(prefix):]] = float(value)
             except ValueError:
-                out[key[len(METRIC_TAG):]] = None
+                out[key[len(prefix):]] = None
     return out
 
 
@@ -240,7 +257,7 @@ def promote(name: str, version: int, *, rules: Mapping[str, GateRule] | None = N
         return decision
     champion = _get_version(client, name, champion_version) if champion_version is not None else None
     passed, checks = evaluate_gate(version_metrics(candidate), version_metrics(champion) if champion else None,
-                                   _rules_for(candidate, name, cfg, rules))
+                                   _rules_for(candidate, name, cfg, rules), version_metrics(candidate, FLOOR_TAG))
     decision.passed, decision.checks = passed, checks
     decision.reasons = [c.reason for c in checks if not c.passed] if not passed else [c.reason for c in checks]
     if champion is None and passed:

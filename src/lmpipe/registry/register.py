@@ -9,8 +9,11 @@ Writes:
 - one MLflow run per model (nested under the stage's run) holding a pyfunc model built from
   :mod:`lmpipe.registry.pyfunc` as "models from code" with the weights, config and tokenizer as
   artifacts, a signature and an input example; registered as a new version of
-  ``<prefix>-<stage>[-<task>]`` with lineage and metric tags and the ``candidate`` alias, after the
-  registered version was loaded back through MLflow and answered its input example;
+  ``<prefix>-<stage>[-<task>]`` with lineage, metric and floor tags. Only after the registered
+  version was loaded back through MLflow and answered its input example does it get the model
+  fingerprint tag (what makes a rerun treat the model as registered) and the ``candidate`` alias;
+  a version that fails this smoke test is tagged ``lmpipe.smoke=failed`` and a rerun registers
+  the model again;
 - with ``auto_promote``, the gate's decision (:func:`lmpipe.registry.promote.promote_if_better`);
 - ``metrics/register.json``: versions, metrics and decisions (a DVC metrics file).
 """
@@ -49,7 +52,8 @@ from lmpipe.model import gpt as gpt_module
 from lmpipe.model.io import CONFIG_NAME, WEIGHTS_NAME, load_model
 from lmpipe.registry import pyfunc
 from lmpipe.registry.config import ModelSpec, RegisterConfig
-from lmpipe.registry.promote import CANDIDATE, METRIC_TAG, promote_if_better
+from lmpipe.registry.promote import CANDIDATE, FLOOR_TAG, METRIC_TAG, promote_if_better
+from lmpipe.tokenizer.shards import unigram_bits_per_byte, unigram_entropy
 from lmpipe.tokenizer.train import TokenizerInfo, read_tokenizer_info
 from lmpipe.tracking import PARENT_ENV, setup_mlflow
 
@@ -60,6 +64,18 @@ HEAD_NAME = "head.safetensors"
 # What the served model imports; pinned to this environment's versions (local build tags dropped).
 SERVING_PACKAGES = ("mlflow", "torch", "safetensors", "sentencepiece", "pandas", "numpy")
 SMOKE_TOKENS = 8
+FINGERPRINT_TAG = "lmpipe.model_fingerprint"
+SMOKE_TAG = "lmpipe.smoke"
+# The absolute floor a model kind's first champion must clear, per gate metric: what a model that
+# ignores its input reaches on the same data. Language models (generate, chat) must beat the
+# unigram entropy of the val token shards (bits per byte for val_bpb, nats per token for
+# dev_loss); classifiers must beat always answering the majority class. A metric with no floor
+# here never makes a first champion by itself (`lmpipe promote NAME --version N --force` does).
+KIND_FLOORS = {
+    "generate": {"val_bpb": "unigram_bpb"},
+    "chat": {"val_bpb": "unigram_bpb", "dev_loss": "unigram_nats"},
+    "classify": {"accuracy": "majority_class"},
+}
 
 
 def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
@@ -134,6 +150,7 @@ class Prepared:
     metrics: dict[str, float | None]
     problems: list[str]
     fingerprint: str  # of the model directory: what a registered version was logged from
+    floors: dict[str, float]  # metric -> absolute floor of a first champion (KIND_FLOORS)
 
 
 def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: TokenizerInfo) -> Prepared:
@@ -142,17 +159,64 @@ def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: Token
     directory = paths.root / spec.directory()
     config, kind = check_model_dir(directory, tokenizer)
     metrics, problems = read_metrics(spec, paths.root)
+    floors, floor_problems = absolute_floors(kind, spec, paths)
     for problem in problems:
         log.warning("%s: %s (the gate will not pass)", name, problem)
-    return Prepared(spec, name, directory, config, kind, metrics, problems, fingerprint_path(directory))
+    for problem in floor_problems:
+        log.warning("%s: %s (it cannot become the first champion by the gate)", name, problem)
+    return Prepared(spec, name, directory, config, kind, metrics, problems + floor_problems,
+                    fingerprint_path(directory), floors)
+
+
+def absolute_floors(kind: str, spec: ModelSpec, paths: Paths) -> tuple[dict[str, float], list[str]]:
+    """(metric -> floor, problems) of a model's gate metrics, by :data:`KIND_FLOORS`.
+
+    Unigram floors come from the val split of ``data/tokens/`` (checked against the tokenizer);
+    the majority-class floor from the key ``<prefix>majority_accuracy`` next to the metric's
+    ``<prefix>accuracy`` in its metrics file (the fine-tune stage writes ``test_majority_accuracy``
+    next to ``test_accuracy``). A floor that cannot be read is a problem line, not
+    an error: the model is still registered, it just cannot be a first champion automatically.
+    """
+    floors: dict[str, float] = {}
+    problems: list[str] = []
+    for metric, ref in spec.metrics.items():
+        source = KIND_FLOORS.get(kind, {}).get(metric)
+        if source is None:
+            problems.append(f"{metric}: a {kind} model has no absolute floor for this metric")
+            continue
+        try:
+            if source == "unigram_bpb":
+                floors[metric] = unigram_bits_per_byte(paths.tokens, "val", paths.tokenizer)
+            elif source == "unigram_nats":
+                floors[metric] = _unigram_nats(paths)
+            else:
+                file, _, key = ref.rpartition(":")
+                majority_ref = f"{file}:{key.removesuffix('accuracy')}majority_accuracy"
+                values, missing = read_metrics(spec.model_copy(update={"metrics": {metric: majority_ref}}), paths.root)
+                problems.extend(f"floor: {m}" for m in missing)
+                majority = values[metric]
+                if majority is not None:
+                    floors[metric] = majority
+        except (DataError, FingerprintMismatch) as err:
+            problems.append(f"{metric}: no {source} floor ({err})")
+    return floors, problems
+
+
+def _unigram_nats(paths: Paths) -> float:
+    from lmpipe.tokenizer.shards import TokenShardReader
+
+    reader = TokenShardReader(paths.tokens, read_tokenizer_info(paths.tokenizer).fingerprint)
+    tokens = reader.tokens("val")
+    if tokens.shape[0] == 0:
+        raise DataError("the val split has no tokens", path=str(paths.tokens))
+    return unigram_entropy(tokens, reader.vocab_size)
 
 
 def registered_version_of(model: Prepared, client: Any) -> int | None:
     """The newest version of ``model.name`` logged from exactly this model directory (same
     fingerprint), or None when the registry has none (or no such registered model yet)."""
     versions = client.search_model_versions(f"name='{model.name}'")  # [] before the first version
-    same = [int(v.version) for v in versions
-            if (v.tags or {}).get("lmpipe.model_fingerprint") == model.fingerprint]
+    same = [int(v.version) for v in versions if (v.tags or {}).get(FINGERPRINT_TAG) == model.fingerprint]
     return max(same) if same else None
 
 
@@ -168,7 +232,12 @@ def unchanged_entry(model: Prepared, version: int, client: Any) -> dict[str, Any
 
 def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInfo, lineage: dict[str, str],
                    client: Any) -> dict[str, Any]:
-    """Log, register, tag and smoke-test one model; set its ``candidate`` alias. Returns its report entry."""
+    """Log, register, tag and smoke-test one model; set its ``candidate`` alias. Returns its report entry.
+
+    The fingerprint tag, which makes a rerun skip this model as registered, is set only after the
+    smoke test passed; a failed one leaves the version tagged ``lmpipe.smoke=failed`` and raises
+    DataError.
+    """
     import mlflow
 
     spec, name, model_dir, config, kind, metrics = (model.spec, model.name, model.directory, model.config,
@@ -179,9 +248,9 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
         artifacts[pyfunc.HEAD] = str(model_dir / config["classifier"].get("head_file", HEAD_NAME))
     example = input_example(kind, cfg)
     tags = {**lineage, "lmpipe.stage": spec.stage, "lmpipe.task": spec.task or "", "lmpipe.kind": kind,
-            "lmpipe.model_path": spec.directory(), "lmpipe.model_fingerprint": model.fingerprint,
-            "lmpipe.tokenizer_fingerprint": tokenizer.fingerprint,
-            **{f"{METRIC_TAG}{m}": repr(v) for m, v in metrics.items() if v is not None}}
+            "lmpipe.model_path": spec.directory(), "lmpipe.tokenizer_fingerprint": tokenizer.fingerprint,
+            **{f"{METRIC_TAG}{m}": repr(v) for m, v in metrics.items() if v is not None},
+            **{f"{FLOOR_TAG}{m}": repr(v) for m, v in model.floors.items()}}
     with tempfile.TemporaryDirectory(prefix="lmpipe-register-") as tmp, \
             mlflow.start_run(run_name=f"register {name}", nested=True, tags={"lmpipe.stage": "register"}) as run:
         mlflow.log_params({"model_path": spec.directory(), "kind": kind, "registered_name": name,
@@ -200,8 +269,15 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
     if version == 1:
         client.update_registered_model(name, description=f"lmpipe {kind} model from {spec.directory()}; "
                                        "aliases: candidate (newest), champion (serve), previous (rollback).")
-    smoke = smoke_test(name, version, kind, example, config)
+    try:
+        smoke = smoke_test(name, version, kind, example, config)
+    except DataError as err:
+        client.set_model_version_tag(name, str(version), SMOKE_TAG, "failed")
+        client.set_model_version_tag(name, str(version), "lmpipe.smoke_output", str(err)[:250])
+        raise
     client.set_model_version_tag(name, str(version), "lmpipe.smoke_output", smoke[:250])
+    client.set_model_version_tag(name, str(version), SMOKE_TAG, "passed")
+    client.set_model_version_tag(name, str(version), FINGERPRINT_TAG, model.fingerprint)
     client.set_registered_model_alias(name, CANDIDATE, str(version))
     log.info("registered %s v%d (%s) from %s: %s", name, version, kind, spec.directory(),
              ", ".join(f"{m}={v}" for m, v in metrics.items()))
@@ -213,15 +289,25 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
 def check_model_dir(model_dir: Path, tokenizer: TokenizerInfo) -> tuple[dict[str, Any], str]:
     """(config.json, pyfunc kind) of a model directory, after checking it is whole and servable.
 
-    Raises DataError (missing, corrupt, a masked-LM model that cannot generate) or
-    FingerprintMismatch (trained with another tokenizer).
+    The directory must carry a valid manifest.json that lists its weights, config.json (and a
+    classifier's head) with the sha256 they have now: a model without one was not written by a
+    training stage, or was changed after it.
+
+    Raises DataError (missing, no or a wrong manifest, corrupt, a masked-LM model that cannot
+    generate) or FingerprintMismatch (trained with another tokenizer).
     """
     if not model_dir.is_dir():
         raise DataError("no model directory: run the stage that writes it (e.g. `dvc repro pretrain`) "
                         "or remove it from register.models", path=str(model_dir))
-    if (model_dir / MANIFEST_NAME).is_file():
-        verify_manifest(model_dir)
+    listed = verify_manifest(model_dir)["files"]  # DataError without a manifest, or a file differs
     model, config = load_model(model_dir)  # weights and config.json agree
+    required = [WEIGHTS_NAME, CONFIG_NAME]
+    if pyfunc.model_kind(config) == "classify":
+        required.append(str(config["classifier"].get("head_file", HEAD_NAME)))
+    unlisted = [name for name in required if name not in listed]
+    if unlisted:
+        raise DataError(f"{MANIFEST_NAME} does not list {', '.join(unlisted)}: not a complete stage output "
+                        "(re-run the stage that writes it)", path=str(model_dir))
     kind = pyfunc.model_kind(config)
     if kind != "classify" and model.config.bidirectional:
         raise DataError("a bidirectional (masked-LM) model cannot generate text, so it cannot be served: "

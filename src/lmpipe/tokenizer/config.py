@@ -61,8 +61,8 @@ class TokenizerConfig(Section):
     num_threads: int | None = Field(
         None,
         gt=0,
-        description="Training threads; default all cores. Unigram scores depend on it in the last float bits, "
-        "so pin it to reproduce a unigram model byte for byte on another machine (BPE does not depend on it).",
+        description="Threads of BPE training and of encoding for the report; default all cores. Unigram training "
+        "always uses 16 (its scores depend on the thread count), so the model's bytes never depend on this.",
     )
     unk_piece: str = Field("<|unk|>", min_length=1, description="Unknown piece (id 0); with byte_fallback it is never produced.")
     bos_piece: str = Field("<|startoftext|>", min_length=1, description="Beginning-of-text piece (id 1).")

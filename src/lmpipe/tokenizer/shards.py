@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -282,3 +283,30 @@ def open_tokens(tokens_dir: str | os.PathLike[str], split: str,
     """The memory-mapped ids of ``split`` and the meta, checked against ``tokenizer_dir``'s fingerprint."""
     reader = TokenShardReader(tokens_dir, read_tokenizer_info(tokenizer_dir).fingerprint)
     return reader.tokens(split), reader.meta
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
+    """Entropy in nats/token of the split's token frequencies: the loss of the best model that
+    ignores context. A trained LM must land far below it (the register stage's floor for a
+    first champion, :func:`unigram_bits_per_byte`)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, tokens.shape[0], chunk):
+        counts += np.bincount(tokens[start:start + chunk], minlength=vocab_size)[:vocab_size]
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def unigram_bits_per_byte(tokens_dir: str | os.PathLike[str], split: str, tokenizer_dir: str | os.PathLike[str]) -> float:
+    """The unigram entropy of ``split`` in bits per UTF-8 byte of its text: the bits/byte of the
+    best model that ignores context, comparable with a model's ``val_bpb``. Raises DataError when
+    the shards are missing or meta.json has no byte count for the split, FingerprintMismatch for
+    shards of another tokenizer."""
+    reader = TokenShardReader(tokens_dir, read_tokenizer_info(tokenizer_dir).fingerprint)
+    tokens = reader.tokens(split)
+    n_bytes = reader.meta["splits"][split].get("bytes")
+    if not n_bytes or tokens.shape[0] == 0:
+        raise DataError(f"split '{split}' has no tokens or no byte count in {META_FILE}", path=str(reader.directory))
+    return unigram_entropy(tokens, reader.vocab_size) * tokens.shape[0] / n_bytes / math.log(2)

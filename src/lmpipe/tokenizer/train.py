@@ -8,9 +8,11 @@ plus the DVC metrics file ``metrics/tokenizer.json``.
 
 Training text is streamed to sentencepiece line by line in a fixed order (shards by name, documents
 in order), sampled here with a seeded generator, and the thread count is cleared from the stored
-trainer spec; so the same corpus and config give a byte-identical model, and hence the same
-fingerprint, on any machine (for unigram, pin ``num_threads`` too: its scores depend on it in the
-last float bits).
+trainer spec. sentencepiece's unigram trainer splits each EM step into one slice of the corpus per
+thread and sums the slices' float counts, so its scores (and so the piece order, i.e. the ids)
+depend on the thread count; it therefore always runs with :data:`UNIGRAM_THREADS` slices, whatever
+``num_threads`` and the machine's cores (BPE counts exactly and uses ``num_threads``). The same
+corpus and config give a byte-identical model, and hence the same fingerprint, on any machine.
 
 Consumers load a trained tokenizer with :func:`load_tokenizer`, which checks the model file
 against the recorded fingerprint.
@@ -135,6 +137,18 @@ def training_lines(train_dir: Path, max_bytes: int, stats: CorpusStats) -> Itera
              stats.lines, stats.bytes / 1e6, stats.documents)
 
 
+# sentencepiece's own default; a constant, not the core count, so unigram models are the same everywhere.
+UNIGRAM_THREADS = 16
+
+
+def training_threads(cfg: TokenizerConfig) -> int:
+    """Threads of sentencepiece training: fixed for unigram (see the module docstring),
+    ``num_threads`` or all cores for BPE."""
+    if cfg.model_type == "unigram":
+        return UNIGRAM_THREADS
+    return cfg.num_threads or cpu_count()
+
+
 def trainer_options(cfg: TokenizerConfig, num_threads: int) -> dict[str, Any]:
     """The sentencepiece trainer flags for ``cfg`` (ids 0-3 are unk, bos, eos, pad)."""
     return {
@@ -220,7 +234,7 @@ def train_sentencepiece(cfg: TokenizerConfig, train_dir: Path) -> tuple[bytes, C
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=itertools.chain([first], lines), model_writer=writer,
-            **trainer_options(cfg, cfg.num_threads or cpu_count()),
+            **trainer_options(cfg, training_threads(cfg)),
         )
     except RuntimeError as err:
         if stats.error is not None:

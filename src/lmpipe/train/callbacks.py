@@ -31,6 +31,10 @@ class TrainingDiverged(LmpipeError):
     """The train loss became NaN/inf or spiked far above its running average."""
 
 
+class TrainingInterrupted(LmpipeError):
+    """Training was stopped from outside (SIGTERM, a SLURM requeue) before it finished; no model was written."""
+
+
 class AsyncTracker:
     """Logs to the stage's MLflow run from a daemon thread so the training loop never waits.
 

@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lmpipe.errors import DataError
 from lmpipe.model.gpt import IGNORE_INDEX
+from lmpipe.tokenizer.shards import unigram_entropy
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+__all__ = ["unigram_entropy"]  # with the shard reader, where the register stage finds it too
 
 
 @dataclass
@@ -82,19 +84,6 @@ def open_token_split(tokens_dir: Path, split: str, tokenizer_dir: Path | None = 
         expected = read_tokenizer_info(tokenizer_dir).fingerprint
     reader = TokenShardReader(tokens_dir, expected)
     return TokenSplit(split, reader.tokens(split), reader.meta)
-
-
-def unigram_entropy(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
-    """Entropy in nats/token of the split's token frequencies: the loss of the best model that
-    ignores context. A trained LM must land far below it."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for start in range(0, tokens.shape[0], chunk):
-        counts += np.bincount(tokens[start:start + chunk], minlength=vocab_size)[:vocab_size]
-    total = counts.sum()
-    if total == 0:
-        return float("nan")
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
 
 
 class WindowOrder:

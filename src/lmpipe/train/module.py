@@ -92,14 +92,32 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: GPT, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's decay / no-decay groups; the fused kernel on CUDA (one launch for
-    all parameters), the default implementation elsewhere."""
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def parameter_group_names(model: GPT, weight_decay: float) -> list[list[str]]:
+    """Names of the parameters in each of ``model.optim_groups`` (decay, no decay), taken from the
+    unwrapped model: under FSDP a parameter whose shard lives on another rank is an empty 1-D
+    view, so grouping by shape there would differ between ranks and world sizes."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in model.optim_groups(weight_decay)]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device,
+                    group_names: list[list[str]] | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's decay / no-decay groups (by name when ``group_names`` is given, as
+    for a model FSDP has wrapped); the fused kernel on CUDA (one launch for all parameters), the
+    default implementation elsewhere."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        model.optim_groups(cfg.weight_decay), lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps, fused=fused or None,
-    )
+    if group_names is None:
+        assert isinstance(model, GPT)
+        groups = model.optim_groups(cfg.weight_decay)
+    else:
+        params = {name.replace(FSDP_PREFIX, ""): param for name, param in model.named_parameters()}
+        groups = [{"params": [params[name] for name in names], "weight_decay": decay}
+                  for names, decay in zip(group_names, (cfg.weight_decay, 0.0), strict=True)]
+    return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused or None)
 
 
 class PretrainModule(L.LightningModule):
@@ -110,6 +128,7 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.gpt_config, self.cfg = gpt_config, cfg
         self.model = GPT(gpt_config)
+        self._group_names = parameter_group_names(self.model, cfg.weight_decay)
         self.automatic_optimization = False
         self.accumulation, self.tokens_per_step, self.run_key = accumulation, tokens_per_step, run_key
         # Per-step counters live on a plain object: nn.Module.__setattr__ costs microseconds a call.
@@ -132,16 +151,20 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ setup
 
-    def configure_model(self) -> None:
+    def on_fit_start(self) -> None:
+        # After the strategy has set the model up, so under FSDP (the GPT wrapped as the FSDP
+        # root) the compiled module is the wrapped one and its forward still gathers the shards.
         if self.cfg.compile and self._compiled is None:
             # Kept outside the module tree so state_dict keys stay those of the plain model.
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, self.cfg, self.device)
+        return build_optimizer(self.model, self.cfg, self.device, self._group_names)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        return (self._compiled or self.model)(idx, targets)
+        # Not `self._compiled or self.model`: truth-testing a compiled module calls len() on it, which raises.
+        model = self._compiled if self._compiled is not None else self.model
+        return model(idx, targets)
 
     # ------------------------------------------------------------------------------ train
 
@@ -178,8 +201,9 @@ class PretrainModule(L.LightningModule):
 
     def _clip_gradients(self, max_norm: float) -> Tensor:
         wrapped = self.trainer.strategy.model
-        if isinstance(wrapped, FullyShardedDataParallel):
-            return wrapped.clip_grad_norm_(max_norm).float()  # norm over all shards
+        for fsdp in (self.model, wrapped):  # the GPT is the FSDP root (ShardedFSDPStrategy) or inside it
+            if isinstance(fsdp, FullyShardedDataParallel):
+                return fsdp.clip_grad_norm_(max_norm).float()  # norm over all shards
         # No .item(): the clip coefficient is applied on the device, no host sync.
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True).float()
 
@@ -213,4 +237,6 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lmpipe"] = {"run_key": self.run_key, "model": self.gpt_config.to_dict()}
+        # tokens_per_step: the global batch a resume at another world size must keep.
+        checkpoint["lmpipe"] = {"run_key": self.run_key, "model": self.gpt_config.to_dict(),
+                                "tokens_per_step": self.tokens_per_step, "world_size": self.trainer.world_size}

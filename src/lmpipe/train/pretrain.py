@@ -8,8 +8,10 @@ sentencepiece model. Writes (rank 0, atomically):
   entropy (the loss a context-free model would reach), tokens/s and MFU;
 - ``plots/pretrain_loss.csv`` (step, train_loss, val_loss) and ``plots/pretrain_loss.png``;
 - checkpoints under ``checkpoints/pretrain/<run key>/`` (not a DVC output); a rerun of the same
-  config resumes from the newest complete one.
+  config resumes from the newest complete one, chosen by rank 0, on any world size that can keep
+  the run's global batch (see :func:`accumulation_steps`).
 The same config runs on one CPU, N GPUs (``devices``) or several nodes under torchrun / SLURM.
+A run stopped by SIGTERM, SIGINT or a SLURM requeue exits with an error and writes no model.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmpipe import tracking
 from lmpipe.config import Paths
@@ -36,10 +39,18 @@ from lmpipe.train.callbacks import (
     DivergenceGuard,
     SampleGenerations,
     StepProgress,
+    TrainingInterrupted,
     TrainingMonitor,
     Validation,
 )
-from lmpipe.train.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint, run_key
+from lmpipe.train.checkpoint import (
+    AtomicCheckpointIO,
+    PeriodicCheckpoint,
+    ShardedFSDPStrategy,
+    agreed_resume_checkpoint,
+    reject_lightning_requeue_checkpoints,
+    run_key,
+)
 from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import TokenDataModule, open_token_split, unigram_entropy
 from lmpipe.train.module import PretrainModule
@@ -87,37 +98,48 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     tokens_per_byte = val_split.n_tokens / val_split.n_bytes if val_split.n_bytes else None
     callbacks = [monitor, *_stage_callbacks(cfg, paths, meta, datamodule, monitor, tracker, tokens_per_byte, ckpt_dir),
                  *extra_callbacks]
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg, callbacks, ckpt_dir)
     world = trainer.world_size
-    # Accumulation depends on the world size, known once the trainer has read the environment.
-    datamodule.accumulation = accumulation = accumulation_steps(cfg, gpt_cfg.block_size, world)
+    resume = agreed_resume_checkpoint(trainer, ckpt_dir, key) if cfg.resume else None
+    if resume is None:
+        reject_lightning_requeue_checkpoints(ckpt_dir)
+    # Accumulation depends on the world size, known once the trainer has read the environment,
+    # and on the global batch of the run being resumed.
+    datamodule.accumulation = accumulation = accumulation_steps(
+        cfg, gpt_cfg.block_size, world, resumed_tokens_per_step=resume.tokens_per_step if resume else None)
     tokens_per_step = cfg.micro_batch_size * gpt_cfg.block_size * accumulation * world
     monitor.peak_flops = cfg.peak_flops or peak_flops(trainer)
 
     L.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank and rerun
     module = PretrainModule(gpt_cfg, cfg, accumulation=accumulation, tokens_per_step=tokens_per_step, run_key=key)
-    resume = find_resume_checkpoint(ckpt_dir, key) if cfg.resume else None
     if trainer.is_global_zero:
         log.info("pretrain: %s, %.2fM parameters, %d tokens/step (%d x %d x %d micro-batches x %d devices), run %s",
                  cfg.preset, module.model.num_parameters() / 1e6, tokens_per_step, cfg.micro_batch_size,
                  gpt_cfg.block_size, accumulation, world, key)
         if resume:
-            log.info("resuming from %s (step %d)", resume[0], resume[1])
+            log.info("resuming from %s (step %d)", resume.path, resume.step)
         tracker.log_params({"resolved": {
             "accumulation": accumulation, "tokens_per_step": tokens_per_step, "world_size": world,
             "parameters": module.model.num_parameters(), "flops_per_token": flops_per_token,
             "precision": str(trainer.precision), "run_key": key, "model": gpt_cfg.to_dict()}})
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume[0] if resume else None, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
+    except SIGTERMException:
+        # Lightning stops every rank at a step boundary on SIGTERM but exits with status 0, which
+        # would pass for success to DVC and the flow.
+        raise TrainingInterrupted(f"stopped by SIGTERM at step {trainer.global_step}; no model was written "
+                                  "(the next run resumes from the newest checkpoint)") from None
     finally:
         tracker.close()
 
-    state = trainer.strategy.lightning_module_state_dict()  # full weights on rank 0 (FSDP gathers)
+    strategy = trainer.strategy
+    # Full weights on rank 0 (FSDP gathers them from the shards).
+    state = strategy.full_state_dict() if isinstance(strategy, ShardedFSDPStrategy) else strategy.lightning_module_state_dict()
     summary: dict[str, Any] = {
         "steps": trainer.global_step,
         "train_tokens": trainer.global_step * tokens_per_step,
         "tokens_per_s": monitor.mean_tokens_per_s(),
-        "resumed_from_step": resume[1] if resume else 0,
+        "resumed_from_step": resume.step if resume else 0,
     }
     if monitor.train:
         summary["train_loss"] = monitor.train[-1][1]
@@ -140,9 +162,18 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def build_trainer(cfg: PretrainConfig, callbacks: list[Callback]) -> L.Trainer:
+def build_trainer(cfg: PretrainConfig, callbacks: list[Callback], checkpoint_dir: Path | None = None) -> L.Trainer:
     """A Trainer stripped to what the stage uses: no Lightning logger, progress bar, model summary,
-    checkpointing or validation loop (the stage's callbacks do those without per-step cost)."""
+    checkpointing or validation loop (the stage's callbacks do those without per-step cost).
+
+    With ``checkpoint_dir`` (the pretrain run's checkpoint directory): it is Lightning's root, where
+    under SLURM Lightning would load ``hpc_ckpt_N.ckpt`` by itself, so the stage keeps it free of
+    files it has not checked; Lightning's SLURM auto-requeue is off (:class:`PeriodicCheckpoint`
+    requeues); FSDP saves sharded checkpoints (:class:`ShardedFSDPStrategy`). Without it (the
+    fine-tune and distill stages) FSDP gathers full checkpoints on rank 0.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
     use_cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu")
     precision = cfg.precision
     if precision == "auto":
@@ -162,28 +193,48 @@ def build_trainer(cfg: PretrainConfig, callbacks: list[Callback]) -> L.Trainer:
         ddp_kwargs: dict[str, Any] = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         strategy = DDPStrategy(**ddp_kwargs)
     elif cfg.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        if checkpoint_dir is not None:
+            strategy = ShardedFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+        else:
+            from lightning.pytorch.strategies import FSDPStrategy
 
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
+            strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if checkpoint_dir is not None and SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=precision, max_steps=cfg.max_steps, max_epochs=-1, limit_val_batches=0,
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        deterministic=cfg.deterministic, use_distributed_sampler=False,
+        enable_checkpointing=False, callbacks=callbacks, plugins=plugins,
+        deterministic=cfg.deterministic, use_distributed_sampler=False, default_root_dir=checkpoint_dir,
     )
 
 
-def accumulation_steps(cfg: PretrainConfig, block_size: int, world_size: int) -> int:
-    """Micro-batches per optimizer step so that a step holds ``tokens_per_step`` tokens."""
+def accumulation_steps(cfg: PretrainConfig, block_size: int, world_size: int,
+                       resumed_tokens_per_step: int | None = None) -> int:
+    """Micro-batches per optimizer step so that a step holds ``tokens_per_step`` tokens.
+
+    With ``tokens_per_step`` null a new run takes one micro-batch per device per step. A resumed
+    run keeps the global batch it was trained with (``resumed_tokens_per_step``, recorded in its
+    checkpoint) whatever the world size now, so it reads the same sample stream: accumulation is
+    recomputed, and a world size that cannot reach that batch is refused with a ConfigError.
+    """
     per_pass = cfg.micro_batch_size * block_size * world_size
+    shape = f"micro_batch_size x block_size x devices = {cfg.micro_batch_size} x {block_size} x {world_size} = {per_pass}"
+    if cfg.tokens_per_step is None and resumed_tokens_per_step is not None:
+        if resumed_tokens_per_step % per_pass:
+            raise ConfigError(
+                f"pretrain: cannot resume on {world_size} device(s): the run's checkpoints were trained with "
+                f"{resumed_tokens_per_step} tokens per step, which is not a multiple of {shape}, so the global batch "
+                "(and the sample stream) would change. Resume on a world size that divides it, or start a new run "
+                "(pretrain.resume: false)"
+            )
+        return resumed_tokens_per_step // per_pass
     if cfg.tokens_per_step is None:
         return 1
     if cfg.tokens_per_step % per_pass:
-        raise ConfigError(
-            f"pretrain.tokens_per_step: {cfg.tokens_per_step} is not a multiple of micro_batch_size x block_size x "
-            f"devices = {cfg.micro_batch_size} x {block_size} x {world_size} = {per_pass}"
-        )
+        raise ConfigError(f"pretrain.tokens_per_step: {cfg.tokens_per_step} is not a multiple of {shape}")
     return cfg.tokens_per_step // per_pass
 
 
@@ -245,7 +296,10 @@ def _stage_callbacks(cfg: PretrainConfig, paths: Paths, meta: dict[str, Any], da
             every=cfg.sample_every, prompts=prompts, decode=decode, max_new_tokens=cfg.sample_tokens,
             temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, stop_id=eos, seed=cfg.seed, tracker=tracker,
         ))
-    callbacks.append(PeriodicCheckpoint(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints))
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    callbacks.append(PeriodicCheckpoint(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints,
+                                        requeue=SLURMEnvironment.detect()))
     if cfg.progress:
         callbacks.append(StepProgress(monitor))
     return callbacks
