@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,13 +36,19 @@ class FileServer:
     """Serves ``files`` (url path -> bytes) with HTTP Range support on 127.0.0.1.
 
     ``cut_after`` (url path -> n) makes the next response for that path send n bytes and then
-    drop the connection, once, as a flaky network would. ``log`` records each request's
+    drop the connection, once, as a flaky network would. ``redirects`` (url path -> Location)
+    answers 302 with that Location. ``trickle`` (url path -> seconds) sends the body 100 bytes at
+    a time with that pause between them; ``no_length`` paths are sent without Content-Length
+    (the end of the body is the end of the connection). ``log`` records each request's
     (path, Range header, status).
     """
 
     port: int = 0
     files: dict[str, bytes] = field(default_factory=dict)
     cut_after: dict[str, int] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)
+    trickle: dict[str, float] = field(default_factory=dict)
+    no_length: set[str] = field(default_factory=set)
     log: list[tuple[str, str | None, int]] = field(default_factory=list)
 
     def url(self, path: str) -> str:
@@ -56,6 +63,13 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             body = server.files.get(self.path)
             byte_range = self.headers.get("Range")
+            if self.path in server.redirects:
+                server.log.append((self.path, byte_range, 302))
+                self.send_response(302)
+                self.send_header("Location", server.redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if body is None:
                 server.log.append((self.path, byte_range, 404))
                 self.send_error(404, "Not Found")
@@ -68,11 +82,22 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             status = 206 if byte_range else 200
             server.log.append((self.path, byte_range, status))
             self.send_response(status)
-            self.send_header("Content-Length", str(len(body) - start))
+            if self.path not in server.no_length:
+                self.send_header("Content-Length", str(len(body) - start))
             if byte_range:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             self.end_headers()
             payload = body[start:]
+            pause = server.trickle.get(self.path)
+            if pause is not None:
+                try:
+                    for i in range(0, len(payload), 100):
+                        self.wfile.write(payload[i:i + 100])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: expected
+                    pass
+                return
             cut = server.cut_after.pop(self.path, None)
             self.wfile.write(payload if cut is None else payload[:cut])
             if cut is not None:
