@@ -66,6 +66,7 @@ def _section_models() -> dict[str, type[Section]]:
         ("distill", "lmpipe.train.distill_config", "DistillConfig"),
         ("evaluate", "lmpipe.evaluate.config", "EvaluateConfig"),
         ("register", "lmpipe.registry.config", "RegisterConfig"),
+        ("flow", "lmpipe.flow_config", "FlowConfig"),
     ]
     for name, module, attr in optional:
         try:
