@@ -84,6 +84,8 @@ def test_unauthenticated_requests_are_refused(server: tuple[str, Path], mlflow_a
     assert _status(f"{url}/health") == 200  # the health check stays open (compose's healthcheck)
     assert _status(search) == 401
     assert _status(f"{url}/api/2.0/mlflow/registered-models/search") == 401
+    assert _status(f"{url}/api/2.0/mlflow-artifacts/artifacts") == 401  # artifact proxy: no reads, no uploads
+    assert _status(f"{url}/api/2.0/mlflow/registered-models/alias?name=x&alias=champion") == 401
     assert _status(search, (mlflow_auth.username, "wrong-password")) == 401
     assert _status(search, (mlflow_auth.username, mlflow_auth.password)) == 200
 

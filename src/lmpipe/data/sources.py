@@ -470,7 +470,8 @@ class _VettedHTTPConnection(http.client.HTTPConnection):
         self.allow_networks = allow_networks
 
     def connect(self) -> None:
-        self.sock = _vetted_socket(self.host, self.port, self.timeout, self.source_address, self.allow_networks)
+        self.sock = _vetted_socket(self.host, self.port, self.timeout, getattr(self, "source_address", None),
+                                   self.allow_networks)
 
 
 class _VettedHTTPSConnection(http.client.HTTPSConnection, _VettedHTTPConnection):
