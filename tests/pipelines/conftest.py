@@ -1,14 +1,16 @@
 """Fixtures for orchestration tests: one real Prefect server per session and tiny DVC projects.
 
 The Prefect server is the real one (``prefect server start`` on 127.0.0.1 with its own
-``PREFECT_HOME``); it takes ~20 s to start on two cores, so every test shares it. A tiny project
+``PREFECT_HOME``, requiring an API auth string as in infra/docker-compose.yml); it takes ~20 s to
+start on two cores, so every test shares it. A tiny project
 is a git + DVC repo whose three stages (named like the pipeline's: collect -> clean -> split) run
 ``stage.py`` below: each builds its output in a temp dir with ``lmpipe.io.atomic_dir``, writes a
 manifest and opens its MLflow run with ``lmpipe.tracking.stage_run``, exactly as real stages do,
 but in well under a second. ``TEST_SLEEP_<STAGE>`` makes a stage pause mid-write and
 ``TEST_FAIL_<STAGE>`` makes it fail; DVC does not hash the environment, so neither changes
 what DVC considers up to date. For the MLflow server test, a throwaway PostgreSQL cluster
-(``initdb``/``pg_ctl`` on a free loopback port) and ``mlflow server`` on top of it; skipped with
+(``initdb``/``pg_ctl`` on a free loopback port) and ``mlflow server --app-name basic-auth`` on top
+of it; skipped with
 the reason where PostgreSQL or its Python driver is not installed.
 """
 
