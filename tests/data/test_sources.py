@@ -367,3 +367,14 @@ def test_overall_deadline_stops_a_server_that_trickles(tmp_path: Path, file_serv
         list(read_url_source(source, tmp_path, SourceStats()))
     assert time.monotonic() - start < 2.0
     assert len(file_server.log) == 1
+
+
+
+def test_https_goes_through_the_same_checks(tmp_path: Path, https_server: Any) -> None:
+    https_server.files["/c.jsonl"] = BODY
+    source = url_source(https_server.url("/c.jsonl"), BODY)
+    assert source.url.startswith("https://127.0.0.1:")
+    assert len(list(read_url_source(source, tmp_path, SourceStats()))) == 200
+    with pytest.raises(DataError, match="a loopback address"):
+        download(source.url, tmp_path / "again.jsonl", source.sha256)  # the default policy
+    assert len(https_server.log) == 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
-import functools
 import glob
 import gzip
 import http.client
@@ -465,9 +464,7 @@ def _vetted_socket(host: str, port: int, timeout: Any, source_address: Any,
 
 
 class _VettedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, allow_networks: tuple[str, ...] = (), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.allow_networks = allow_networks
+    allow_networks: tuple[str, ...] = ()  # set per connection by _connection
 
     def connect(self) -> None:
         self.sock = _vetted_socket(self.host, self.port, self.timeout, getattr(self, "source_address", None),
@@ -478,13 +475,24 @@ class _VettedHTTPSConnection(http.client.HTTPSConnection, _VettedHTTPConnection)
     """TLS over a vetted socket: ``HTTPSConnection.connect`` wraps what ``_VettedHTTPConnection`` opened."""
 
 
+def _connection(cls: type[_VettedHTTPConnection], allow_networks: tuple[str, ...]) -> Any:
+    """A constructor of ``cls`` connections that may reach ``allow_networks``, for ``do_open``."""
+
+    def make(*args: Any, **kwargs: Any) -> _VettedHTTPConnection:
+        connection = cls(*args, **kwargs)
+        connection.allow_networks = allow_networks
+        return connection
+
+    return make
+
+
 class _VettedHTTPHandler(urllib.request.HTTPHandler):
     def __init__(self, allow_networks: tuple[str, ...]) -> None:
         super().__init__()
         self.allow_networks = allow_networks
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_VettedHTTPConnection, allow_networks=self.allow_networks), req)
+        return self.do_open(_connection(_VettedHTTPConnection, self.allow_networks), req)
 
 
 class _VettedHTTPSHandler(urllib.request.HTTPSHandler):
@@ -493,7 +501,7 @@ class _VettedHTTPSHandler(urllib.request.HTTPSHandler):
         self.allow_networks = allow_networks
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_VettedHTTPSConnection, allow_networks=self.allow_networks), req,
+        return self.do_open(_connection(_VettedHTTPSConnection, self.allow_networks), req,
                             context=self._context)  # type: ignore[attr-defined]
 
 
