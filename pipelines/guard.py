@@ -161,8 +161,10 @@ def hold_checkout(root: Path, concurrency: str, wait_timeout_s: float,
     Per machine: ``flock`` does not reach across hosts on every network file system, so give each
     worker machine its own checkout (docs/operations.md).
     """
+    if not (root / ".dvc").is_dir():
+        raise LmpipeError(f"{root}: not a DVC project (no .dvc/); run the flow in an lmpipe checkout (--root)")
     path = root / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if not _try_lock(fd):
