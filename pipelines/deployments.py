@@ -9,8 +9,9 @@ A cluster: ``prefect.yaml`` at the project root declares the same deployments fo
 
 Which Prefect server: the one named by ``PREFECT_API_URL``; without it, a server already
 listening on 127.0.0.1:4200 (``prefect server start``); without that, ``lmpipe serve`` starts one
-as a child process and stops it on exit. Prefect's ephemeral in-process API, which ``make run``
-uses for one-off flow runs, has no scheduler service, so schedules need a real server.
+as a child process and stops it on exit. The temporary server that ``make run`` starts for one
+flow run (``pipelines/guard.py``, Prefect's ephemeral mode) has no scheduler service, so schedules
+need a real server.
 
 | deployment   | schedule                          | runs                                   |
 |--------------|-----------------------------------|----------------------------------------|

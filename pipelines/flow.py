@@ -5,10 +5,12 @@ do (content hashes of deps, params and code), so a scheduled run, ``dvc repro`` 
 ``lmpipe <stage>`` do exactly the same work and share one cache. One MLflow parent run per flow
 run; each stage's MLflow run nests under it through ``LMPIPE_PARENT_RUN_ID``.
 
-A flow process that dies mid-stage (killed, OOM, node lost) takes its stage down with it (see
-:func:`_guarded`), so a rerun finds no orphan holding DVC's lock or racing it for the same
-outputs: DVC skips every stage recorded in ``dvc.lock`` and reruns the interrupted one, whose
-output was never swapped into place (stages build outputs in temp dirs, ``lmpipe.io.atomic_dir``).
+A flow process that dies mid-stage (killed, OOM, node lost) takes its stage down with it, and
+its temporary Prefect server too (``pipelines/guard.py``), so a rerun finds no orphan holding
+DVC's lock or racing it for the same outputs: DVC skips every stage recorded in ``dvc.lock`` and
+reruns the interrupted one, whose output was never swapped into place (stages build outputs in
+temp dirs, ``lmpipe.io.atomic_dir``). A stage past its limit (``flow`` in params.yaml) is stopped
+the same way; a second flow run in the same checkout waits for the first (or fails at once).
 
 Run it: ``python pipelines/flow.py`` (what ``make run`` does) or ``python pipelines/flow.py --stages collect clean``.
 Schedules and deployments: ``pipelines/deployments.py`` and ``prefect.yaml``.
@@ -20,7 +22,6 @@ import argparse
 import collections
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,11 @@ from prefect.tasks import exponential_backoff
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from lmpipe.stages import STAGES, network_stages  # noqa: E402
+from pipelines.guard import STOP_GRACE_SECONDS, hold_checkout, run_streaming, temporary_prefect_server  # noqa: E402
 
 NETWORK_STAGES = network_stages()
 # Runs before any chosen stage that reads files named in params, so that stage sees their current
@@ -47,8 +51,6 @@ INPUTS_STAGE = "inputs"
 # (with jitter, so several pipelines do not retry in lockstep).
 NETWORK_RETRIES = 3
 NETWORK_BACKOFF_SECONDS = 30.0
-# Seconds an interrupted stage gets to delete its temp output dir before its process group is killed.
-STOP_GRACE_SECONDS = 20
 
 
 def pipeline_stages(root: Path) -> list[str]:
@@ -69,78 +71,34 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-# Runs argv[2:] as the leader of a new process group and takes the whole group down when the
-# flow process (argv[1]) dies: PR_SET_PDEATHSIG delivers SIGTERM to this guard, which interrupts
-# the group (SIGINT lets the stage's atomic writers delete their temp dirs) and SIGKILLs what is
-# left after a grace period. Without it, `dvc repro` and its stage would outlive a killed flow,
-# hold DVC's lock and race the rerun for the same outputs.
-_GUARD = r"""
-import ctypes, os, signal, subprocess, sys, time
-parent, grace, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
-child, deadline = None, None
-def stop(signum, frame):
-    global deadline
-    deadline = deadline or time.monotonic() + grace
-    if child is not None:
-        try:
-            os.killpg(child.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, stop)
-ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-if os.getppid() != parent:
-    sys.exit(143)
-child = subprocess.Popen(cmd, start_new_session=True)
-if deadline is not None:
-    stop(signal.SIGTERM, None)
-while True:
-    try:
-        code = child.wait(timeout=0.5)
-        break
-    except subprocess.TimeoutExpired:
-        if deadline is not None and time.monotonic() > deadline:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-try:
-    os.killpg(child.pid, signal.SIGKILL)
-except ProcessLookupError:
-    pass
-sys.exit(code if code >= 0 else 128 - code)
-"""
+def _run_logged(cmd: list[str], root: str, env: dict[str, str], what: str, timeout_s: float | None = None) -> str:
+    """Run ``cmd`` in ``root`` (its process tree guarded, see pipelines/guard.py), streaming its
+    output to the run log; return its first and last lines.
 
-
-def _guarded(cmd: list[str]) -> list[str]:
-    """``cmd`` wrapped so that its whole process tree dies with this process (Linux; elsewhere as is)."""
-    if not sys.platform.startswith("linux"):
-        return cmd
-    return [sys.executable, "-c", _GUARD, str(os.getpid()), str(STOP_GRACE_SECONDS), *cmd]
-
-
-def _run_logged(cmd: list[str], root: str, env: dict[str, str], what: str) -> str:
-    """Run ``cmd`` in ``root``, streaming its output to the run log; return its first and last lines.
-
-    Raises RuntimeError naming ``what`` and the command's own error line (else its last line).
+    Raises RuntimeError naming ``what`` and the command's own error line (else its last line), and
+    TimeoutError when it ran past ``timeout_s`` (it is stopped first).
     """
     logger = get_run_logger()
     head: list[str] = []
     tail: collections.deque[str] = collections.deque(maxlen=400)
-    with subprocess.Popen(_guarded(cmd), cwd=root, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                # DVC says what it does first and what went wrong last; keep both ends of long logs
-                (head if len(head) < 100 else tail).append(line)
-                logger.info("%s | %s", what, line)
+
+    def keep(line: str) -> None:
+        line = line.rstrip()
+        if line:
+            # DVC says what it does first and what went wrong last; keep both ends of long logs
+            (head if len(head) < 100 else tail).append(line)
+            logger.info("%s | %s", what, line)
+
+    try:
+        code = run_streaming(cmd, root, env, keep, timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"{what} timed out after {timeout_s:g} s and was stopped "
+                           "(flow.stage_timeout_s / flow.stage_timeouts in params.yaml)") from None
     lines = head + list(tail)
-    if proc.returncode != 0:
+    if code != 0:
         # the stage's own one-line error ("lmpipe clean: error: ...") says more than DVC's summary
         errors = [line for line in lines if ": error: " in line]
-        last = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
+        last = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
         raise RuntimeError(f"{what} failed: {last}")
     return "\n".join(lines)
 
@@ -157,13 +115,14 @@ def _stage_env(parent_run_id: str | None) -> dict[str, str]:
 
 
 @task(name="stage", task_run_name="{stage}", retries=0)
-def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> str:
+def run_stage(stage: str, root: str, parent_run_id: str | None = None, timeout_s: float | None = None) -> str:
     """Reproduce one DVC stage; DVC skips it when nothing it depends on changed.
 
-    Returns "ran" or "skipped". Raises RuntimeError (the task fails) when the stage fails.
+    Returns "ran" or "skipped". Raises RuntimeError (the task fails) when the stage fails, and
+    TimeoutError when it runs past ``timeout_s`` (its process tree is stopped first).
     """
     output = _run_logged([_bin("dvc"), "repro", "--single-item", stage], root, _stage_env(parent_run_id),
-                         f"stage {stage}")
+                         f"stage {stage}", timeout_s)
     skipped = "Running stage '" not in output
     get_run_logger().info("stage %s %s", stage, "unchanged: skipped" if skipped else "done")
     return "skipped" if skipped else "ran"
@@ -171,19 +130,22 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None) -> str:
 
 @task(name="promote", retries=NETWORK_RETRIES, retry_delay_seconds=exponential_backoff(NETWORK_BACKOFF_SECONDS),
       retry_jitter_factor=0.5)
-def promote_champion(root: str, parent_run_id: str | None = None) -> str:
+def promote_champion(root: str, parent_run_id: str | None = None, timeout_s: float | None = None) -> str:
     """Move the registry's ``champion`` alias to the candidate if it passes the gate (``lmpipe promote``)."""
-    _run_logged([_bin("lmpipe"), "promote"], root, _stage_env(parent_run_id), "promote")
+    _run_logged([_bin("lmpipe"), "promote"], root, _stage_env(parent_run_id), "promote", timeout_s)
     return "ran"
 
 
-def _retrying(stage: str) -> Any:
-    """Stages that touch the network get retries with exponential backoff."""
+def _retrying(stage: str, timeout_s: float | None = None) -> Any:
+    """Stages that touch the network get retries with exponential backoff. With ``timeout_s``,
+    Prefect's own task timeout backs up the subprocess deadline (which fires first and stops the
+    stage's process tree)."""
+    task_ = run_stage
     if stage in NETWORK_STAGES:
-        return run_stage.with_options(retries=NETWORK_RETRIES,
-                                      retry_delay_seconds=exponential_backoff(NETWORK_BACKOFF_SECONDS),
-                                      retry_jitter_factor=0.5)
-    return run_stage
+        task_ = run_stage.with_options(retries=NETWORK_RETRIES,
+                                       retry_delay_seconds=exponential_backoff(NETWORK_BACKOFF_SECONDS),
+                                       retry_jitter_factor=0.5)
+    return task_.with_options(timeout_seconds=timeout_s + STOP_GRACE_SECONDS + 30) if timeout_s else task_
 
 
 def apply_preset(root: Path, preset: str) -> Path:
@@ -246,11 +208,23 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
     copied over params.yaml first; ``overrides``: ``section.key=value`` changes written into
     params.yaml next (DVC then reruns what they affect); ``promote``: after the stages, move the ``champion`` alias when
     the candidate passes the gate; ``root``: the project (default: the one holding this file).
+    One run at a time per checkout: a second one waits or fails (``flow.concurrency``), before it
+    changes params.yaml; each stage is stopped past its limit (``flow.stage_timeouts``).
     """
+    from lmpipe.config import load_params
+
+    project = Path(root).resolve() if root else ROOT
+    limits = load_params(project / "params.yaml", overrides, sections=["flow"]).flow
+    with hold_checkout(project, limits.concurrency, limits.wait_timeout_s):
+        return _pipeline(project, stages, preset, promote, overrides)
+
+
+def _pipeline(project: Path, stages: list[str] | None, preset: str | None, promote: bool,
+              overrides: list[str] | None) -> dict[str, str]:
+    """The body of :func:`pipeline`, run while it holds the checkout."""
     from lmpipe.config import load_params
     from lmpipe.tracking import setup_mlflow
 
-    project = Path(root).resolve() if root else ROOT
     known = pipeline_stages(project)
     chosen = stages or known
     unknown = [s for s in chosen if s not in known]
@@ -263,7 +237,8 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
     if overrides:
         apply_overrides(project, overrides)
         print(f"params.yaml <- {' '.join(overrides)}")
-    params = load_params(project / "params.yaml", sections=["tracking"])
+    params = load_params(project / "params.yaml", sections=["tracking", "flow"])
+    params.flow.check_stages(known)
     results: dict[str, str] = {}
     parent = mlflow = uri = None
     if params.tracking.enabled:
@@ -279,9 +254,12 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
     status = "FAILED"
     try:
         for stage in [s for s in known if s in chosen]:
-            results[stage] = _retrying(stage)(stage, str(project), parent_id)
+            limit = params.flow.timeout_for(stage)
+            results[stage] = _retrying(stage, limit)(stage, str(project), parent_id, limit)
         if promote:
-            results["promote"] = promote_champion(str(project), parent_id)
+            limit = params.flow.timeout_for("promote")
+            results["promote"] = promote_champion.with_options(timeout_seconds=limit + STOP_GRACE_SECONDS + 30)(
+                str(project), parent_id, limit)
         status = "FINISHED"
     finally:
         if mlflow is not None:
@@ -364,8 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--promote", action="store_true", help="Promote the candidate model if it passes the gate.")
     parser.add_argument("--root", help="Project root (default: the project holding this file).")
     args = parser.parse_args(argv)
-    pipeline(stages=args.stages, preset=args.preset, promote=args.promote, root=args.root,
-             overrides=args.overrides)
+    from lmpipe.errors import LmpipeError
+
+    try:
+        # without PREFECT_API_URL: a Prefect server of this run's own that dies with it, even on SIGKILL
+        with temporary_prefect_server(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
+            pipeline(stages=args.stages, preset=args.preset, promote=args.promote, root=args.root,
+                     overrides=args.overrides)
+    except LmpipeError as err:
+        print(f"lmpipe flow: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

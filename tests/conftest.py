@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,34 @@ def _offline_env(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@dataclass(frozen=True)
+class MlflowAuth:
+    """Settings of ``mlflow server --app-name basic-auth`` (MLflow's own authentication, as in
+    infra/docker-compose.yml) and the credentials its clients pass through the environment."""
+
+    username: str
+    password: str
+    secret_key: str
+
+    def server_env(self, directory: Path) -> dict[str, str]:
+        """Environment for a server whose user store lives in ``directory`` (created empty)."""
+        ini = directory / "basic_auth.ini"
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{directory / 'basic_auth.db'}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       # a verified password is cached for a minute: without it every request
+                       # spends a PBKDF2 hash, which multiplies the time of a registry test
+                       "auth_cache_ttl_seconds = 60\n")
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": self.username,
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key}
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth() -> MlflowAuth:
+    return MlflowAuth("admin", secrets.token_urlsafe(16), secrets.token_urlsafe(16))

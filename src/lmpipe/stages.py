@@ -86,8 +86,9 @@ STAGE_LIST: tuple[StageSpec, ...] = (
 )
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in STAGE_LIST}
 
-# Sections that belong to no stage.
-OTHER_SECTIONS: dict[str, str] = {"tracking": "lmpipe.config:TrackingConfig"}
+# Sections that belong to no stage: MLflow tracking, and the Prefect flow's settings (timeouts,
+# one run per checkout), which no DVC stage reads.
+OTHER_SECTIONS: dict[str, str] = {"tracking": "lmpipe.config:TrackingConfig", "flow": "lmpipe.flow_config:FlowConfig"}
 
 
 def section_classes() -> dict[str, str]:

@@ -148,7 +148,8 @@ def test_url_checksum_mismatch_writes_nothing(paths: Paths, collect_config: Make
     body = b'{"text": "downloaded"}\n'
     file_server.files["/d.jsonl"] = body
     cfg = collect_config({"type": "url", "name": "web", "url": file_server.url("/d.jsonl"),
-                          "sha256": hashlib.sha256(b"something else").hexdigest()})
+                          "sha256": hashlib.sha256(b"something else").hexdigest(),
+                          "allow_networks": ["127.0.0.1/32"]})  # the test server is on loopback
     with pytest.raises(ChecksumError, match="sha256 mismatch"):
         run(cfg, paths)
     assert not paths.raw.exists()

@@ -15,6 +15,8 @@ import pytest
 from lmpipe.data.config import FilesSource, HFSource, UrlSource
 from lmpipe.data.sources import (
     SourceStats,
+    UrlPolicy,
+    address_refusal,
     download,
     download_path,
     read_files_source,
@@ -217,8 +219,13 @@ def test_hf_missing_column_and_missing_files(tmp_path: Path, hf_cache: Path) -> 
 # ------------------------------------------------------------------------------------------- urls
 
 
+# The test server listens on loopback, which URL sources refuse unless the source allows it.
+LOOPBACK = ["127.0.0.1/32"]
+LOCAL = UrlPolicy(allow_networks=tuple(LOOPBACK))
+
+
 def url_source(url: str, body: bytes, **options: Any) -> UrlSource:
-    return UrlSource.model_validate({"type": "url", "name": "web", "url": url,
+    return UrlSource.model_validate({"type": "url", "name": "web", "url": url, "allow_networks": LOOPBACK,
                                      "sha256": hashlib.sha256(body).hexdigest(), **options})
 
 
@@ -251,7 +258,7 @@ def test_url_resumes_partial_download_with_range(tmp_path: Path, file_server: An
     dest = download_path(source, tmp_path)
     dest.parent.mkdir(parents=True)
     dest.with_name(dest.name + ".part").write_bytes(BODY[:1000])
-    download(source.url, dest, source.sha256)
+    download(source.url, dest, source.sha256, policy=LOCAL)
     assert dest.read_bytes() == BODY
     assert file_server.log == [("/c.jsonl", "bytes=1000-", 206)]
 
@@ -260,17 +267,116 @@ def test_url_dropped_connection_is_retried_and_resumed(tmp_path: Path, file_serv
     file_server.files["/c.jsonl"] = BODY
     file_server.cut_after["/c.jsonl"] = 700
     dest = tmp_path / "c.jsonl"
-    download(file_server.url("/c.jsonl"), dest, hashlib.sha256(BODY).hexdigest(), backoff_s=0.01)
+    download(file_server.url("/c.jsonl"), dest, hashlib.sha256(BODY).hexdigest(), backoff_s=0.01, policy=LOCAL)
     assert dest.read_bytes() == BODY
     assert [entry[1:] for entry in file_server.log] == [(None, 200), ("bytes=700-", 206)]
 
 
 def test_url_404_fails_at_once(tmp_path: Path, file_server: Any) -> None:
     with pytest.raises(DataError, match="HTTP 404"):
-        download(file_server.url("/missing.txt"), tmp_path / "m.txt", "0" * 64, retries=3, backoff_s=0.01)
+        download(file_server.url("/missing.txt"), tmp_path / "m.txt", "0" * 64, retries=3, backoff_s=0.01, policy=LOCAL)
     assert len(file_server.log) == 1
 
 
 def test_url_connection_error_after_retries(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="download failed after 3 attempt\\(s\\)"):  # nothing listens on port 1
-        download("http://127.0.0.1:1/x.txt", tmp_path / "x.txt", "0" * 64, retries=2, backoff_s=0.01)
+        download("http://127.0.0.1:1/x.txt", tmp_path / "x.txt", "0" * 64, retries=2, backoff_s=0.01, policy=LOCAL)
+
+
+# --------------------------------------------------------------------------- what a URL source may do
+
+
+def test_only_http_and_https_urls(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a local file a URL source must never read")
+    for url in (secret.as_uri(), "ftp://example.org/x.txt", "data:text/plain,hello", "http:///no-host"):
+        with pytest.raises(ValueError, match="only http:// and https:// URLs"):
+            url_source(url, b"")
+    with pytest.raises(DataError, match="download refused: .*only http:// and https://"):
+        download(secret.as_uri(), tmp_path / "out.txt", hashlib.sha256(secret.read_bytes()).hexdigest())
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_default_refuses_loopback_before_any_request(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    source = url_source(file_server.url("/c.jsonl"), BODY, allow_networks=[])
+    with pytest.raises(DataError, match=r"127\.0\.0\.1 resolves to 127\.0\.0\.1, a loopback address"):
+        list(read_url_source(source, tmp_path, SourceStats()))
+    with pytest.raises(DataError, match="a loopback address"):
+        download(f"http://localhost:{file_server.port}/c.jsonl", tmp_path / "c.jsonl", source.sha256)
+    assert file_server.log == []  # refused before connecting, and not retried
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
+    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("10.1.2.3", "private"),
+    ("192.168.0.10", "private"), ("172.16.5.4", "private"), ("fd00::1", "private"), ("0.0.0.0", "unspecified"),
+    ("100.64.0.1", "non-public"), ("224.0.0.1", "multicast"),
+])
+def test_internal_addresses_are_refused_unless_their_range_is_allowed(address: str, kind: str) -> None:
+    assert address_refusal(address) == f"a {kind} address"
+    network = "::/0" if ":" in address and "." not in address else "0.0.0.0/0"  # ::ffff:a.b.c.d is a.b.c.d
+    assert address_refusal(address, (network,)) is None
+    assert address_refusal("93.184.215.14") is None and address_refusal("2606:4700::1111") is None
+
+
+def test_redirect_into_a_range_not_allowed_is_refused(tmp_path: Path, file_server: Any) -> None:
+    """127.0.0.1 is allowed, 127.0.0.2 (loopback too) is not: the redirect's target is checked."""
+    file_server.redirects["/moved"] = f"http://127.0.0.2:{file_server.port}/c.jsonl"
+    with pytest.raises(DataError, match=r"127\.0\.0\.2 resolves to 127\.0\.0\.2, a loopback address"):
+        download(file_server.url("/moved"), tmp_path / "c.jsonl", "0" * 64, policy=LOCAL)
+    file_server.redirects["/to-file"] = (tmp_path / "secret.txt").as_uri()
+    with pytest.raises(DataError, match="only http:// and https://"):
+        download(file_server.url("/to-file"), tmp_path / "c.jsonl", "0" * 64, policy=LOCAL)
+    assert [entry[0] for entry in file_server.log] == ["/moved", "/to-file"]
+
+
+def test_at_most_max_redirects_are_followed(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    file_server.redirects.update({"/r1": "/r2", "/r2": "/r3", "/r3": file_server.url("/c.jsonl")})
+    source = url_source(file_server.url("/r1"), BODY, max_redirects=2, format="jsonl")
+    with pytest.raises(DataError, match=r"more than 2 redirect\(s\) \(the last to http://127\.0\.0\.1:\d+/c\.jsonl\)"):
+        list(read_url_source(source, tmp_path, SourceStats()))
+    assert len(file_server.log) == 3  # r1, r2, r3; the file itself was never asked for
+    source = url_source(file_server.url("/r1"), BODY, max_redirects=3, format="jsonl")
+    assert len(list(read_url_source(source, tmp_path, SourceStats()))) == 200
+
+
+def test_size_cap_from_content_length_and_from_bytes_received(tmp_path: Path, file_server: Any) -> None:
+    file_server.files["/c.jsonl"] = BODY
+    file_server.files["/stream.jsonl"] = BODY
+    file_server.no_length.add("/stream.jsonl")
+    with pytest.raises(DataError, match=f"the file has {len(BODY)} bytes, more than max_bytes=1000"):
+        list(read_url_source(url_source(file_server.url("/c.jsonl"), BODY, max_bytes=1000), tmp_path, SourceStats()))
+    source = url_source(file_server.url("/stream.jsonl"), BODY, max_bytes=1000)
+    with pytest.raises(DataError, match="more than max_bytes=1000 bytes received"):
+        list(read_url_source(source, tmp_path, SourceStats()))
+    assert list(download_path(source, tmp_path).parent.iterdir()) == []  # nothing over the cap is kept
+    assert len(file_server.log) == 2  # a refusal is not retried
+    source = url_source(file_server.url("/stream.jsonl"), BODY, max_bytes=len(BODY))
+    assert len(list(read_url_source(source, tmp_path, SourceStats()))) == 200
+
+
+def test_overall_deadline_stops_a_server_that_trickles(tmp_path: Path, file_server: Any) -> None:
+    """Each read gets bytes well within timeout_s, so only the overall deadline can stop it."""
+    import time
+
+    file_server.files["/slow.jsonl"] = BODY  # ~5 KB at 100 bytes per 0.05 s: ~2.5 s
+    file_server.trickle["/slow.jsonl"] = 0.05
+    source = url_source(file_server.url("/slow.jsonl"), BODY, deadline_s=0.5, timeout_s=30.0)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"did not finish within deadline_s=0\.5 \(still receiving\)"):
+        list(read_url_source(source, tmp_path, SourceStats()))
+    assert time.monotonic() - start < 2.0
+    assert len(file_server.log) == 1
+
+
+
+def test_https_goes_through_the_same_checks(tmp_path: Path, https_server: Any) -> None:
+    https_server.files["/c.jsonl"] = BODY
+    source = url_source(https_server.url("/c.jsonl"), BODY)
+    assert source.url.startswith("https://127.0.0.1:")
+    assert len(list(read_url_source(source, tmp_path, SourceStats()))) == 200
+    with pytest.raises(DataError, match="a loopback address"):
+        download(source.url, tmp_path / "again.jsonl", source.sha256)  # the default policy
+    assert len(https_server.log) == 1

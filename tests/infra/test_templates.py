@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,11 +42,65 @@ def _compose_available() -> bool:
     return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
 
 
+def _filled_env_file(tmp_path: Path) -> Path:
+    """infra/.env.example with every empty value filled in, as an operator would."""
+    lines = []
+    for line in (INFRA / ".env.example").read_text().splitlines():
+        if line and not line.startswith("#") and line.endswith("="):
+            line += "admin:s3cret" if line.startswith("PREFECT_AUTH_STRING") else "s3cret-value"
+        lines.append(line)
+    path = tmp_path / ".env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.mark.skipif(not _compose_available(), reason="the docker compose plugin is not installed here")
-def test_docker_compose_accepts_the_file() -> None:
-    proc = subprocess.run(["docker", "compose", "-f", str(INFRA / "docker-compose.yml"), "config", "--quiet"],
-                          capture_output=True, text=True)
+def test_docker_compose_accepts_the_file_only_with_its_secrets(tmp_path: Path) -> None:
+    compose_file = str(INFRA / "docker-compose.yml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "MLFLOW_", "PREFECT_"))}
+    config = ["docker", "compose", "-f", compose_file, "--env-file"]
+    proc = subprocess.run([*config, str(INFRA / ".env.example"), "config", "--quiet"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode != 0 and "set it in infra/.env" in proc.stderr  # the example as is: refused
+    proc = subprocess.run([*config, str(_filled_env_file(tmp_path)), "config", "--quiet"], capture_output=True,
+                          text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+SECRET = re.compile(r"\$\{(?P<name>[A-Z0-9_]*(PASSWORD|SECRET|AUTH|USER)[A-Z0-9_]*)(?P<rule>[:?-]*)")
+
+
+def test_compose_has_no_default_secrets_and_both_servers_authenticate(compose: dict[str, Any]) -> None:
+    text = (INFRA / "docker-compose.yml").read_text()
+    uses = [(m["name"], m["rule"]) for m in SECRET.finditer(text)]
+    assert len(uses) >= 10
+    assert [name for name, rule in uses if rule != ":?"] == []  # every secret is required, none defaulted
+    example = {line.split("=", 1)[0] for line in (INFRA / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+    assert {name for name, _ in uses} <= example  # the example names every secret compose asks for
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(INFRA / ".env")], cwd=REPO)
+    assert ignored.returncode == 0, "infra/.env must be ignored by git"
+
+    services = compose["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["command"][mlflow["command"].index("--app-name") + 1] == "basic-auth"
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == mlflow["configs"][0]["target"]
+    auth_ini = compose["configs"][mlflow["configs"][0]["source"]]["content"]
+    assert "database_uri = postgresql://" in auth_ini and "/mlflow_auth" in auth_ini
+    assert "CREATE DATABASE mlflow_auth" in compose["configs"]["databases"]["content"]
+    assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
+    for name in ("worker", "worker-gpu"):
+        environment = services[name]["environment"]
+        assert {"PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(environment)
+    assert "ADMIN" not in services["worker"]["environment"]["MLFLOW_TRACKING_USERNAME"]  # its own account
+
+    # our images end as the unprivileged user, in both targets
+    stages = re.split(r"^FROM ", (INFRA / "Dockerfile").read_text(), flags=re.M)[1:]
+    assert len(stages) == 2
+    for stage in stages:
+        users = re.findall(r"^USER (\S+)", stage, flags=re.M)
+        assert users and users[-1] == "lmpipe", stage.splitlines()[0]
 
 
 def test_compose_has_the_stack_and_its_wiring(compose: dict[str, Any]) -> None:
@@ -72,7 +128,8 @@ def test_compose_has_the_stack_and_its_wiring(compose: dict[str, Any]) -> None:
         assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", "lmpipe"]
         assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert worker["build"] == {"context": "..", "dockerfile": "infra/Dockerfile", "target": "train"}
+        assert worker["build"] == {"context": "..", "dockerfile": "infra/Dockerfile", "target": "train",
+                                   "args": {"LMPIPE_UID": "${LMPIPE_UID:-1000}"}}
         assert "..:/workspace" in worker["volumes"] and worker["environment"]["LMPIPE_ROOT"] == "/workspace"
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
@@ -80,7 +137,7 @@ def test_compose_has_the_stack_and_its_wiring(compose: dict[str, Any]) -> None:
 
     buckets = services["buckets"]["environment"]["BUCKETS"].split()
     assert "mlflow" in buckets and "dvc" in buckets
-    init = compose["configs"]["prefect-database"]["content"]
+    init = compose["configs"]["databases"]["content"]
     assert "CREATE DATABASE prefect" in init
     # every service built from our Dockerfile names a target the Dockerfile defines
     dockerfile = (INFRA / "Dockerfile").read_text()

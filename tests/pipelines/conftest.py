@@ -1,20 +1,23 @@
 """Fixtures for orchestration tests: one real Prefect server per session and tiny DVC projects.
 
 The Prefect server is the real one (``prefect server start`` on 127.0.0.1 with its own
-``PREFECT_HOME``); it takes ~20 s to start on two cores, so every test shares it. A tiny project
+``PREFECT_HOME``, requiring an API auth string as in infra/docker-compose.yml); it takes ~20 s to
+start on two cores, so every test shares it. A tiny project
 is a git + DVC repo whose three stages (named like the pipeline's: collect -> clean -> split) run
 ``stage.py`` below: each builds its output in a temp dir with ``lmpipe.io.atomic_dir``, writes a
 manifest and opens its MLflow run with ``lmpipe.tracking.stage_run``, exactly as real stages do,
 but in well under a second. ``TEST_SLEEP_<STAGE>`` makes a stage pause mid-write and
 ``TEST_FAIL_<STAGE>`` makes it fail; DVC does not hash the environment, so neither changes
 what DVC considers up to date. For the MLflow server test, a throwaway PostgreSQL cluster
-(``initdb``/``pg_ctl`` on a free loopback port) and ``mlflow server`` on top of it; skipped with
+(``initdb``/``pg_ctl`` on a free loopback port) and ``mlflow server --app-name basic-auth`` on top
+of it; skipped with
 the reason where PostgreSQL or its Python driver is not installed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +28,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -114,14 +118,22 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prefect server on a free loopback port; sets PREFECT_API_URL here and for children."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+def prefect_auth() -> str:
+    """The ``user:password`` the session's Prefect server requires (PREFECT_SERVER_API_AUTH_STRING)."""
+    return f"lmpipe:{secrets.token_urlsafe(16)}"
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory, prefect_auth: str) -> Iterator[str]:
+    """A real Prefect server on a free loopback port that requires API auth, as in
+    infra/docker-compose.yml; sets PREFECT_API_URL and PREFECT_API_AUTH_STRING here and for children."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect_home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"}
+           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_API_AUTH_STRING": prefect_auth}
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     with open(log, "wb") as out:
@@ -130,9 +142,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_http(f"{url}/health", 120, proc, log)
-        saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-        os.environ.update({"PREFECT_API_URL": url, "PREFECT_HOME": str(home)})
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+        saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING")}
+        os.environ.update({"PREFECT_API_URL": url, "PREFECT_HOME": str(home), "PREFECT_API_AUTH_STRING": prefect_auth})
+        # Prefect's background threads (run logs, events) read the process-wide settings: without
+        # this they find no API and start an ephemeral server of their own
+        refresh_global_settings_context()
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home),
+                                         PREFECT_API_AUTH_STRING: prefect_auth}):
             yield url
             # send this process's buffered run logs and events while the server is still up
             # (otherwise they retry against a closed port at interpreter exit)
@@ -146,6 +162,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        refresh_global_settings_context()
     finally:
         stop_process(proc)
 
@@ -243,14 +260,16 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def mlflow_server(postgres: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """``mlflow server`` with the PostgreSQL store and proxied artifacts; yields (URL, artifact dir)."""
+def mlflow_server(postgres: str, tmp_path: Path, mlflow_auth: Any) -> Iterator[tuple[str, Path]]:
+    """``mlflow server`` with the PostgreSQL store, proxied artifacts and MLflow's basic-auth app,
+    as in infra/docker-compose.yml; yields (URL, artifact dir). ``mlflow_auth`` holds its admin."""
     port, artifacts, log = free_port(), tmp_path / "artifacts", tmp_path / "mlflow-server.log"
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", postgres,
-           "--artifacts-destination", artifacts.as_uri(), "--serve-artifacts",
+           "--artifacts-destination", artifacts.as_uri(), "--serve-artifacts", "--app-name", "basic-auth",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, **mlflow_auth.server_env(tmp_path)}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", 180, proc, log)

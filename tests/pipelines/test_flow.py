@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -125,17 +126,56 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live process below ``pid``: pid -> command line."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                found[child] = (Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+            todo.append(child)
+    return found
+
+
+def _home_with_migrated_db(tmp_path: Path) -> Path:
+    """A PREFECT_HOME holding a copy of the session server's (migrated) database, so a temporary
+    server starts in seconds rather than migrating a new one."""
+    import sqlite3
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    source = sqlite3.connect(Path(os.environ["PREFECT_HOME"]) / "prefect.db")
+    target = sqlite3.connect(home / "prefect.db")
+    with target:
+        source.backup(target)
+    source.close()
+    target.close()
+    return home
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process-tree guard uses Linux PR_SET_PDEATHSIG")
-def test_killed_flow_reruns_only_the_interrupted_stage(
-    prefect_api: str, make_project: Callable[..., Path], ledger: Callable[[Path], list[str]]
+def test_killed_flow_leaves_no_process_and_reruns_only_the_interrupted_stage(
+    prefect_api: str, make_project: Callable[..., Path], ledger: Callable[[Path], list[str]], tmp_path: Path
 ) -> None:
+    """`python pipelines/flow.py` without PREFECT_API_URL, as `make run` starts it: it runs its own
+    Prefect server. SIGKILL to the flow process alone takes down every process it started, that
+    server included."""
     project = make_project(tracking=False)
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from pipelines.flow import pipeline; pipeline(root={str(project)!r})"
-    env = {**os.environ, "TEST_SLEEP_CLEAN": "120"}
-    flow_proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+    env.update({"TEST_SLEEP_CLEAN": "120", "PREFECT_HOME": str(_home_with_migrated_db(tmp_path))})
+    flow_proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "flow.py"), "--root", str(project)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = project / "clean.started"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while not started.exists():
         assert flow_proc.poll() is None, "flow exited before clean started"
         assert time.monotonic() < deadline, "clean never started"
@@ -143,12 +183,16 @@ def test_killed_flow_reruns_only_the_interrupted_stage(
     stage_pid = int(started.read_text())
     # clean is mid-write: its temp dir exists, the final output does not
     assert list((project / "data").glob(".clean.*.tmp"))
+    tree = _descendants(flow_proc.pid)
+    assert stage_pid in tree
+    servers = [pid for pid, cmd in tree.items() if "uvicorn" in cmd and "prefect.server.api.server:create_app" in cmd]
+    assert servers, f"the flow's Prefect server is not among its processes: {tree}"
     flow_proc.send_signal(signal.SIGKILL)  # only the flow process; nothing else is told
     flow_proc.wait()
 
     deadline = time.monotonic() + flow_module.STOP_GRACE_SECONDS + 10
-    while _alive(stage_pid):
-        assert time.monotonic() < deadline, "the stage outlived the killed flow"
+    while alive := [f"{pid}: {cmd}" for pid, cmd in tree.items() if _alive(pid)]:
+        assert time.monotonic() < deadline, "processes outlived the killed flow:\n" + "\n".join(alive)
         time.sleep(0.2)
     # nothing half-written: every output dir is complete (has its manifest), no temp dirs remain
     assert [p.name for p in (project / "data").iterdir() if p.is_dir()] == ["raw"]
@@ -166,12 +210,15 @@ def test_killed_flow_reruns_only_the_interrupted_stage(
 
 def test_stage_runs_nest_under_the_flow_run_on_an_mlflow_server_with_postgres(
     prefect_api: str, make_project: Callable[..., Path], mlflow_server: tuple[str, Path],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mlflow_auth: Any,
 ) -> None:
+    """The server requires a user: the flow and the stages it starts pass MLFLOW_TRACKING_USERNAME/PASSWORD."""
     from mlflow.tracking import MlflowClient
 
     url, artifacts = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    for key, value in mlflow_auth.client_env.items():
+        monkeypatch.setenv(key, value)
     project = make_project()
     assert flow_module.pipeline(stages=["collect", "clean"], root=str(project)) == {"collect": "ran", "clean": "ran"}
 
@@ -223,3 +270,92 @@ def test_summary_names_report_models_aliases_and_uis(tmp_path: Path, capsys: pyt
     flow_module.print_summary({}, elsewhere, None, "http://mlflow.internal:5000")
     out = capsys.readouterr().out
     assert "MLflow UI:         http://mlflow.internal:5000" in out and "Prefect UI:        http://prefect.internal:4200" in out
+
+
+def test_prefect_api_refuses_requests_without_the_auth_string(prefect_api: str, prefect_auth: str) -> None:
+    """The session's server runs with PREFECT_SERVER_API_AUTH_STRING, as in infra/docker-compose.yml;
+    every flow test above reached it through PREFECT_API_AUTH_STRING."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    def status(path: str, auth: str | None = None, method: str = "POST") -> int:
+        request = urllib.request.Request(f"{prefect_api}{path}", data=b"{}" if method == "POST" else None,
+                                         method=method, headers={"Content-Type": "application/json"})
+        if auth is not None:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert status("/health", method="GET") == 200  # open, for health checks
+    assert status("/flows/filter") == 401
+    assert status("/deployments/filter") == 401
+    assert status("/flows/filter", "lmpipe:wrong") == 401
+    assert status("/flows/filter", prefect_auth) == 200
+
+
+def _write_flow_params(project: Path, **flow: Any) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["flow"] = flow
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process-tree guard uses Linux PR_SET_PDEATHSIG")
+def test_a_stage_past_its_timeout_is_stopped_and_fails_the_flow(
+    prefect_api: str, make_project: Callable[..., Path], ledger: Callable[[Path], list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project = make_project(tracking=False)
+    _write_flow_params(project, stage_timeouts={"clean": 8})
+    monkeypatch.setenv("TEST_SLEEP_CLEAN", "120")
+    start = time.monotonic()
+    state = flow_module.pipeline(stages=["collect", "clean"], root=str(project), return_state=True)
+    assert state.is_failed()
+    assert "stage clean timed out after 8 s and was stopped" in state.message
+    assert time.monotonic() - start < 60
+    stage_pid = int((project / "clean.started").read_text())
+    assert not _alive(stage_pid)
+    # interrupted, not killed: the stage deleted its temp dir; collect's output stands
+    assert [p.name for p in (project / "data").iterdir() if p.is_dir()] == ["raw"]
+    assert ledger(project) == ["start collect", "done collect", "start clean"]
+
+    _write_flow_params(project, stage_timeouts={"clena": 8})
+    from lmpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="flow.stage_timeouts.clena: no such stage"):
+        flow_module.pipeline(stages=["clean"], root=str(project))
+
+
+def test_a_second_run_in_the_same_checkout_fails_at_once_or_waits(
+    prefect_api: str, make_project: Callable[..., Path], ledger: Callable[[Path], list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pipelines.guard import CheckoutBusy
+
+    project = make_project(tracking=False)
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from pipelines.flow import pipeline; "
+            f"pipeline(root={str(project)!r}, stages=['collect'])")
+    first = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TEST_SLEEP_COLLECT": "6"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not (project / "collect.started").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never started collect"
+        time.sleep(0.2)
+
+    # fail: at once, naming the run that holds the checkout, and before touching params.yaml
+    params_before = (project / "params.yaml").read_text()
+    with pytest.raises(CheckoutBusy, match=rf"another flow run \(pid {first.pid} on .* since .*\) is running "
+                                           r"in this checkout; not starting \(flow.concurrency: fail\)"):
+        flow_module.pipeline(stages=["collect"], root=str(project), overrides=["flow.concurrency=fail"])
+    assert (project / "params.yaml").read_text() == params_before
+    assert first.poll() is None
+
+    # wait (the default): runs once the first has finished, and finds its work done
+    capsys.readouterr()
+    assert flow_module.pipeline(stages=["collect"], root=str(project)) == {"collect": "skipped"}
+    assert first.wait(timeout=30) == 0
+    assert f"another flow run (pid {first.pid}" in capsys.readouterr().out
+    assert ledger(project) == ["start collect", "done collect"]

@@ -53,7 +53,12 @@ class FilesSource(_SourceBase):
 
 
 class UrlSource(_SourceBase):
-    """A file downloaded over HTTP(S), verified against its sha256."""
+    """A file downloaded over HTTP(S), verified against its sha256.
+
+    What a download may do is bounded (``lmpipe.data.sources.UrlPolicy``): http(s) only, at most
+    ``max_bytes``, done within ``deadline_s``, at most ``max_redirects`` redirects, and the URL and
+    every redirect must resolve to public addresses unless ``allow_networks`` names the range.
+    """
 
     type: Literal["url"]
     url: str = Field(..., description="http(s) URL of a txt/jsonl/parquet/csv file.")
@@ -62,7 +67,40 @@ class UrlSource(_SourceBase):
     text_field: str = Field("text", description="Column/field holding the text.")
     txt_split: Literal["file", "paragraph", "line"] = Field("paragraph", description="How txt splits into documents.")
     retries: int = Field(4, ge=0, description="Retries with exponential backoff on network errors.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds (connect, and each read).")
+    deadline_s: float = Field(
+        3600.0, gt=0, description="Overall limit in seconds for the download: every attempt, redirect and retry."
+    )
+    max_bytes: int = Field(10 * 1024**3, gt=0, description="Refuse a file larger than this many bytes.")
+    max_redirects: int = Field(5, ge=0, description="Follow at most this many HTTP redirects.")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR ranges the URL or a redirect may reach although they are loopback, link-local, "
+        "private or reserved (an internal mirror, e.g. ['10.20.0.0/16']). Empty: public addresses only, so "
+        "a source or a redirect cannot reach services inside the network.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        import urllib.parse
+
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{url!r}: only http:// and https:// URLs with a host are allowed")
+        return url
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as err:
+                raise ValueError(f"{network!r} is not a CIDR range ({err})") from None
+        return networks
 
 
 class SyntheticSource(_SourceBase):
