@@ -182,7 +182,7 @@ def test_killed_flow_leaves_no_process_and_reruns_only_the_interrupted_stage(
         time.sleep(0.2)
     stage_pid = int(started.read_text())
     # clean is mid-write: its temp dir exists, the final output does not
-    assert list((project / "data").glob(".clean.*.tmp"))
+    assert list((project / ".lmpipe-tmp").glob("*+clean.*.tmp"))
     tree = _descendants(flow_proc.pid)
     assert stage_pid in tree
     servers = [pid for pid, cmd in tree.items() if "uvicorn" in cmd and "prefect.server.api.server:create_app" in cmd]
