@@ -37,7 +37,11 @@ from prefect.tasks import exponential_backoff
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+if str(ROOT) not in sys.path:  # `python pipelines/flow.py` puts only pipelines/ on the path
+    sys.path.insert(0, str(ROOT))
+
 from lmpipe.cli import STAGES  # noqa: E402
+from pipelines.summary import publish_artifacts, registry_entries  # noqa: E402
 
 NETWORK_STAGES = {"collect", "register"}
 # Stages that download or talk to a registry fail transiently; 3 retries 30 s, 60 s, 120 s apart
@@ -282,49 +286,26 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, promote
         if mlflow is not None:
             mlflow.end_run(status=status)
     print_summary(results, project, parent_id, uri)
+    publish_artifacts(results, project, parent_id, uri)  # the same summary on the Prefect flow run
     return results
 
 
 def registry_lines(root: Path, uri: str | None) -> list[str]:
     """One line per model of ``metrics/register.json``: version, aliases now, and the gate's verdict."""
-    import json
-
-    path = root / "metrics" / "register.json"
-    if not path.is_file():
-        return []
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8")).get("models", [])
-    except (OSError, ValueError):
-        return []
-    aliases: dict[str, dict[int, list[str]]] = {}
-    if uri:
-        try:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri=uri)
-            for entry in entries:
-                by_version: dict[int, list[str]] = {}
-                for alias, version in client.get_registered_model(entry["name"]).aliases.items():
-                    by_version.setdefault(int(version), []).append(alias)
-                aliases[entry["name"]] = by_version
-        except Exception as err:  # the summary must not fail a finished run
-            return [f"  {'registry:':<18} could not read aliases ({type(err).__name__}: {err})"]
+    entries, problem = registry_entries(root, uri)
+    if problem:
+        return [f"  {'registry:':<18} {problem}"]
     if not entries:
         return []
     lines = ["  registered models (MLflow registry):"]
     for entry in entries:
-        name, version = entry["name"], int(entry["version"])
-        by_version = aliases.get(name, {})
-        champion = next((v for v, names in by_version.items() if "champion" in names), None)
-        tags = ", ".join(sorted(by_version.get(version, []))) or "no alias"
-        line = f"    {name} v{version} [{tags}]"
-        if champion is not None and champion != version:
-            line += f"; champion stays v{champion}"
-        gate = entry.get("gate") or {}
-        if gate.get("reasons") and not gate.get("moved"):
-            line += f" ({'; '.join(gate['reasons'])})"
+        line = f"    {entry.name} v{entry.version} [{', '.join(entry.aliases) or 'no alias'}]"
+        if entry.champion is not None and entry.champion != entry.version:
+            line += f"; champion stays v{entry.champion}"
+        if entry.reasons:
+            line += f" ({'; '.join(entry.reasons)})"
         lines.append(line)
-    lines.append(f"    serve one: .venv/bin/mlflow models serve -m models:/{entries[0]['name']}@champion "
+    lines.append(f"    serve one: .venv/bin/mlflow models serve -m models:/{entries[0].name}@champion "
                  "--env-manager local -p 5001")
     return lines
 
