@@ -71,3 +71,14 @@ def test_version_and_run_forwards_to_the_flow(repo_root: Path, tmp_path: Path) -
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"lmpipe run: error: {tmp_path / 'pipelines' / 'flow.py'}: not found; run it from the project root"
     assert "run" in lmpipe("--help").stdout
+
+
+def test_logs_off_a_terminal_are_plain_single_lines(repo_root: Path) -> None:
+    """Under the flow or in CI a long log record (a progress line) stays one line, not rich's
+    80-column wrap."""
+    code = ("import logging; from lmpipe.cli import _setup_logging; _setup_logging(False); "
+            "logging.getLogger('lmpipe.progress').info('pretrain: 14/150 steps (9%%), %s, ETA 4:16', 'x' * 120)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].endswith(f"INFO    pretrain: 14/150 steps (9%), {'x' * 120}, ETA 4:16")

@@ -221,14 +221,20 @@ def _registry_command(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(debug: bool) -> None:
+    """rich's handler on a terminal; elsewhere (the flow's log, CI, a file) plain one-line records,
+    which rich would wrap at 80 columns."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(show_path=debug, rich_tracebacks=debug, markup=False)],
-    )
+    console = Console(stderr=True)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "fsspec", "numba", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
