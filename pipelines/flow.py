@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # `python pipelines/flow.py` puts only pipelines/
     sys.path.insert(0, str(ROOT))
 
 from lmpipe.cli import STAGES  # noqa: E402
-from pipelines.summary import publish_artifacts, registry_entries  # noqa: E402
+from pipelines.summary import mlflow_ui, publish_artifacts, registry_entries  # noqa: E402
 
 NETWORK_STAGES = {"collect", "register"}
 # Stages that download or talk to a registry fail transiently; 3 retries 30 s, 60 s, 120 s apart
@@ -320,10 +320,8 @@ def print_summary(results: dict[str, str], root: Path, run_id: str | None, uri: 
     lines += registry_lines(root, uri)
     if run_id:
         lines.append(f"  {'MLflow run:':<18} {run_id}")
-    if uri and uri.startswith(("http://", "https://")):
-        lines.append(f"  {'MLflow UI:':<18} {uri}")
-    elif uri:
-        lines.append(f"  {'MLflow UI:':<18} .venv/bin/mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000")
+    if uri:
+        lines.append(f"  {'MLflow UI:':<18} {mlflow_ui(uri, run_id)}")
     prefect_api = os.environ.get("PREFECT_API_URL")
     lines.append(f"  {'Prefect UI:':<18} " + (prefect_api.removesuffix("/api") if prefect_api else
                  ".venv/bin/prefect server start, then http://127.0.0.1:4200 (this run is in its history)"))

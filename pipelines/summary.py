@@ -76,6 +76,24 @@ def registry_entries(root: Path, uri: str | None) -> tuple[list[RegistryEntry], 
     return entries, None
 
 
+def mlflow_ui(uri: str, run_id: str | None) -> str:
+    """How to open the runs of this flow run's experiment in the MLflow UI: the server's page, or
+    the command that serves a local store and the page to open."""
+    from lmpipe.tracking import ui_url
+
+    experiment_id = None
+    if run_id:
+        try:
+            from mlflow import MlflowClient
+
+            experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+        except Exception:  # noqa: BLE001 - the summary must not fail a finished run
+            experiment_id = None
+    if uri.startswith(("http://", "https://")):
+        return ui_url(uri, experiment_id)
+    return f".venv/bin/mlflow ui --backend-store-uri {uri}, then {ui_url('http://127.0.0.1:5000', experiment_id)}"
+
+
 def key_metrics(root: Path) -> list[tuple[str, str, float]]:
     """(metrics file stem, key, value) of :data:`KEY_METRICS` in each ``metrics/*.json``, and each
     student's row of the evaluate stage's teacher/student comparison."""
@@ -137,6 +155,8 @@ def markdown(results: dict[str, str], root: Path, run_id: str | None, uri: str |
     lines.append(f"- Report: `{report}`" if report.is_file() else "- Report: not written by this run's stages")
     if run_id:
         lines.append(f"- MLflow pipeline run: `{run_id}`" + (f" on {uri}" if uri else ""))
+    if uri:
+        lines.append(f"- MLflow UI: {mlflow_ui(uri, run_id)}")
     return "\n".join(lines) + "\n"
 
 

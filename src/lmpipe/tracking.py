@@ -37,6 +37,16 @@ def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
 
 
+def ui_url(base: str, experiment_id: str | None) -> str:
+    """The MLflow UI page of an experiment's runs (``base`` alone without an experiment).
+
+    MLflow 3's UI opens in its GenAI mode (traces, judges, prompts) unless the page asks for model
+    training (``workflowType=machine_learning``), whatever the experiment's kind tag says.
+    """
+    base = base.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else base
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts/lists into dotted keys (MLflow params are flat)."""
     out: dict[str, Any] = {}

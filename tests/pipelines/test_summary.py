@@ -57,6 +57,8 @@ def test_flow_run_carries_summary_and_report_link_artifacts(prefect_api: str, ma
     assert "| evaluate (student) | quality_retained_pct | 91.5 |" in text
     assert f"| {name} | 2 | candidate | champion stays v1: val_bpb 0.25 vs champion 0.21: worse |" in text
     assert f"- Report: `{project / 'reports' / 'report.html'}`" in text
+    experiment = client.get_experiment_by_name(f"orchestration-{project.parent.name}-artifacts").experiment_id
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning" in text  # runs, not GenAI
     link = found[summary.REPORT_KEY]
     report = (project / "reports" / "report.html").resolve()
     assert link.data == f"[{report}]({report.as_uri()})"  # Prefect keeps a link artifact as a markdown link
