@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpipe.cli import STAGES
+
 log = logging.getLogger(__name__)
 
 SUMMARY_KEY = "lmpipe-run-summary"
@@ -98,7 +100,9 @@ def key_metrics(root: Path) -> list[tuple[str, str, float]]:
     """(metrics file stem, key, value) of :data:`KEY_METRICS` in each ``metrics/*.json``, and each
     student's row of the evaluate stage's teacher/student comparison."""
     rows: list[tuple[str, str, float]] = []
-    for path in sorted((root / "metrics").glob("*.json")):
+    stages = list(STAGES)  # metrics files are named after their stage (finetune_cls, distill_baseline, ...)
+    order = lambda path: (next((i for i, s in enumerate(stages) if path.stem.startswith(s)), len(stages)), path.stem)  # noqa: E731
+    for path in sorted((root / "metrics").glob("*.json"), key=order):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -131,10 +135,12 @@ def markdown(results: dict[str, str], root: Path, run_id: str | None, uri: str |
              "## Stages", "", "| stage | result |", "|---|---|"]
     lines += [f"| {stage} | {'ran' if state == 'ran' else 'skipped (unchanged)' if state == 'skipped' else state} |"
               for stage, state in results.items()]
-    metrics = key_metrics(root)
-    if metrics:
-        lines += ["", "## Key metrics", "", "| from | metric | value |", "|---|---|---|"]
-        lines += [f"| {source} | {key} | {_number(value)} |" for source, key, value in metrics]
+    by_source: dict[str, list[str]] = {}
+    for source, key, value in key_metrics(root):
+        by_source.setdefault(source, []).append(f"{key} {_number(value)}")
+    if by_source:
+        lines += ["", "## Key metrics", "", "| from | metrics |", "|---|---|"]
+        lines += [f"| {source} | {', '.join(values)} |" for source, values in by_source.items()]
     entries, problem = registry_entries(root, uri)
     if entries or problem:
         lines += ["", "## Model registry", "", "| model | version | aliases | decision |", "|---|---|---|---|"]

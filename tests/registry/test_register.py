@@ -151,6 +151,7 @@ def test_logged_model_carries_gate_and_evaluation_metrics(project: Paths, sqlite
     version = client.get_model_version("logged-pretrain", "1")
     assert version.source.startswith("models:/m-")  # the version is the LoggedModel it was registered from
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.name == "logged-pretrain"  # listed in the Models tab by its registered name
     assert read_json(project.metrics / "register.json")["models"][0]["model_id"] == logged.model_id
     metrics = {m.key: m.value for m in logged.metrics}
     assert metrics == {"val_bpb": 1.25, "eval/val/loss": 2.5, "eval/val/perplexity": 12.2, "eval/val/bpb": 1.25,

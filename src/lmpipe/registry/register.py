@@ -192,12 +192,12 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
                            **{f"metric_source.{m}": ref for m, ref in spec.metrics.items()}})
         mlflow.set_tags(tags)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_FILE), artifacts=artifacts, code_paths=[model_code(Path(tmp))],
+            name=name, python_model=str(PYFUNC_FILE), artifacts=artifacts, code_paths=[model_code(Path(tmp))],
             signature=pyfunc.signature_for(kind, cfg.max_new_tokens),
             input_example=example if example[1] else example[0], pip_requirements=serving_requirements(),
             registered_model_name=name, metadata={"lmpipe_kind": kind, "tokenizer_fingerprint": tokenizer.fingerprint},
         )
-        # On the LoggedModel (the Models tab, models:/m-<id>) as well as on the run.
+        # On the LoggedModel (the experiment's Models tab lists it by this name) as well as on the run.
         mlflow.log_metrics({**{m: v for m, v in metrics.items() if v is not None}, **model.eval_metrics},
                            model_id=info.model_id)
     version = int(info.registered_model_version)
