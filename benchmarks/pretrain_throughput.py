@@ -1,6 +1,7 @@
 """Pretrain throughput: the full ``pretrain`` stage against a bare PyTorch loop of the same model.
 
     python benchmarks/pretrain_throughput.py --preset tiny --batch-size 16 --steps 40 --repeats 3
+    python benchmarks/pretrain_throughput.py ... --async-logging mlflow   # MLflow's async logging instead
 
 Both sides train the same GPT (same config, init seed, AdamW groups, LR schedule, gradient
 clipping, batches) on synthetic token shards. The pipeline side is ``lmpipe.train.pretrain.train``
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -31,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lmpipe.config import Paths, TrackingConfig
 from lmpipe.model.gpt import GPT, estimate_flops_per_token
 from lmpipe.tracking import stage_run
+from lmpipe.train.callbacks import ASYNC_BACKENDS, ASYNC_LOGGING_ENV
 from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import TokenDataModule, open_token_split, write_synthetic_shards
 from lmpipe.train.module import build_optimizer, learning_rate
@@ -120,10 +123,14 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="Stay on CPU even when CUDA is available.")
     parser.add_argument("--peak-flops", type=float, default=None, help="Peak FLOP/s of the device, for MFU.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--async-logging", choices=ASYNC_BACKENDS, default="thread",
+                        help="How the stage logs metrics without waiting: lmpipe's thread (default) or MLflow's "
+                        "own asynchronous logging (LMPIPE_ASYNC_LOGGING).")
     parser.add_argument("--set", dest="model", action="append", default=[], metavar="KEY=VALUE",
                         help="Model override, e.g. --set n_layer=1 --set n_embd=16 (a near-empty model "
                         "isolates the per-step overhead of the pipeline).")
     args = parser.parse_args()
+    os.environ[ASYNC_LOGGING_ENV] = args.async_logging
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -161,6 +168,7 @@ def main() -> None:
         "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "block_size": gpt_cfg.block_size,
         "vocab_size": args.vocab_size, "steps": args.steps, "repeats": args.repeats, "compile": args.compile,
+        "async_logging": args.async_logging,
         "flops_per_token": flops_per_token,
         "tokens_per_s": {k: statistics.median(v) for k, v in wall.items()},
         "tokens_per_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},

@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from lmpipe.stages import STAGES, network_stages  # noqa: E402
 from pipelines.guard import STOP_GRACE_SECONDS, hold_checkout, run_streaming, temporary_prefect_server  # noqa: E402
+from pipelines.summary import mlflow_ui, publish_artifacts, registry_entries  # noqa: E402
 
 NETWORK_STAGES = network_stages()
 # Runs before any chosen stage that reads files named in params, so that stage sees their current
@@ -265,49 +266,26 @@ def _pipeline(project: Path, stages: list[str] | None, preset: str | None, promo
         if mlflow is not None:
             mlflow.end_run(status=status)
     print_summary(results, project, parent_id, uri)
+    publish_artifacts(results, project, parent_id, uri)  # the same summary on the Prefect flow run
     return results
 
 
 def registry_lines(root: Path, uri: str | None) -> list[str]:
     """One line per model of ``metrics/register.json``: version, aliases now, and the gate's verdict."""
-    import json
-
-    path = root / "metrics" / "register.json"
-    if not path.is_file():
-        return []
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8")).get("models", [])
-    except (OSError, ValueError):
-        return []
-    aliases: dict[str, dict[int, list[str]]] = {}
-    if uri:
-        try:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri=uri)
-            for entry in entries:
-                by_version: dict[int, list[str]] = {}
-                for alias, version in client.get_registered_model(entry["name"]).aliases.items():
-                    by_version.setdefault(int(version), []).append(alias)
-                aliases[entry["name"]] = by_version
-        except Exception as err:  # the summary must not fail a finished run
-            return [f"  {'registry:':<18} could not read aliases ({type(err).__name__}: {err})"]
+    entries, problem = registry_entries(root, uri)
+    if problem:
+        return [f"  {'registry:':<18} {problem}"]
     if not entries:
         return []
     lines = ["  registered models (MLflow registry):"]
     for entry in entries:
-        name, version = entry["name"], int(entry["version"])
-        by_version = aliases.get(name, {})
-        champion = next((v for v, names in by_version.items() if "champion" in names), None)
-        tags = ", ".join(sorted(by_version.get(version, []))) or "no alias"
-        line = f"    {name} v{version} [{tags}]"
-        if champion is not None and champion != version:
-            line += f"; champion stays v{champion}"
-        gate = entry.get("gate") or {}
-        if gate.get("reasons") and not gate.get("moved"):
-            line += f" ({'; '.join(gate['reasons'])})"
+        line = f"    {entry.name} v{entry.version} [{', '.join(entry.aliases) or 'no alias'}]"
+        if entry.champion is not None and entry.champion != entry.version:
+            line += f"; champion stays v{entry.champion}"
+        if entry.reasons:
+            line += f" ({'; '.join(entry.reasons)})"
         lines.append(line)
-    lines.append(f"    serve one: .venv/bin/mlflow models serve -m models:/{entries[0]['name']}@champion "
+    lines.append(f"    serve one: .venv/bin/mlflow models serve -m models:/{entries[0].name}@champion "
                  "--env-manager local -p 5001")
     return lines
 
@@ -322,10 +300,8 @@ def print_summary(results: dict[str, str], root: Path, run_id: str | None, uri: 
     lines += registry_lines(root, uri)
     if run_id:
         lines.append(f"  {'MLflow run:':<18} {run_id}")
-    if uri and uri.startswith(("http://", "https://")):
-        lines.append(f"  {'MLflow UI:':<18} {uri}")
-    elif uri:
-        lines.append(f"  {'MLflow UI:':<18} .venv/bin/mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000")
+    if uri:
+        lines.append(f"  {'MLflow UI:':<18} {mlflow_ui(uri, run_id)}")
     prefect_api = os.environ.get("PREFECT_API_URL")
     lines.append(f"  {'Prefect UI:':<18} " + (prefect_api.removesuffix("/api") if prefect_api else
                  ".venv/bin/prefect server start, then http://127.0.0.1:4200 (this run is in its history)"))

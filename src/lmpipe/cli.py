@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmpipe import __version__
 from lmpipe.errors import LmpipeError
 from lmpipe.stages import STAGES, StageSpec
 
@@ -84,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stages run in this order: " + " -> ".join(STAGES) + ". `lmpipe STAGE --help` lists its keys.",
     )
+    parser.add_argument("--version", action="version", version=f"lmpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyHelpParser)
+    sp = sub.add_parser("run", add_help=False,
+                        help="Run the pipeline as the Prefect flow (pipelines/flow.py; see `lmpipe run --help`).")
+    sp.add_argument("flow_args", nargs=argparse.REMAINDER)
     for stage in STAGES.values():
         sp = sub.add_parser(stage.name, help=stage.help, description=stage.help,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,30 +172,41 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
     return summary
 
 
-def _serve(argv: list[str]) -> int:
-    """``lmpipe serve``: run pipelines/deployments.py of the project in the current directory."""
+def _project_script(command: str, script: str, argv: list[str]) -> int:
+    """``lmpipe serve`` / ``lmpipe run``: ``main(argv)`` of pipelines/SCRIPT of the project in the
+    current directory (the script stays the implementation; the CLI only finds and calls it)."""
     import importlib.util
 
-    path = Path.cwd() / "pipelines" / "deployments.py"
-    spec = importlib.util.spec_from_file_location("lmpipe_deployments", path) if path.is_file() else None
+    path = Path.cwd() / "pipelines" / script
+    spec = importlib.util.spec_from_file_location(f"lmpipe_{path.stem}", path) if path.is_file() else None
     if spec is None or spec.loader is None:
-        print(f"lmpipe serve: error: {path}: not found; run it from the project root", file=sys.stderr)
+        print(f"lmpipe {command}: error: {path}: not found; run it from the project root", file=sys.stderr)
         return 2
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses in the script look their module up here
-    spec.loader.exec_module(module)
-    return int(module.main(argv) or 0)
+    try:
+        spec.loader.exec_module(module)
+        return int(module.main(argv) or 0)
+    except LmpipeError as err:
+        print(f"lmpipe {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _setup_logging(debug: bool) -> None:
+    """rich's handler on a terminal; elsewhere (the flow's log, CI, a file) plain one-line records,
+    which rich would wrap at 80 columns."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(show_path=debug, rich_tracebacks=debug, markup=False)],
-    )
+    console = Console(stderr=True)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "fsspec", "numba", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -198,7 +214,9 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # everything after `serve` belongs to the deployments script
-        return _serve(argv[1:])
+        return _project_script("serve", "deployments.py", argv[1:])
+    if argv[:1] == ["run"]:  # and everything after `run` to the flow
+        return _project_script("run", "flow.py", argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -41,6 +41,10 @@ class TrackingConfig(Section):
         description="MLflow tracking URI; default sqlite:///mlflow.db at the project root. "
         "The MLFLOW_TRACKING_URI environment variable wins over both.",
     )
+    system_metrics: bool = Field(
+        True, description="Log CPU, memory, disk and network use (GPU with nvidia-ml-py) of the training "
+        "stages (pretrain, finetune, distill) as system/* metrics of their runs, every 10 s.",
+    )
 
 
 def section_model(name: str) -> type[Section]:

@@ -24,11 +24,27 @@ from lmpipe.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "LMPIPE_PARENT_RUN_ID"
+# MLflow's UI opens an experiment by its kind: a GenAI one on traces and judges, a model-training
+# one on its runs. Unset, it guesses from what the experiment holds and may guess GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Stages whose runs get MLflow's system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py).
+TRAINING_STAGES = frozenset({"pretrain", "finetune", "distill"})
 _active: StageTracker | None = None
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def ui_url(base: str, experiment_id: str | None) -> str:
+    """The MLflow UI page of an experiment's runs (``base`` alone without an experiment).
+
+    MLflow 3's UI opens in its GenAI mode (traces, judges, prompts) unless the page asks for model
+    training (``workflowType=machine_learning``), whatever the experiment's kind tag says.
+    """
+    base = base.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else base
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -91,6 +107,13 @@ class StageTracker:
         if self._mlflow is not None:
             self._mlflow.log_text(text, name)
 
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Rows as an MLflow table artifact ``name`` (a .json file; rows are appended to an existing one)."""
+        if self._mlflow is not None and rows:
+            import pandas as pd
+
+            self._mlflow.log_table(pd.DataFrame(rows), artifact_file=name)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._mlflow is not None:
             self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
@@ -112,14 +135,18 @@ def setup_mlflow(cfg: TrackingConfig, root: Path) -> Any:
         artifact_location = None
         if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
             artifact_location = (root / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location,
+                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    elif EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag existed; a kind set by hand stays
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(cfg.experiment)
     return mlflow
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: TrackingConfig, root: Path, tags: Mapping[str, Any] | None = None) -> Iterator[StageTracker]:
-    """Open an MLflow run for ``stage`` (nested under the pipeline run if there is one)."""
+    """Open an MLflow run for ``stage`` (nested under the pipeline run if there is one); training
+    stages log system metrics (``tracking.system_metrics``)."""
     global _active
     if not cfg.enabled:
         tracker = StageTracker(None, None)
@@ -132,7 +159,9 @@ def stage_run(stage: str, cfg: TrackingConfig, root: Path, tags: Mapping[str, An
     mlflow = setup_mlflow(cfg, root)
     parent = os.environ.get(PARENT_ENV) or None
     run_tags = {"lmpipe.stage": stage, **{k: str(v) for k, v in (tags or {}).items()}}
-    with mlflow.start_run(run_name=stage, nested=parent is not None, parent_run_id=parent, tags=run_tags) as run:
+    system = cfg.system_metrics and stage in TRAINING_STAGES
+    with mlflow.start_run(run_name=stage, nested=parent is not None, parent_run_id=parent, tags=run_tags,
+                          log_system_metrics=system) as run:
         tracker = StageTracker(mlflow, run.info.run_id)
         _active = tracker
         try:

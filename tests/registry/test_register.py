@@ -134,6 +134,41 @@ def test_unchanged_model_is_not_registered_again(project: Paths, sqlite_store: s
     assert summary["registered"] == 1 and summary["promoted"] == 1 and summary[f"{name}/version"] == 2
 
 
+def test_logged_model_carries_gate_and_evaluation_metrics(project: Paths, sqlite_store: str, models: Any) -> None:
+    """The Models tab shows numbers: the registered version's LoggedModel holds the gate metric and
+    the evaluate stage's scores of that model directory (not those of another model)."""
+    models.pretrain(project, seed=0, val_bpb=1.25)
+    write_json(project.reports / "evaluation.json", {
+        "models": {
+            "teacher": {"path": "models/pretrain", "lm": {"val": {"loss": 2.5, "perplexity": 12.2, "bpb": 1.25,
+                                                                  "tokens": 900}},
+                        "speed": {"tokens_per_s_b1": 410.0}},
+            "student": {"path": "models/distill", "lm": {"val": {"loss": 9.0, "perplexity": 8103.1, "bpb": 4.0}}},
+        },
+        "instruction": {"sft": {"path": "models/finetune/sft", "bleu": 3.0, "rouge_l": 0.2, "exact_match": 0.0}},
+    })
+    register.run(pretrain_only("logged"), project)
+    client = MlflowClient()
+    version = client.get_model_version("logged-pretrain", "1")
+    assert version.source.startswith("models:/m-")  # the version is the LoggedModel it was registered from
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.name == "logged-pretrain"  # listed in the Models tab by its registered name
+    assert read_json(project.metrics / "register.json")["models"][0]["model_id"] == logged.model_id
+    metrics = {m.key: m.value for m in logged.metrics}
+    assert metrics == {"val_bpb": 1.25, "eval/val/loss": 2.5, "eval/val/perplexity": 12.2, "eval/val/bpb": 1.25,
+                       "eval/speed/tokens_per_s_b1": 410.0}
+    run_metrics = client.get_run(version.run_id).data.metrics
+    assert run_metrics["val_bpb"] == 1.25 and run_metrics["eval/val/bpb"] == 1.25
+
+
+def test_evaluation_file_that_is_not_json_names_the_file(project: Paths, models: Any) -> None:
+    models.pretrain(project, seed=0, val_bpb=1.0)
+    (project.reports).mkdir(parents=True, exist_ok=True)
+    (project.reports / "evaluation.json").write_text("{oops")
+    with pytest.raises(DataError, match=r"evaluation\.json: not valid JSON"):
+        register.run(pretrain_only("badeval"), project)
+
+
 def test_model_without_its_metric_is_registered_but_never_promoted(project: Paths, sqlite_store: str, models: Any) -> None:
     models.pretrain(project, seed=0, val_bpb=None)  # metrics/pretrain.json has no val_bpb
     summary = register.run(pretrain_only("nometric"), project)

@@ -138,3 +138,32 @@ def test_classifier_beats_the_majority_class(project: Paths) -> None:
     metrics = json.loads((project.metrics / "finetune_easy.json").read_text())
     assert set(metrics["dev_per_class"]) == {"negative", "positive"}
     assert metrics["dev_accuracy"] == summary["dev_accuracy"]
+
+
+def test_metrics_from_the_confusion_matrix_match_torchmetrics() -> None:
+    """The stage sums a confusion matrix across devices and derives its scores from it; they are
+    the reference implementation's (torchmetrics, macro average, 0 for an undefined ratio)."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    rng = np.random.default_rng(0)
+    k = 4
+    actual = rng.integers(0, k, 300)
+    predicted = np.where(rng.random(300) < 0.6, actual, rng.integers(0, k, 300))
+    predicted[predicted == 3] = 2  # class 3 is never predicted: its precision is undefined
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (actual, predicted), 1)
+    ours = classify.classification_metrics(confusion)["overall"]
+    target, preds = torch.from_numpy(actual), torch.from_numpy(predicted)
+    reference = {
+        "accuracy": multiclass_accuracy(preds, target, k, average="micro"),
+        "macro_precision": multiclass_precision(preds, target, k, average="macro", zero_division=0),
+        "macro_recall": multiclass_recall(preds, target, k, average="macro", zero_division=0),
+        "macro_f1": multiclass_f1_score(preds, target, k, average="macro", zero_division=0),
+    }
+    for name, value in reference.items():
+        assert ours[name] == pytest.approx(float(value), abs=1e-6), name

@@ -153,8 +153,9 @@ def test_answer_loss_falls_and_outputs_are_complete(project: Paths) -> None:
     client = mlflow.MlflowClient()
     history = client.get_metric_history(tracker.run_id, "sft_full/dev/loss")
     assert [m.step for m in history] == [0, 10, 20, 30]
-    text = mlflow.artifacts.load_text(f"runs:/{tracker.run_id}/sft_full/samples.txt")
-    assert sample["generated"] in text
+    table = mlflow.load_table("sft_full/samples.json", run_ids=[tracker.run_id])  # an MLflow table, not text
+    assert list(table.columns[:3]) == ["prompt", "reference", "generated"]
+    assert table["generated"].iloc[0] == sample["generated"]
     logged = {a.path for a in client.list_artifacts(tracker.run_id, "sft_full/model")}
     assert "sft_full/model/model.safetensors" in logged
 

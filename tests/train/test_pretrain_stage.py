@@ -72,8 +72,9 @@ def test_stage_trains_below_unigram_entropy_writes_outputs_and_logs_to_mlflow(pa
     assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
     assert [m.step for m in client.get_metric_history(run.run_id, "val/loss")] == [20, 40, 60]
     assert client.get_run(run.run_id).data.params["resolved.accumulation"] == "1"
-    artifacts = [a.path for a in client.list_artifacts(run.run_id, "samples")]
-    assert artifacts == ["samples/step_000060.txt"]
+    samples = mlflow.load_table("samples.json", run_ids=[run.run_id])  # one row per prompt (no tokenizer: one)
+    assert samples["step"].tolist() == [60] and samples["sample"].tolist() == [0]
+    assert set(samples.columns) >= {"prompt", "text"}
 
     # The same config again finds the finished run's last checkpoint and does not retrain.
     again = train(cfg, paths)
@@ -172,3 +173,15 @@ def test_samples_are_decoded_with_the_tokenizer_stage_model(paths: Paths, caplog
     sample = caplog.text.split("--- sample 0\n")[1]
     assert sample.startswith("once upon")
     assert json.loads((paths.models / "pretrain" / "config.json").read_text())["tokenizer_fingerprint"] == fingerprint
+
+
+def test_progress_off_a_terminal_is_plain_lines_with_loss_rate_and_eta(
+        paths: Paths, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setenv("LMPIPE_PROGRESS_SECONDS", "0.001")  # a line at every step
+    caplog.set_level(logging.INFO, logger="lmpipe.progress")
+    train(config(max_steps=6, log_every=2, val_every=0, sample_tokens=0, progress=True), paths)
+    lines = [m for m in caplog.messages if m.startswith("pretrain: ")]
+    assert len(lines) >= 3 and lines[-1].startswith("pretrain: 6/6 steps (100%)"), lines
+    assert any("loss " in line and " tok/s" in line and "ETA " in line for line in lines), lines

@@ -41,7 +41,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe.config import Paths
 from lmpipe.data.config import CleanConfig
@@ -61,6 +61,7 @@ from lmpipe.data.shards import ShardWriter, doc_id, iter_shards, shard_files
 from lmpipe.data.textstats import scan_flags
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.io import atomic_dir, write_json, write_manifest
+from lmpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def _text_bytes(raw_dir: Path) -> int:
 
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("docs"), TimeElapsedColumn(), transient=True)
+                    TextColumn("docs"), TimeElapsedColumn(), transient=True, unit="docs")
 
 
 def _process_context() -> multiprocessing.context.BaseContext:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe.config import Paths
 from lmpipe.data.config import CollectConfig, FilesSource, HFSource, Source, SyntheticSource
@@ -41,6 +41,7 @@ from lmpipe.data.sources import Record, SourceStats, read_files_source, read_hf_
 from lmpipe.data.synthetic import check_kinds, chinese_count, generate
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_manifest
+from lmpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -368,7 +368,8 @@ def datasketch_near_duplicates(shingle_sets: list[list[bytes]], threshold: float
     """Reference result with datasketch (MinHash + MinHashLSH with the same false positive and
     negative weights, hence the same bands and rows), same sequential keep-first rule.
 
-    Pure Python and slow; used by tests and the benchmark to check :func:`near_duplicates`.
+    Pure Python and slow; used by tests and the benchmark to check :func:`near_duplicates`, so
+    datasketch comes with the ``dev`` extra, not with the package.
     """
     from datasketch import MinHash, MinHashLSH
 

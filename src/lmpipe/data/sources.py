@@ -35,12 +35,12 @@ from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.progress import Progress
 
 from lmpipe import __version__
 from lmpipe.data.config import FilesSource, HFSource, UrlSource
 from lmpipe.errors import ChecksumError, DataError
 from lmpipe.io import jsonl_objects, sha256_file
+from lmpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -87,6 +87,11 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     results["instruction"] = {name: tasks.instruction_scores(name, spec, paths, sp, info, device)
                               for name, spec in cfg.instruction.items()
                               if present(cfg, paths, f"instruction.{name}.model", spec.model)}
+    for name, by_model in results["classification"].items():  # the register stage finds a model's scores by path
+        for model_name, result in by_model.items():
+            result["path"] = classification[name].models[model_name]
+    for name, result in results["instruction"].items():
+        result["path"] = cfg.instruction[name].model
     results["comparison"] = comparison(cfg, results)
     return write_outputs(cfg, paths, results)
 

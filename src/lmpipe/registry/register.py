@@ -3,10 +3,11 @@
 Reads, per entry of ``register.models``: the model directory (``model.safetensors`` +
 ``config.json`` [+ ``head.safetensors``], checked against its manifest), ``artifacts/tokenizer/``
 (the model's tokenizer fingerprint must match, else FingerprintMismatch), the gate metrics from the
-metrics files, and for lineage ``dvc.lock``, ``data/tokens/meta.json`` and the git commit.
+metrics files, the evaluate stage's scores from ``reports/evaluation.json``, and for lineage ``dvc.lock``, ``data/tokens/meta.json`` and the git commit.
 
 Writes:
-- one MLflow run per model (nested under the stage's run) holding a pyfunc model built from
+- one MLflow run per model (nested under the stage's run) holding a pyfunc model (a LoggedModel
+  carrying the gate metrics and the evaluate stage's scores of that model) built from
   :mod:`lmpipe.registry.pyfunc` as "models from code" with the weights, config and tokenizer as
   artifacts, a signature and an input example; registered as a new version of
   ``<prefix>-<stage>[-<task>]`` with lineage, metric and floor tags. Only after the registered
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -151,6 +153,7 @@ class Prepared:
     problems: list[str]
     fingerprint: str  # of the model directory: what a registered version was logged from
     floors: dict[str, float]  # metric -> absolute floor of a first champion (KIND_FLOORS)
+    eval_metrics: dict[str, float]  # the evaluate stage's numbers of this model directory
 
 
 def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: TokenizerInfo) -> Prepared:
@@ -165,7 +168,7 @@ def prepare(spec: ModelSpec, cfg: RegisterConfig, paths: Paths, tokenizer: Token
     for problem in floor_problems:
         log.warning("%s: %s (it cannot become the first champion by the gate)", name, problem)
     return Prepared(spec, name, directory, config, kind, metrics, problems + floor_problems,
-                    fingerprint_path(directory), floors)
+                    fingerprint_path(directory), floors, evaluation_metrics(spec.directory(), paths.root))
 
 
 def absolute_floors(kind: str, spec: ModelSpec, paths: Paths) -> tuple[dict[str, float], list[str]]:
@@ -255,14 +258,16 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
             mlflow.start_run(run_name=f"register {name}", nested=True, tags={"lmpipe.stage": "register"}) as run:
         mlflow.log_params({"model_path": spec.directory(), "kind": kind, "registered_name": name,
                            **{f"metric_source.{m}": ref for m, ref in spec.metrics.items()}})
-        mlflow.log_metrics({m: v for m, v in metrics.items() if v is not None})
         mlflow.set_tags(tags)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_FILE), artifacts=artifacts, code_paths=[model_code(Path(tmp))],
+            name=name, python_model=str(PYFUNC_FILE), artifacts=artifacts, code_paths=[model_code(Path(tmp))],
             signature=pyfunc.signature_for(kind, cfg.max_new_tokens),
             input_example=example if example[1] else example[0], pip_requirements=serving_requirements(),
             registered_model_name=name, metadata={"lmpipe_kind": kind, "tokenizer_fingerprint": tokenizer.fingerprint},
         )
+        # On the LoggedModel (the experiment's Models tab lists it by this name) as well as on the run.
+        mlflow.log_metrics({**{m: v for m, v in metrics.items() if v is not None}, **model.eval_metrics},
+                           model_id=info.model_id)
     version = int(info.registered_model_version)
     for key, value in {**tags, "lmpipe.run_id": run.info.run_id}.items():
         client.set_model_version_tag(name, str(version), key, str(value))
@@ -282,6 +287,7 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
     log.info("registered %s v%d (%s) from %s: %s", name, version, kind, spec.directory(),
              ", ".join(f"{m}={v}" for m, v in metrics.items()))
     return {"name": name, "version": version, "kind": kind, "path": spec.directory(), "run_id": run.info.run_id,
+            "model_id": info.model_id,
             "model_uri": f"models:/{name}/{version}", "metrics": metrics, "metric_problems": model.problems,
             "smoke_output": smoke}
 
@@ -352,6 +358,43 @@ def read_metrics(spec: ModelSpec, root: Path) -> tuple[dict[str, float | None], 
             raise DataError(f"{key}: expected a number for gate metric {metric}, got {value!r}", path=str(path))
         values[metric] = float(value)
     return values, problems
+
+
+EVALUATION_FILE = "reports/evaluation.json"
+LM_SCORES = ("loss", "perplexity", "bpb")
+CLASSIFICATION_SCORES = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
+INSTRUCTION_SCORES = ("bleu", "rouge_l", "exact_match")
+
+
+def evaluation_metrics(directory: str, root: Path) -> dict[str, float]:
+    """The evaluate stage's scores of the model at ``directory`` (relative to ``root``), read from
+    ``reports/evaluation.json``: ``eval/<split or file>/<loss|perplexity|bpb>``, ``eval/speed/<key>``,
+    ``eval/<task>/<score>`` for classifiers and instruction models. {} when the file is missing or
+    does not name the model (evaluate did not score it); raises DataError when it is not JSON."""
+    path = root / EVALUATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON: {err}", path=str(path)) from None
+    target = Path(directory)
+    same = lambda entry: isinstance(entry, dict) and Path(str(entry.get("path", ""))) == target  # noqa: E731
+    found: dict[str, Any] = {}
+    for model in (data.get("models") or {}).values():
+        if same(model):
+            for split, score in (model.get("lm") or {}).items():
+                found.update({f"eval/{split}/{k}": score.get(k) for k in LM_SCORES})
+            found.update({f"eval/speed/{k}": v for k, v in (model.get("speed") or {}).items()})
+    for task, models in (data.get("classification") or {}).items():
+        for result in models.values():
+            if same(result):
+                found.update({f"eval/{task}/{k}": result.get(k) for k in CLASSIFICATION_SCORES})
+    for task, result in (data.get("instruction") or {}).items():
+        if same(result):
+            found.update({f"eval/{task}/{k}": result.get(k) for k in INSTRUCTION_SCORES})
+    return {k: float(v) for k, v in found.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def lookup(data: Any, key: str) -> Any:

@@ -36,12 +36,13 @@ import numpy as np
 import pyarrow.compute as pc
 import sentencepiece as spm
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe.config import Paths
 from lmpipe.data.shards import iter_shards
 from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.io import atomic_dir, sha256_bytes, write_json, write_manifest
+from lmpipe.progress import Progress
 from lmpipe.tokenizer.config import TokenizeConfig
 from lmpipe.tokenizer.train import cpu_count, document_total, load_tokenizer, read_tokenizer_info
 
@@ -191,7 +192,7 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict[str, Any]:
     results: dict[str, SplitStats] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        with atomic_dir(paths.tokens) as tmp, Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
+        with atomic_dir(paths.tokens) as tmp, Progress(*columns, transient=True, console=Console(stderr=True), unit="docs") as progress:
             for split in cfg.splits:
                 stats = SplitStats(file=f"{split}.bin")
                 with open(tmp / stats.file, "wb") as out:

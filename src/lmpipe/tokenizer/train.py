@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import sentencepiece as spm
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe import tracking
 from lmpipe.config import Paths
@@ -48,6 +48,7 @@ from lmpipe.io import (
     write_json,
     write_manifest,
 )
+from lmpipe.progress import Progress
 from lmpipe.tokenizer.config import TokenizerConfig
 from lmpipe.tokenizer.report import check_transformers_parity, report_documents, tokenizer_report
 
@@ -117,7 +118,7 @@ def training_lines(train_dir: Path, max_bytes: int, stats: CorpusStats) -> Itera
     total = document_total(train_dir)
     columns = [TextColumn("tokenizer: reading train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
+        with Progress(*columns, transient=True, console=Console(stderr=True), unit="docs") as progress:
             task = progress.add_task("read", total=total)
             for _, table in iter_shards(train_dir):
                 for text in table.column("text").to_pylist():

@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from lmpipe.errors import DataError
 from lmpipe.io import MANIFEST_NAME, atomic_dir, read_manifest, write_manifest
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
+from lmpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def precompute_windows(directory: Path, teacher: GPT, tokens: np.ndarray, block:
         logp = np.lib.format.open_memmap(tmp / "logp.npy", mode="w+", dtype=np.float16, shape=(windows, block, k))
         ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=id_dtype, shape=(windows, block, k))
         with Progress(TextColumn("teacher top-k"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      disable=not progress) as bar:
+                      disable=not progress, unit="windows", label="teacher top-k") as bar:
             task = bar.add_task("", total=windows)
             for first in range(0, windows, batch_size):
                 rows = np.arange(first, min(first + batch_size, windows))

@@ -280,10 +280,10 @@ def prepare_sft(task: SFTTask, paths: Paths, base: GPT, sp: Any, info: Tokenizer
         export.details["samples"] = answers
         if answers:
             export.metrics_extra["sample"] = answers[0]
-            export.text["samples.txt"] = "\n\n".join(
+            export.tables["samples.json"] = answers
+            log.info("held-out prompt answered:\n%s", "\n\n".join(
                 f"--- prompt\n{a['prompt']}\n--- reference\n{a['reference']}\n--- generated\n{a['generated']}"
-                for a in answers)
-            log.info("held-out prompt answered:\n%s", export.text["samples.txt"])
+                for a in answers))
         export.save(model, tmp, {"chat_template": template.describe()})
 
     return Prepared(
@@ -371,7 +371,7 @@ class Export:
     history: list[dict[str, float]]
     details: dict[str, Any] = field(default_factory=dict)
     metrics_extra: dict[str, Any] = field(default_factory=dict)
-    text: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # MLflow tables (log_table)
     plots: dict[str, bytes] = field(default_factory=dict)
 
     @property
@@ -430,8 +430,8 @@ class Export:
                 write_bytes(tmp / name, data)
         tracker = TaskTracker(tracking.active(), self.name)
         tracker.log_dict({"history": self.history, **self.details}, "eval.json")
-        for name, body in self.text.items():
-            tracker.log_text(body, name)
+        for name, rows in self.tables.items():
+            tracker.log_table(rows, name)
         tracker.set_tags({"type": self.task.type, "method": self.task.method, "run_key": self.key})
         tracker.log_artifact(self.directory, "model")
         tracker.log_artifact(self.plots_dir, "plots")

@@ -217,21 +217,10 @@ class DevEvaluation(Callback):
 
 
 class TaskProgress(StepProgress):
-    """The pretrain progress bar, labelled with the task's name."""
+    """The pretrain progress, labelled with the task's name."""
 
     def __init__(self, monitor: Any, label: str) -> None:
-        super().__init__(monitor)
-        self.label = label
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.description}"), TimeRemainingColumn(), auto_refresh=False)
-        self._task = self._progress.add_task("", total=trainer.max_steps, completed=trainer.global_step)
-        self._progress.start()
+        super().__init__(monitor, label)
 
 
 class TaskAsyncTracker(AsyncTracker):
@@ -249,6 +238,9 @@ class TaskAsyncTracker(AsyncTracker):
 
     def log_text(self, text: str, artifact_file: str) -> None:
         super().log_text(text, f"{self.task}/{artifact_file}")
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        super().log_table(rows, f"{self.task}/{artifact_file}")
 
 
 class TaskTracker(StageTracker):
@@ -277,6 +269,9 @@ class TaskTracker(StageTracker):
 
     def log_text(self, text: str, name: str) -> None:
         self.inner.log_text(text, f"{self.task}/{name}")
+
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        self.inner.log_table(rows, f"{self.task}/{name}")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.inner.set_tags({f"{self.task}.{k}": v for k, v in tags.items()})
