@@ -87,7 +87,8 @@ STAGE_LIST: tuple[StageSpec, ...] = (
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in STAGE_LIST}
 
 # Sections that belong to no stage.
-OTHER_SECTIONS: dict[str, str] = {"tracking": "lmpipe.config:TrackingConfig"}
+# ``engine`` is operational: where the data stages run, never what they write (see lmpipe.engine).
+OTHER_SECTIONS: dict[str, str] = {"tracking": "lmpipe.config:TrackingConfig", "engine": "lmpipe.engine:EngineConfig"}
 
 
 def section_classes() -> dict[str, str]:
