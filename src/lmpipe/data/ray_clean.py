@@ -137,15 +137,28 @@ def _stats(batch: pa.Table) -> pa.Table:
 
 
 def exact_group(group: pa.Table) -> pa.Table:
-    """All documents with one exact key: every one but the first (by order key) is a duplicate."""
-    if group.num_rows < 2:
-        return DUP_SCHEMA.empty_table()
+    """All documents with one exact key, the first (by order key) with a null ``dup_id``, every
+    other one with the first's id in ``dup_id``: a duplicate."""
     group = group.sort_by("order")
-    rest = group.slice(1)
-    first_id = group.column("id")[0].as_py()
-    return pa.table({"order": rest.column("order"), "id": rest.column("id"),
-                     "dup_id": pa.array([first_id] * rest.num_rows, pa.string()),
-                     "bytes": rest.column("bytes"), "head": rest.column("head")}, schema=DUP_SCHEMA)
+    dup_id = [None] + [group.column("id")[0].as_py()] * (group.num_rows - 1)
+    return group.append_column("dup_id", pa.array(dup_id, pa.string()))
+
+
+def _unique(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("dup_id"))).drop_columns(["dup_id"])
+
+
+def _duplicates(batch: pa.Table, limit: int | None = None) -> pa.Table:
+    """Duplicates of a batch (all, or the ``limit`` first by order key: candidates for examples)."""
+    dups = batch.filter(pc.is_valid(batch.column("dup_id"))).select(DUP_SCHEMA.names)
+    return dups if limit is None else dups.sort_by("order").slice(0, limit)
+
+
+def _removed(dups: Any, firsts: Any, limit: int) -> dict[str, Any]:
+    """Report entry of a dedup rule: count and bytes aggregated on the cluster, the first examples."""
+    examples = _collect(firsts, DUP_SCHEMA).sort_by("order").slice(0, limit).to_pylist()
+    return {"docs": int(dups.count()), "bytes": int(dups.sum("bytes") or 0),
+            "examples": [{"id": row["id"], "duplicate_of": row["dup_id"], "text": row["head"]} for row in examples]}
 
 
 # ----------------------------------------------------------------------------------- 3. near dedup
@@ -260,17 +273,25 @@ def _chunks(files: list[Path]) -> list[dict[str, Any]]:
     return items
 
 
-def _rows_in(batch: pa.Table, wanted: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("order"), value_set=wanted))
+def _order_set(wanted: pa.Array | list[Any]) -> pa.Array:
+    if isinstance(wanted, list):  # a broadcast object: fetched once per worker
+        import ray
+
+        if "drop" not in _INDEX or _INDEX["drop"][0] != wanted[0].hex():
+            _INDEX["drop"] = (wanted[0].hex(), pa.array(ray.get(wanted[0])))
+        return _INDEX["drop"][1]
+    return wanted
 
 
-def _with_chunk(batch: pa.Table) -> pa.Table:
+def _rows_in(batch: pa.Table, wanted: pa.Array | list[Any]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("order"), value_set=_order_set(wanted)))
+
+
+def _kept(batch: pa.Table, drop: list[Any]) -> pa.Table:
+    """Drop the near duplicates; add each document's chunk."""
+    if drop:
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("order"), value_set=_order_set(drop))))
     return batch.append_column("chunk", pc.shift_right(batch.column("order"), ROW_BITS))
-
-
-def _examples(dups: pa.Table, limit: int) -> list[dict[str, Any]]:
-    top = dups.sort_by("order").slice(0, limit).to_pylist()
-    return [{"id": row["id"], "duplicate_of": row["dup_id"], "text": row["head"]} for row in top]
 
 
 def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> dict[str, Any]:
@@ -291,9 +312,14 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
     parts = max(2, cpus)
     remote = {"max_retries": MAX_RETRIES}
     rdata = ray.data
+    from ray.data.context import ShuffleStrategy
+
     ctx = rdata.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    # Ray's task-based sort shuffle for the groupbys: the hash shuffle's aggregator actors take
+    # seconds to start per operator, which dominates all but the largest corpora
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
     items = _chunks(files)
     index_box = [ray.put(index)] if index is not None and len(index) else []
@@ -309,41 +335,42 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
                         cfg.examples_per_rule, EXAMPLE_CHARS)
     survivors = docs
     if cfg.exact_dedup.enabled:
-        dup_ds = docs.select_columns(["key", "order", "id", "bytes", "head"]).groupby("key").map_groups(
+        # the hash shuffle: every document moves once, to the group of its exact key
+        judged = docs.groupby("key", num_partitions=parts).map_groups(
             exact_group, batch_format="pyarrow", **remote).materialize()
-        dups = _collect(dup_ds.select_columns(["order", "id", "dup_id", "bytes", "head"]), DUP_SCHEMA)
-        dedup.removed["exact_dedup"] = {"docs": dups.num_rows, "bytes": int(pc.sum(dups.column("bytes")).as_py() or 0),
-                                        "examples": _examples(dups, cfg.examples_per_rule)}
-        if dups.num_rows:
-            survivors = docs.join(dup_ds.select_columns(["order"]), "left_anti", parts, on=("order",)).materialize()
-    kept = survivors
+        survivors = judged.map_batches(_unique, batch_format="pyarrow")
+        dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
+        dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
+                                                dups, cfg.examples_per_rule)
+    drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
     if dedup.near is not None:
         near = dedup.near
         edges = _collect(
             survivors.select_columns(["order", "sig"])
             .map_batches(band_rows, batch_format="pyarrow",
                          fn_kwargs={"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}, **remote)
-            .groupby("bucket").map_groups(bucket_pairs, batch_format="pyarrow",
-                                          fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
+            .groupby("bucket", num_partitions=parts)
+            .map_groups(bucket_pairs, batch_format="pyarrow",
+                        fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
             EDGE_SCHEMA)
         removed, dup_of = resolve_near(edges)
         entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
         if len(removed):
-            wanted = pa.array(np.unique(np.concatenate([removed, dup_of])))
+            drop = [ray.put(removed)]
+            shown = removed[: cfg.examples_per_rule]
+            wanted = pa.array(np.unique(np.concatenate([shown, dup_of[: len(shown)]])))
             info = _collect(survivors.select_columns(["order", "id", "bytes", "head"]).map_batches(
                 _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": wanted}), INFO_SCHEMA)
             by_order = {row["order"]: row for row in info.to_pylist()}
-            entry["bytes"] = int(sum(by_order[int(k)]["bytes"] for k in removed))
+            entry["bytes"] = int(survivors.select_columns(["order", "bytes"]).map_batches(
+                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}).sum("bytes") or 0)
             entry["examples"] = [{"id": by_order[int(k)]["id"], "duplicate_of": by_order[int(d)]["id"],
-                                  "text": by_order[int(k)]["head"]}
-                                 for k, d in zip(removed[: cfg.examples_per_rule], dup_of, strict=False)]
-            near_ds = rdata.from_arrow(pa.table({"order": pa.array(removed)}))
-            kept = survivors.join(near_ds, "left_anti", parts, on=("order",))
+                                  "text": by_order[int(k)]["head"]} for k, d in zip(shown, dup_of, strict=False)]
         dedup.removed["near_dedup"] = entry
-
-    kept = kept.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
-        _with_chunk, batch_format="pyarrow").materialize()
-    counts = _collect(kept.groupby("chunk").count(), pa.schema([("chunk", pa.int64()), ("count()", pa.int64())]))
+    kept = survivors.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
+        _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
+    counts = _collect(kept.groupby("chunk", num_partitions=parts).count(),
+                      pa.schema([("chunk", pa.int64()), ("count()", pa.int64())]))
     offsets, total = {}, 0
     for chunk, count in sorted(zip(counts.column("chunk").to_pylist(), counts.column("count()").to_pylist(),
                                    strict=True)):
@@ -358,9 +385,9 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
     with atomic_dir(paths.clean) as tmp:
         if total:
             shards = _collect(
-                kept.groupby("chunk").map_groups(assign_shards, batch_format="pyarrow",
+                kept.groupby("chunk", num_partitions=parts).map_groups(assign_shards, batch_format="pyarrow",
                                                  fn_kwargs={"offsets": offsets, "shard_docs": cfg.shard_docs}, **remote)
-                .groupby("shard").map_groups(write_shard, batch_format="pyarrow", fn_kwargs={"directory": str(tmp)},
+                .groupby("shard", num_partitions=parts).map_groups(write_shard, batch_format="pyarrow", fn_kwargs={"directory": str(tmp)},
                                              **remote), SHARD_SCHEMA)
             if shards.num_rows != -(-total // cfg.shard_docs) or sum(shards.column("rows").to_pylist()) != total:
                 raise DataError(f"Ray wrote {shards.num_rows} shards of {sum(shards.column('rows').to_pylist())} rows, "
