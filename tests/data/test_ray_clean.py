@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_clean import GOOD, config, write_raw
 
@@ -21,7 +22,7 @@ from lmpipe.data import clean, ray_clean
 from lmpipe.data.dedup import NearDuplicateIndex, band_hashes
 from lmpipe.data.shards import read_documents
 from lmpipe.data.synthetic import generate
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, DataError
 from lmpipe.io import read_manifest
 
 
@@ -115,6 +116,22 @@ def test_ray_and_local_keep_the_same_documents(tmp_path: Path, ray_cluster: obje
     assert ray_manifest == local_manifest  # engine is operational: config hash and every file's sha256 agree
     assert {k: v for k, v in ray_sum.items() if k.startswith(("docs_", "bytes_", "removed."))} == \
         {k: v for k, v in local_sum.items() if k.startswith(("docs_", "bytes_", "removed."))}
+
+
+@pytest.mark.slow
+def test_bad_input_gives_the_local_engines_error(tmp_path: Path, ray_cluster: object) -> None:
+    """A DataError raised in a Ray task reaches the caller as the same one-line DataError."""
+    messages = []
+    for kind in ("local", "ray"):
+        paths = Paths(tmp_path / kind)
+        write_raw(paths, GOOD)
+        table = pq.read_table(paths.raw / "part-00000.parquet")
+        pq.write_table(table.set_column(3, "meta", pa.array(["{}", "[1]", "{}"])), paths.raw / "part-00000.parquet")
+        with engine.use(engine.EngineConfig(kind=kind)), pytest.raises(DataError) as err:  # type: ignore[arg-type]
+            clean.run(config(workers=1), paths)
+        messages.append(str(err.value).replace(str(paths.root), "ROOT"))
+        assert not paths.clean.exists()
+    assert messages[0] == messages[1] == "ROOT/data/raw/part-00000.parquet: row 1: meta is not a JSON object (re-run collect)"
 
 
 def test_engine_section_is_validated(tmp_path: Path) -> None:

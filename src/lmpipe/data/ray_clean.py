@@ -54,7 +54,7 @@ from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, band_hashes
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform, shard_files
 from lmpipe.engine import EngineConfig, connect, current
-from lmpipe.errors import DataError
+from lmpipe.errors import DataError, LmpipeError
 from lmpipe.io import atomic_dir, write_json, write_manifest
 
 log = logging.getLogger(__name__)
@@ -294,11 +294,47 @@ def _kept(batch: pa.Table, drop: list[Any]) -> pa.Table:
     return batch.append_column("chunk", pc.shift_right(batch.column("order"), ROW_BITS))
 
 
+def _user_error(err: BaseException) -> LmpipeError | None:
+    """The lmpipe error a Ray task raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, LmpipeError) and not isinstance(item, ray_exceptions()):
+            return item
+        todo += [getattr(item, "cause", None), item.__cause__, item.__context__]
+    return None
+
+
+def ray_exceptions() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+
+    return (RayError,)
+
+
 def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> dict[str, Any]:
     """Clean ``paths.raw`` into ``paths.clean`` on Ray; the same output and summary keys as
-    :func:`lmpipe.data.clean.run` (``workers`` is the cluster's CPU count)."""
+    :func:`lmpipe.data.clean.run` (``workers`` is the cluster's CPU count).
+
+    Raises the same ConfigError/DataError as the local engine, also when a Ray task raised it.
+    """
     _check(cfg)
     ray = connect(engine or current())
+    try:
+        return _run(ray, cfg, paths)
+    except ray_exceptions() as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        # Ray appends its retry advice to the message: keep the one line the local engine gives
+        cause.args = (str(cause).splitlines()[0],)
+        raise cause from None
+
+
+def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     files = shard_files(paths.raw)
     if not files:
@@ -317,6 +353,7 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
     ctx = rdata.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    ctx.raise_original_map_exception = True  # a task's DataError reaches the driver as itself
     # Ray's task-based sort shuffle for the groupbys: the hash shuffle's aggregator actors take
     # seconds to start per operator, which dominates all but the largest corpora
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
