@@ -3,6 +3,7 @@ distributed near-dedup resolution against the local streaming index; the engine 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,24 +99,35 @@ def _corpus() -> list[str]:
 @pytest.mark.slow
 def test_ray_and_local_keep_the_same_documents(tmp_path: Path, ray_cluster: object) -> None:
     texts = _corpus()
-    outputs = []
-    for kind in ("local", "ray"):
-        paths = Paths(tmp_path / kind)
-        write_raw(paths, texts, shard_docs=70)  # 5 raw shards: 5 Ray tasks
-        cfg = config(workers=1, shard_docs=60)
-        with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
-            summary = clean.run(cfg, paths)
-        assert summary["docs_out"] > 100
-        outputs.append((read_documents(paths.clean).to_pylist(), (paths.clean / "clean_report.json").read_text(),
-                        read_manifest(paths.clean), summary))
-    (local_docs, local_report, local_manifest, local_sum), (ray_docs, ray_report, ray_manifest, ray_sum) = outputs
-    assert local_sum["removed.exact_dedup"] >= 2 and local_sum["removed.near_dedup"] >= 2
-    assert [d["text"] for d in ray_docs] == [d["text"] for d in local_docs]
-    assert ray_docs == local_docs
-    assert ray_report == local_report
-    assert ray_manifest == local_manifest  # engine is operational: config hash and every file's sha256 agree
-    assert {k: v for k, v in ray_sum.items() if k.startswith(("docs_", "bytes_", "removed."))} == \
-        {k: v for k, v in local_sum.items() if k.startswith(("docs_", "bytes_", "removed."))}
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": " ".join(texts[30].split()[:40])}) + "\n")
+    variants = [
+        {"decontaminate": {"eval_files": ["../eval.jsonl"]}},  # every rule, the eval index broadcast
+        {"exact_dedup": {"enabled": False}},  # near dedup sees the exact copies too
+        {"near_dedup": {"enabled": False}, "pii": {"enabled": False}},
+    ]
+    for variant in variants:
+        outputs = []
+        for kind in ("local", "ray"):
+            paths = Paths(tmp_path / kind)
+            if not paths.raw.exists():
+                write_raw(paths, texts, shard_docs=70)  # 5 raw shards: 5 Ray tasks
+            cfg = config(workers=1, shard_docs=60, **variant)
+            with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
+                summary = clean.run(cfg, paths)
+            assert summary["docs_out"] > 100
+            outputs.append((read_documents(paths.clean).to_pylist(),
+                            (paths.clean / "clean_report.json").read_text(), read_manifest(paths.clean), summary))
+        (local_docs, local_report, local_manifest, local_sum), (ray_docs, ray_report, ray_manifest, ray_sum) = outputs
+        if variant is variants[0]:
+            assert local_sum["removed.exact_dedup"] >= 2 and local_sum["removed.near_dedup"] >= 2
+            assert local_sum["removed.decontaminate"] >= 1
+        assert [d["text"] for d in ray_docs] == [d["text"] for d in local_docs], variant
+        assert ray_docs == local_docs
+        assert ray_report == local_report
+        # engine is operational: config hash, inputs and every file's sha256 agree
+        assert ray_manifest == local_manifest
+        assert {k: v for k, v in ray_sum.items() if k.startswith(("docs_", "bytes_", "removed."))} == \
+            {k: v for k, v in local_sum.items() if k.startswith(("docs_", "bytes_", "removed."))}
 
 
 @pytest.mark.slow
