@@ -370,7 +370,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     nd = cfg.near_dedup
     dedup = StreamDedup(cfg.exact_dedup.enabled, NearDuplicateIndex(nd.threshold, nd.num_perm) if nd.enabled else None,
                         cfg.examples_per_rule, EXAMPLE_CHARS)
-    survivors = docs
+    survivors, judged, dups = docs, None, None
     if cfg.exact_dedup.enabled:
         # the hash shuffle: every document moves once, to the group of its exact key
         judged = docs.groupby("key", num_partitions=parts).map_groups(
@@ -379,6 +379,8 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
         dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
                                                 dups, cfg.examples_per_rule)
+    # the object store keeps the blocks a live dataset references: let each copy go once used
+    del filtered, docs
     drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
     if dedup.near is not None:
         near = dedup.near
@@ -406,6 +408,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         dedup.removed["near_dedup"] = entry
     kept = survivors.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
         _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
+    survivors = judged = dups = None
     counts = _collect(kept.groupby("chunk", num_partitions=parts).count(),
                       pa.schema([("chunk", pa.int64()), ("count()", pa.int64())]))
     offsets, total = {}, 0
