@@ -261,7 +261,7 @@ def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
 
 def _chunks(files: list[Path]) -> list[dict[str, Any]]:
     """One task per row group of the raw shards, in input order (parquet metadata only)."""
-    items = []
+    items: list[dict[str, Any]] = []
     for path in files:
         meta = pq.ParquetFile(path).metadata
         first = 0
