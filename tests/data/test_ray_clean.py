@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from test_clean import GOOD, config, write_raw
 
 from lmpipe import engine
@@ -36,7 +37,7 @@ def ray_cluster() -> Iterator[object]:
     ray.shutdown()
 
 
-def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex) -> pa.Table:
+def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 << 25) -> pa.Table:
     """What the Ray pipeline's band shuffle feeds :func:`ray_clean.bucket_pairs`, grouped in numpy."""
     table = ray_clean.band_rows(pa.table({"order": pa.array(np.arange(len(sigs), dtype=np.int64)),
                                           "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}),
@@ -45,7 +46,7 @@ def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex) -> pa.Table:
     edges = []
     for bucket in np.unique(buckets):
         group = table.filter(pa.array(buckets == bucket))
-        edges.append(ray_clean.bucket_pairs(group, sigs.shape[1], near.min_equal))
+        edges.append(ray_clean.bucket_pairs(group, sigs.shape[1], near.min_equal, cells))
     return pa.concat_tables(edges)
 
 
@@ -78,6 +79,8 @@ def test_distributed_near_dedup_matches_the_streaming_index() -> None:
     got[removed] = dup_of
     assert 20 < (expected >= 0).sum() < 120
     np.testing.assert_array_equal(got, expected)
+    one_row_at_a_time = _edges_by_bucket(all_sigs, NearDuplicateIndex(0.8, num_perm), cells=1)
+    assert ray_clean.resolve_near(one_row_at_a_time)[0].tolist() == removed.tolist()
     assert len(band_hashes(all_sigs[:1], local.bands, local.rows)[0]) == local.bands
 
 
@@ -166,3 +169,12 @@ def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and "engine.address" in lines[0], proc.stderr
+
+
+def test_engine_is_no_stages_dvc_param(repo_root: Path) -> None:
+    """Switching engines must not rerun a stage: no stage of dvc.yaml lists the engine section."""
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    listed = [(name, p) for name, stage in stages.items() for entry in stage.get("params", [])
+              for p in (entry if isinstance(entry, dict) else {entry: None})]
+    assert ("clean", "clean") in listed
+    assert not [item for item in listed if str(item[1]).split(".")[0] == "engine"]

@@ -178,12 +178,18 @@ def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table
                     schema=BAND_SCHEMA)
 
 
-def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, block: int = 1024) -> pa.Table:
+def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 << 25) -> pa.Table:
     """Verified pairs of one LSH bucket: (earlier, later, the later one's band), estimated Jaccard
-    (the fraction of equal signature values) at least the threshold."""
+    (the fraction of equal signature values) at least the threshold.
+
+    A bucket of n documents costs n^2 signature comparisons, done ``cells`` values at a time so
+    memory stays bounded; the local index compares each document with the kept ones only, so a
+    bucket of thousands of near-identical documents is where this engine is slower than it.
+    """
     n = group.num_rows
     if n < 2:
         return EDGE_SCHEMA.empty_table()
+    block = max(1, cells // (n * num_perm))
     group = group.sort_by("order")
     order = group.column("order").to_numpy()
     band = group.column("band").to_numpy()
