@@ -107,6 +107,7 @@ def test_ray_and_local_keep_the_same_documents(tmp_path: Path, ray_cluster: obje
         {"decontaminate": {"eval_files": ["../eval.jsonl"]}},  # every rule, the eval index broadcast
         {"exact_dedup": {"enabled": False}},  # near dedup sees the exact copies too
         {"near_dedup": {"enabled": False}, "pii": {"enabled": False}},
+        {"length": {"min_chars": 10**6, "max_chars": 2 * 10**6}},  # nothing kept: one empty shard
     ]
     for variant in variants:
         outputs = []
@@ -117,7 +118,7 @@ def test_ray_and_local_keep_the_same_documents(tmp_path: Path, ray_cluster: obje
             cfg = config(workers=1, shard_docs=60, **variant)
             with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
                 summary = clean.run(cfg, paths)
-            assert summary["docs_out"] > 100
+            assert summary["docs_out"] > 100 or variant is variants[-1]
             outputs.append((read_documents(paths.clean).to_pylist(),
                             (paths.clean / "clean_report.json").read_text(), read_manifest(paths.clean), summary))
         (local_docs, local_report, local_manifest, local_sum), (ray_docs, ray_report, ray_manifest, ray_sum) = outputs
@@ -131,6 +132,18 @@ def test_ray_and_local_keep_the_same_documents(tmp_path: Path, ray_cluster: obje
         assert ray_manifest == local_manifest
         assert {k: v for k, v in ray_sum.items() if k.startswith(("docs_", "bytes_", "removed."))} == \
             {k: v for k, v in local_sum.items() if k.startswith(("docs_", "bytes_", "removed."))}
+
+
+@pytest.mark.slow
+def test_only_empty_raw_shards(tmp_path: Path, ray_cluster: object) -> None:
+    files = []
+    for kind in ("local", "ray"):
+        paths = Paths(tmp_path / kind)
+        write_raw(paths, [])
+        with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
+            assert clean.run(config(), paths)["docs_out"] == 0
+        files.append(read_manifest(paths.clean)["files"])
+    assert files[0] == files[1] and "part-00000.parquet" in files[0]
 
 
 @pytest.mark.slow

@@ -340,6 +340,14 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
         raise cause from None
 
 
+def clean_locally(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
+    from lmpipe.data import clean
+    from lmpipe.engine import EngineConfig, use
+
+    with use(EngineConfig()):
+        return clean.run(cfg, paths)
+
+
 def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     files = shard_files(paths.raw)
@@ -365,6 +373,8 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
     items = _chunks(files)
+    if not items:  # only empty shards: nothing to distribute
+        return clean_locally(cfg, paths)
     index_box = [ray.put(index)] if index is not None and len(index) else []
     filtered = rdata.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         filter_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "index_box": index_box},
@@ -430,11 +440,11 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         tally.add(result, empty, cfg.examples_per_rule)
     with atomic_dir(paths.clean) as tmp:
         if total:
-            shards = _collect(
-                kept.groupby("chunk", num_partitions=parts).map_groups(assign_shards, batch_format="pyarrow",
-                                                 fn_kwargs={"offsets": offsets, "shard_docs": cfg.shard_docs}, **remote)
-                .groupby("shard", num_partitions=parts).map_groups(write_shard, batch_format="pyarrow", fn_kwargs={"directory": str(tmp)},
-                                             **remote), SHARD_SCHEMA)
+            numbered = kept.groupby("chunk", num_partitions=parts).map_groups(
+                assign_shards, batch_format="pyarrow", fn_kwargs={"offsets": offsets, "shard_docs": cfg.shard_docs},
+                **remote)
+            shards = _collect(numbered.groupby("shard", num_partitions=parts).map_groups(
+                write_shard, batch_format="pyarrow", fn_kwargs={"directory": str(tmp)}, **remote), SHARD_SCHEMA)
             if shards.num_rows != -(-total // cfg.shard_docs) or sum(shards.column("rows").to_pylist()) != total:
                 raise DataError(f"Ray wrote {shards.num_rows} shards of {sum(shards.column('rows').to_pylist())} rows, "
                                 f"expected {total} rows", path=str(paths.clean))
