@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -105,7 +106,10 @@ def connect(cfg: EngineConfig) -> Any:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"engine.address: cannot join the Ray cluster at {cfg.address or 'local'}: {first}") \
+        hint = ""
+        if cfg.address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ:
+            hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN)"
+        raise ConfigError(f"engine.address: cannot join the Ray cluster at {cfg.address or 'local'}: {first}{hint}") \
             from None
     log.info("engine: Ray %s with %s CPUs", cfg.address or "on this machine", ray.cluster_resources().get("CPU"))
     return ray

@@ -30,6 +30,9 @@ def test_compose_ray_head_and_workers_share_the_project_and_the_port() -> None:
     for service in (head, worker, services["worker"]):
         assert "..:/workspace" in service["volumes"]
     assert head["image"] == worker["image"] == services["worker"]["image"]  # same Ray and Python as the driver
+    # one token authenticates the Ray nodes and the driver to each other
+    auth = {(s["environment"]["RAY_AUTH_MODE"], s["environment"]["RAY_AUTH_TOKEN"]) for s in (head, worker, services["worker"])}
+    assert len(auth) == 1 and next(iter(auth))[0] == "token"
 
 
 def test_rayjob_runs_clean_on_its_own_cluster() -> None:
@@ -47,5 +50,8 @@ def test_rayjob_runs_clean_on_its_own_cluster() -> None:
         (container,) = pod["containers"]
         assert {"name": "workspace", "mountPath": "/workspace"} in container["volumeMounts"]
         assert container["workingDir"] == "/workspace"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "lmpipe-ray-auth", "key": "token"}
         claims |= {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if v["name"] == "workspace"}
     assert len(claims) == 1
