@@ -96,8 +96,8 @@ def connect(cfg: EngineConfig) -> Any:
     if ray.is_initialized():
         return ray
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if cfg.address is None:
-        kwargs["num_cpus"] = cfg.num_cpus
+    if cfg.address is None:  # always a new Ray: never a cluster some earlier `ray start` left running
+        kwargs.update(address="local", num_cpus=cfg.num_cpus)
     else:
         if cfg.address != "auto":
             _reachable(cfg.address)

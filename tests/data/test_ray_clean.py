@@ -32,7 +32,7 @@ from lmpipe.io import read_manifest
 def ray_cluster() -> Iterator[object]:
     """One real local Ray cluster for the session (starting one costs seconds)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
