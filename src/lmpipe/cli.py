@@ -134,13 +134,14 @@ def stage_config(stage: StageSpec, params_path: str | Path, overrides: list[str]
     """Load the params a stage reads: its own section (or, for ``inputs``, all sections) and tracking."""
     from lmpipe.config import load_params
 
-    sections = ["tracking", stage.section] if stage.section else None
+    sections = ["tracking", "engine", stage.section] if stage.section else None
     return load_params(params_path, overrides, sections=sections)
 
 
 def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] | None = None,
               root: str | Path = ".", task: str | None = None) -> dict[str, Any]:
     """Run one stage as the CLI does (params, MLflow run, summary). Returns the stage's summary."""
+    from lmpipe import engine
     from lmpipe.config import Paths
     from lmpipe.io import sweep_staging
     from lmpipe.tracking import stage_run
@@ -162,10 +163,11 @@ def run_stage(name: str, params_path: str = "params.yaml", overrides: list[str] 
     with stage_run(name, tracking, root) as tracker:
         if stage.section:
             tracker.log_params(cfg.model_dump(mode="json"))
-        if task is not None:
-            summary: dict[str, Any] = module.run_task(cfg, task, paths)
-        else:
-            summary = module.run(cfg, paths)
+        with engine.use(params.engine):
+            if task is not None:
+                summary: dict[str, Any] = module.run_task(cfg, task, paths)
+            else:
+                summary = module.run(cfg, paths)
         tracker.log_metrics({k: v for k, v in summary.items() if k != "artifacts"})
         for artifact in summary.get("artifacts", []):
             tracker.log_artifact(artifact)

@@ -86,9 +86,11 @@ STAGE_LIST: tuple[StageSpec, ...] = (
 )
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in STAGE_LIST}
 
-# Sections that belong to no stage: MLflow tracking, and the Prefect flow's settings (timeouts,
-# one run per checkout), which no DVC stage reads.
-OTHER_SECTIONS: dict[str, str] = {"tracking": "lmpipe.config:TrackingConfig", "flow": "lmpipe.flow_config:FlowConfig"}
+# Sections that belong to no stage: MLflow tracking; the Prefect flow's settings (timeouts, one run
+# per checkout), which no DVC stage reads; and ``engine``, which is operational: where the data
+# stages run, never what they write (see lmpipe.engine).
+OTHER_SECTIONS: dict[str, str] = {"tracking": "lmpipe.config:TrackingConfig", "flow": "lmpipe.flow_config:FlowConfig",
+                                  "engine": "lmpipe.engine:EngineConfig"}
 
 
 def section_classes() -> dict[str, str]:

@@ -471,6 +471,12 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     Returns the flat summary (see :func:`summary_of`) plus ``seconds``, ``mb_per_s`` and
     ``artifacts`` (the report). Raises ConfigError/DataError for bad settings or input.
     """
+    from lmpipe.engine import current
+
+    if current().kind == "ray":  # the same rules and output on Ray Data
+        from lmpipe.data import ray_clean
+
+        return ray_clean.run(cfg, paths)
     _check(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
     files = shard_files(paths.raw)

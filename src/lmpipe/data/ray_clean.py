@@ -1,0 +1,473 @@
+"""The ``clean`` stage on Ray Data (``engine.kind: ray``): same rules, same output, many machines.
+
+The output is the local engine's, byte for byte: the same documents, the same shards of
+``clean.shard_docs`` rows, the same report and manifest. Each step is a Ray Data operator:
+
+1. **Filter** (``map_batches``, one task per raw row group): :func:`lmpipe.data.clean.process_chunk`,
+   the local engine's kernel, judges, decontaminates and redacts; it gives each survivor its exact
+   key and MinHash signature. A survivor's *order key* is ``chunk << 32 | row``: input order.
+2. **Exact dedup** (hash shuffle): ``groupby`` on the exact key; in each group the document with the
+   smallest order key is kept, the others are removed by a ``left_anti`` join.
+3. **Near dedup**: each exact survivor emits one row per LSH band (band hash, order key, signature);
+   ``groupby`` on the band hash puts candidates together and each group emits its verified pairs
+   (estimated Jaccard >= threshold). The driver resolves the pair graph's connected components with
+   the local engine's rule, in order-key order: a document is removed when it matches an earlier
+   *kept* one. The driver holds only the verified pairs (near duplicates), never a signature.
+4. **Write** (two shuffles): kept documents are counted per chunk, which gives each its global
+   row number and so its shard; each shard is written by one task, sorted by order key.
+
+Workers read the raw shards and write the clean ones by path: on a multi-node cluster the project
+directory must be on a filesystem every node mounts. Output goes into :func:`lmpipe.io.atomic_dir`
+as on the local engine, so a failed task (after Ray's retries, ``MAX_RETRIES``) or a lost worker
+fails the stage and leaves no partial ``data/clean``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lmpipe.config import Paths
+from lmpipe.data.clean import (
+    EXAMPLE_CHARS,
+    REPORT_NAME,
+    ChunkResult,
+    _check,
+    _report,
+    _Tally,
+    process_chunk,
+    rule_names,
+    summary_of,
+)
+from lmpipe.data.config import CleanConfig
+from lmpipe.data.decontam import NgramIndex, index_eval_files
+from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, band_hashes
+from lmpipe.data.shards import COLUMNS, SCHEMA, conform, shard_files
+from lmpipe.engine import EngineConfig, connect, current
+from lmpipe.errors import DataError, LmpipeError
+from lmpipe.io import atomic_dir, write_json, write_manifest
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3  # Ray re-runs a task lost with its worker this often before the stage fails
+ROW_BITS = 32
+
+DOC_SCHEMA = pa.schema([
+    ("order", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
+    ("meta", pa.string()), ("lang", pa.string()), ("key", pa.uint64()), ("sig", pa.binary()),
+    ("bytes", pa.int64()), ("head", pa.string()), ("stats", pa.binary()),
+])
+DUP_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("dup_id", pa.string()),
+                        ("bytes", pa.int64()), ("head", pa.string())])
+BAND_SCHEMA = pa.schema([("bucket", pa.uint64()), ("band", pa.int32()), ("order", pa.int64()),
+                         ("sig", pa.binary())])
+EDGE_SCHEMA = pa.schema([("lo", pa.int64()), ("hi", pa.int64()), ("band", pa.int32())])
+INFO_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("bytes", pa.int64()), ("head", pa.string())])
+SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
+                          ("languages", pa.string())])
+
+# ------------------------------------------------------------------------------------- 1. filter
+
+_INDEX: dict[str, Any] = {}
+
+
+def _eval_index(box: list[Any]) -> NgramIndex | None:
+    if not box:
+        return None
+    if "index" not in _INDEX:  # once per worker process
+        import ray
+
+        _INDEX["index"] = ray.get(box[0])
+    return _INDEX["index"]
+
+
+def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any]) -> pa.Table:
+    """Run the local engine's kernel on the raw row groups named in ``batch`` (path, row_group,
+    chunk, first_row). Returns one row per survivor plus one ``stats`` row per chunk."""
+    index = _eval_index(index_box)
+    out = []
+    for item in batch.to_pylist():
+        path = item["path"]
+        try:
+            table = pq.ParquetFile(path).read_row_group(item["row_group"])
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"not a readable parquet file: {err}", path=path) from None
+        result = process_chunk(conform(table, where=path), cfg, index, path, item["first_row"])
+        kept = result.table
+        n = kept.num_rows
+        texts = kept.column("text")
+        sig = result.signatures
+        stats = dataclasses.replace(result, table=kept.slice(0, 0), keys=np.zeros(0, np.uint64), signatures=None)
+        docs = {
+            "order": pa.array((item["chunk"] << ROW_BITS) + np.arange(n, dtype=np.int64)),
+            "id": kept.column("id"), "text": texts, "source": kept.column("source"), "meta": kept.column("meta"),
+            "lang": kept.column("lang"), "key": pa.array(result.keys, pa.uint64()),
+            "sig": pa.array([row.tobytes() for row in sig] if sig is not None else [b""] * n, pa.binary()),
+            "bytes": pc.binary_length(pc.cast(texts, pa.large_binary())).cast(pa.int64()),
+            "head": pc.utf8_slice_codeunits(texts, 0, EXAMPLE_CHARS),
+            "stats": pa.nulls(n, pa.binary()),
+        }
+        out.append(pa.table(docs, schema=DOC_SCHEMA))
+        marker = {name: pa.nulls(1, DOC_SCHEMA.field(name).type) for name in DOC_SCHEMA.names}
+        marker["order"] = pa.array([item["chunk"] << ROW_BITS], pa.int64())
+        marker["stats"] = pa.array([pickle.dumps(stats)], pa.binary())
+        out.append(pa.table(marker, schema=DOC_SCHEMA))
+    return pa.concat_tables(out) if out else DOC_SCHEMA.empty_table()
+
+
+def _documents(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("stats"))).drop_columns(["stats"])
+
+
+def _stats(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch.column("stats"))).select(["order", "stats"])
+
+
+# ---------------------------------------------------------------------------------- 2. exact dedup
+
+
+def exact_group(group: pa.Table) -> pa.Table:
+    """All documents with one exact key, the first (by order key) with a null ``dup_id``, every
+    other one with the first's id in ``dup_id``: a duplicate."""
+    group = group.sort_by("order")
+    dup_id = [None] + [group.column("id")[0].as_py()] * (group.num_rows - 1)
+    return group.append_column("dup_id", pa.array(dup_id, pa.string()))
+
+
+def _unique(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("dup_id"))).drop_columns(["dup_id"])
+
+
+def _duplicates(batch: pa.Table, limit: int | None = None) -> pa.Table:
+    """Duplicates of a batch (all, or the ``limit`` first by order key: candidates for examples)."""
+    dups = batch.filter(pc.is_valid(batch.column("dup_id"))).select(DUP_SCHEMA.names)
+    return dups if limit is None else dups.sort_by("order").slice(0, limit)
+
+
+def _removed(dups: Any, firsts: Any, limit: int) -> dict[str, Any]:
+    """Report entry of a dedup rule: count and bytes aggregated on the cluster, the first examples."""
+    examples = _collect(firsts, DUP_SCHEMA).sort_by("order").slice(0, limit).to_pylist()
+    return {"docs": int(dups.count()), "bytes": int(dups.sum("bytes") or 0),
+            "examples": [{"id": row["id"], "duplicate_of": row["dup_id"], "text": row["head"]} for row in examples]}
+
+
+# ----------------------------------------------------------------------------------- 3. near dedup
+
+
+def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table:
+    """One row per document and LSH band: (band hash, band, order key, signature)."""
+    n = batch.num_rows
+    if n == 0:
+        return BAND_SCHEMA.empty_table()
+    sigs = np.frombuffer(b"".join(batch.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
+    keys = band_hashes(sigs, bands, rows)  # [n, bands]
+    take = pa.array(np.repeat(np.arange(n), bands))
+    return pa.table({"bucket": pa.array(keys.reshape(-1), pa.uint64()),
+                     "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
+                     "order": batch.column("order").take(take), "sig": batch.column("sig").take(take)},
+                    schema=BAND_SCHEMA)
+
+
+def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 << 25) -> pa.Table:
+    """Verified pairs of one LSH bucket: (earlier, later, the later one's band), estimated Jaccard
+    (the fraction of equal signature values) at least the threshold.
+
+    A bucket of n documents costs n^2 signature comparisons, done ``cells`` values at a time so
+    memory stays bounded; the local index compares each document with the kept ones only, so a
+    bucket of thousands of near-identical documents is where this engine is slower than it.
+    """
+    n = group.num_rows
+    if n < 2:
+        return EDGE_SCHEMA.empty_table()
+    block = max(1, cells // (n * num_perm))
+    group = group.sort_by("order")
+    order = group.column("order").to_numpy()
+    band = group.column("band").to_numpy()
+    sigs = np.frombuffer(b"".join(group.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
+    los, his = [], []
+    for start in range(0, n, block):  # n x block x num_perm at a time: a huge bucket stays bounded
+        equal = (sigs[start:start + block, None, :] == sigs[None, :, :]).sum(axis=2)
+        i, j = np.nonzero(equal >= min_equal)
+        i += start
+        mask = order[i] < order[j]
+        los.append(i[mask])
+        his.append(j[mask])
+    lo, hi = np.concatenate(los), np.concatenate(his)
+    return pa.table({"lo": pa.array(order[lo]), "hi": pa.array(order[hi]), "band": pa.array(band[hi])},
+                    schema=EDGE_SCHEMA)
+
+
+def resolve_near(edges: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(removed order keys, the kept document each duplicates), ascending, by the local rule.
+
+    Documents are visited in order-key order; one is removed when a verified pair joins it to an
+    earlier document that was kept. As on the local index (which probes bands in order and, within
+    a bucket, the latest kept document first), the reference is the kept partner of the lowest band,
+    then the latest such partner.
+    """
+    if edges.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = edges.column("lo").to_numpy(), edges.column("hi").to_numpy()
+    band = edges.column("band").to_numpy()
+    idx = np.lexsort((-lo, band, hi))
+    removed: dict[int, int] = {}
+    last = None
+    for h, low in zip(hi[idx].tolist(), lo[idx].tolist(), strict=True):
+        if h == last:
+            continue  # already decided
+        if low not in removed:
+            removed[h] = low
+            last = h
+    keys = np.array(sorted(removed), np.int64)
+    return keys, np.array([removed[int(k)] for k in keys], np.int64)
+
+
+# ----------------------------------------------------------------------------------------- 4. write
+
+
+def assign_shards(group: pa.Table, offsets: dict[int, int], shard_docs: int) -> pa.Table:
+    """The kept documents of one chunk with their shard: global row number // shard_docs."""
+    group = group.sort_by("order")
+    chunk = int(group.column("chunk")[0].as_py())
+    rows = offsets[chunk] + np.arange(group.num_rows, dtype=np.int64)
+    return group.drop_columns(["chunk"]).append_column("shard", pa.array(rows // shard_docs))
+
+
+def write_shard(group: pa.Table, directory: str) -> pa.Table:
+    """Write one output shard (the local engine's name, columns and compression)."""
+    group = group.sort_by("order")
+    shard = int(group.column("shard")[0].as_py())
+    table = conform(group, where=directory).combine_chunks()
+    pq.write_table(table, Path(directory) / f"part-{shard:05d}.parquet", compression="zstd")
+    langs, counts = np.unique(group.column("lang").to_numpy(zero_copy_only=False).astype(str), return_counts=True)
+    return pa.table({"shard": [shard], "rows": [table.num_rows], "bytes": [int(pc.sum(group.column("bytes")).as_py())],
+                     "languages": [json.dumps(dict(zip(langs.tolist(), counts.tolist(), strict=True)))]},
+                    schema=SHARD_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+def _chunks(files: list[Path]) -> list[dict[str, Any]]:
+    """One task per row group of the raw shards, in input order (parquet metadata only)."""
+    items: list[dict[str, Any]] = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        first = 0
+        for rg in range(meta.num_row_groups):
+            rows = meta.row_group(rg).num_rows
+            if rows:
+                items.append({"path": str(path), "row_group": rg, "chunk": len(items), "first_row": first})
+            first += rows
+    return items
+
+
+def _order_set(wanted: pa.Array | list[Any]) -> pa.Array:
+    if isinstance(wanted, list):  # a broadcast object: fetched once per worker
+        import ray
+
+        if "drop" not in _INDEX or _INDEX["drop"][0] != wanted[0].hex():
+            _INDEX["drop"] = (wanted[0].hex(), pa.array(ray.get(wanted[0])))
+        return _INDEX["drop"][1]
+    return wanted
+
+
+def _rows_in(batch: pa.Table, wanted: pa.Array | list[Any]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("order"), value_set=_order_set(wanted)))
+
+
+def _kept(batch: pa.Table, drop: list[Any]) -> pa.Table:
+    """Drop the near duplicates; add each document's chunk."""
+    if drop:
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("order"), value_set=_order_set(drop))))
+    return batch.append_column("chunk", pc.shift_right(batch.column("order"), ROW_BITS))
+
+
+def _user_error(err: BaseException) -> LmpipeError | None:
+    """The lmpipe error a Ray task raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, LmpipeError) and not isinstance(item, ray_exceptions()):
+            return item
+        todo += [getattr(item, "cause", None), item.__cause__, item.__context__]
+    return None
+
+
+def ray_exceptions() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+
+    return (RayError,)
+
+
+def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> dict[str, Any]:
+    """Clean ``paths.raw`` into ``paths.clean`` on Ray; the same output and summary keys as
+    :func:`lmpipe.data.clean.run` (``workers`` is the cluster's CPU count).
+
+    Raises the same ConfigError/DataError as the local engine, also when a Ray task raised it.
+    """
+    _check(cfg)
+    ray = connect(engine or current())
+    try:
+        return _run(ray, cfg, paths)
+    except ray_exceptions() as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        # Ray appends its retry advice to the message: keep the one line the local engine gives
+        cause.args = (str(cause).splitlines()[0],)
+        raise cause from None
+
+
+def clean_locally(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
+    from lmpipe.data import clean
+    from lmpipe.engine import EngineConfig, use
+
+    with use(EngineConfig()):
+        return clean.run(cfg, paths)
+
+
+def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    files = shard_files(paths.raw)
+    if not files:
+        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
+    index: NgramIndex | None = None
+    eval_files: list[Path] = []
+    if cfg.decontaminate.enabled and cfg.decontaminate.eval_files:
+        d = cfg.decontaminate
+        index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    parts = max(2, cpus)
+    remote = {"max_retries": MAX_RETRIES}
+    rdata = ray.data
+    from ray.data.context import ShuffleStrategy
+
+    ctx = rdata.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    ctx.raise_original_map_exception = True  # a task's DataError reaches the driver as itself
+    # Ray's task-based sort shuffle for the groupbys: the hash shuffle's aggregator actors take
+    # seconds to start per operator, which dominates all but the largest corpora
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+    items = _chunks(files)
+    if not items:  # only empty shards: nothing to distribute
+        return clean_locally(cfg, paths)
+    index_box = [ray.put(index)] if index is not None and len(index) else []
+    filtered = rdata.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        filter_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "index_box": index_box},
+        **remote).materialize()
+    stats_rows = _collect(filtered.map_batches(_stats, batch_format="pyarrow"), pa.schema(
+        [("order", pa.int64()), ("stats", pa.binary())])).sort_by("order")
+    docs = filtered.map_batches(_documents, batch_format="pyarrow")
+
+    nd = cfg.near_dedup
+    dedup = StreamDedup(cfg.exact_dedup.enabled, NearDuplicateIndex(nd.threshold, nd.num_perm) if nd.enabled else None,
+                        cfg.examples_per_rule, EXAMPLE_CHARS)
+    survivors, judged, dups = docs, None, None
+    if cfg.exact_dedup.enabled:
+        # the hash shuffle: every document moves once, to the group of its exact key
+        judged = docs.groupby("key", num_partitions=parts).map_groups(
+            exact_group, batch_format="pyarrow", **remote).materialize()
+        survivors = judged.map_batches(_unique, batch_format="pyarrow")
+        dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
+        dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
+                                                dups, cfg.examples_per_rule)
+    # the object store keeps the blocks a live dataset references: let each copy go once used
+    del filtered, docs
+    drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
+    if dedup.near is not None:
+        near = dedup.near
+        edges = _collect(
+            survivors.select_columns(["order", "sig"])
+            .map_batches(band_rows, batch_format="pyarrow",
+                         fn_kwargs={"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}, **remote)
+            .groupby("bucket", num_partitions=parts)
+            .map_groups(bucket_pairs, batch_format="pyarrow",
+                        fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
+            EDGE_SCHEMA)
+        removed, dup_of = resolve_near(edges)
+        entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
+        if len(removed):
+            drop = [ray.put(removed)]
+            shown = removed[: cfg.examples_per_rule]
+            wanted = pa.array(np.unique(np.concatenate([shown, dup_of[: len(shown)]])))
+            info = _collect(survivors.select_columns(["order", "id", "bytes", "head"]).map_batches(
+                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": wanted}), INFO_SCHEMA)
+            by_order = {row["order"]: row for row in info.to_pylist()}
+            entry["bytes"] = int(survivors.select_columns(["order", "bytes"]).map_batches(
+                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}).sum("bytes") or 0)
+            entry["examples"] = [{"id": by_order[int(k)]["id"], "duplicate_of": by_order[int(d)]["id"],
+                                  "text": by_order[int(k)]["head"]} for k, d in zip(shown, dup_of, strict=False)]
+        dedup.removed["near_dedup"] = entry
+    kept = survivors.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
+        _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
+    survivors = judged = dups = None
+    counts = _collect(kept.groupby("chunk", num_partitions=parts).count(),
+                      pa.schema([("chunk", pa.int64()), ("count()", pa.int64())]))
+    offsets, total = {}, 0
+    for chunk, count in sorted(zip(counts.column("chunk").to_pylist(), counts.column("count()").to_pylist(),
+                                   strict=True)):
+        offsets[int(chunk)] = total
+        total += int(count)
+
+    tally = _Tally(rule_names(cfg))
+    empty = pa.table({"text": pa.array([], pa.string()), "lang": pa.array([], pa.string())})
+    for blob in stats_rows.column("stats").to_pylist():
+        result: ChunkResult = pickle.loads(blob)
+        tally.add(result, empty, cfg.examples_per_rule)
+    with atomic_dir(paths.clean) as tmp:
+        if total:
+            numbered = kept.groupby("chunk", num_partitions=parts).map_groups(
+                assign_shards, batch_format="pyarrow", fn_kwargs={"offsets": offsets, "shard_docs": cfg.shard_docs},
+                **remote)
+            shards = _collect(numbered.groupby("shard", num_partitions=parts).map_groups(
+                write_shard, batch_format="pyarrow", fn_kwargs={"directory": str(tmp)}, **remote), SHARD_SCHEMA)
+            if shards.num_rows != -(-total // cfg.shard_docs) or sum(shards.column("rows").to_pylist()) != total:
+                raise DataError(f"Ray wrote {shards.num_rows} shards of {sum(shards.column('rows').to_pylist())} rows, "
+                                f"expected {total} rows", path=str(paths.clean))
+            tally.docs_out = total
+            tally.bytes_out = int(sum(shards.column("bytes").to_pylist()))
+            for langs in shards.column("languages").to_pylist():
+                for lang, count in json.loads(langs).items():
+                    tally.languages[lang] = tally.languages.get(lang, 0) + count
+        else:  # as the local writer: an empty stream still writes one empty shard
+            pq.write_table(SCHEMA.empty_table(), tmp / "part-00000.parquet", compression="zstd")
+        report = _report(cfg, tally, dedup)
+        write_json(tmp / REPORT_NAME, report)
+        inputs: dict[str, Path] = {"raw": paths.raw}
+        for path in eval_files:
+            inputs[f"eval:{path.relative_to(paths.root) if path.is_relative_to(paths.root) else path}"] = path
+        summary = summary_of(report)
+        write_manifest(tmp, stage="clean", config=cfg, inputs=inputs,
+                       counts={k: v for k, v in summary.items() if k.startswith(("docs_", "bytes_"))})
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started + tally.worker_cpu
+    summary.update(seconds=round(seconds, 3), cpu_seconds=round(cpu, 3), workers=cpus,
+                   mb_per_s=round(summary["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
+                   mb_per_cpu_s=round(summary["bytes_in"] / 1e6 / max(cpu, 1e-9), 3))
+    log.info("clean on Ray: %d -> %d documents (%.1f MB/s)", summary["docs_in"], summary["docs_out"],
+             summary["mb_per_s"])
+    return {**summary, "artifacts": [str(paths.clean / REPORT_NAME)]}

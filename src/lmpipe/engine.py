@@ -1,0 +1,115 @@
+"""The ``engine`` params section: where the data stages compute (this machine's processes or Ray).
+
+``engine`` is operational, like a stage's ``workers``: it decides where the work runs, never what
+comes out. It is no stage's section, so it is not part of any stage's config hash or DVC params,
+and switching ``kind`` or ``address`` leaves every output byte and manifest as it was.
+
+The CLI (:func:`lmpipe.cli.run_stage`) installs the loaded section with :func:`use` around a stage;
+a stage asks :func:`current` which engine to run on. :func:`connect` joins or starts Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from lmpipe.config import Section
+from lmpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class EngineConfig(Section):
+    """Where the data stages (clean) run. Operational: outputs are identical on every engine."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: a process pool on this machine; ray: Ray Data tasks on a Ray cluster.")
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join: null starts a Ray on this machine's cores; 'auto' joins the cluster "
+        "started here with `ray start`; 'host:port' (the head's GCS) or 'ray://host:10001' (Ray Client).")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a Ray started here (address null); default: all.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        host, port = _host_port(value)
+        if not host or port is None:
+            raise ValueError(f"'{value}': expected null, 'auto', 'host:port' or 'ray://host:port'")
+        return value
+
+
+def _host_port(address: str) -> tuple[str, int | None]:
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return rest, None
+    return host.strip("[]"), int(port)
+
+
+_CURRENT: list[EngineConfig] = []
+
+
+@contextlib.contextmanager
+def use(cfg: EngineConfig) -> Iterator[EngineConfig]:
+    """Run the block with ``cfg`` as the engine of the data stages."""
+    _CURRENT.append(cfg)
+    try:
+        yield cfg
+    finally:
+        _CURRENT.pop()
+
+
+def current() -> EngineConfig:
+    """The engine installed by :func:`use`, else the default (local)."""
+    return _CURRENT[-1] if _CURRENT else EngineConfig()
+
+
+def _reachable(address: str) -> None:
+    host, port = _host_port(address)
+    assert port is not None  # checked by the model
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise ConfigError(f"engine.address: cannot reach the Ray cluster at {address}: {err}") from None
+
+
+def connect(cfg: EngineConfig) -> Any:
+    """Join (or start) the Ray cluster ``cfg`` names and return the ``ray`` module.
+
+    A Ray already initialised in this process (a test's cluster, a Ray job's driver) is used as it
+    is. An unreachable address raises ConfigError naming it within ``CONNECT_TIMEOUT_S`` seconds.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if cfg.address is None:  # always a new Ray: never a cluster some earlier `ray start` left running
+        kwargs.update(address="local", num_cpus=cfg.num_cpus)
+    else:
+        if cfg.address != "auto":
+            _reachable(cfg.address)
+        kwargs["address"] = cfg.address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if cfg.address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ:
+            hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN)"
+        raise ConfigError(f"engine.address: cannot join the Ray cluster at {cfg.address or 'local'}: {first}{hint}") \
+            from None
+    log.info("engine: Ray %s with %s CPUs", cfg.address or "on this machine", ray.cluster_resources().get("CPU"))
+    return ray

@@ -1,0 +1,193 @@
+"""clean on Ray Data against the local engine: the same documents, report and manifest; the
+distributed near-dedup resolution against the local streaming index; the engine section."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_clean import GOOD, config, write_raw
+
+from lmpipe import engine
+from lmpipe.config import Paths, load_params
+from lmpipe.data import clean, ray_clean
+from lmpipe.data.dedup import NearDuplicateIndex, band_hashes
+from lmpipe.data.shards import read_documents
+from lmpipe.data.synthetic import generate
+from lmpipe.errors import ConfigError, DataError
+from lmpipe.io import read_manifest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """One real local Ray cluster for the session (starting one costs seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 << 25) -> pa.Table:
+    """What the Ray pipeline's band shuffle feeds :func:`ray_clean.bucket_pairs`, grouped in numpy."""
+    table = ray_clean.band_rows(pa.table({"order": pa.array(np.arange(len(sigs), dtype=np.int64)),
+                                          "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}),
+                                sigs.shape[1], near.bands, near.rows)
+    buckets = table.column("bucket").to_numpy()
+    edges = []
+    for bucket in np.unique(buckets):
+        group = table.filter(pa.array(buckets == bucket))
+        edges.append(ray_clean.bucket_pairs(group, sigs.shape[1], near.min_equal, cells))
+    return pa.concat_tables(edges)
+
+
+def test_distributed_near_dedup_matches_the_streaming_index() -> None:
+    """Band shuffle + verified pairs + keep-first resolution == the local index, removals and references."""
+    rng = np.random.default_rng(0)
+    num_perm = 128
+    base = rng.integers(0, 2**32, size=(60, num_perm), dtype=np.uint32)
+    sigs = [base]
+    for level in (0.05, 0.12, 0.2, 0.3):  # copies at falling similarity: some pass 0.8, some do not
+        copy = base[rng.choice(60, 30)].copy()
+        flip = rng.random(copy.shape) < level
+        copy[flip] = rng.integers(0, 2**32, size=int(flip.sum()), dtype=np.uint32)
+        sigs.append(copy)
+    # a chain: b is near a, c is near b but not near a, so c stays (a kept, b removed)
+    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
+    b, c = a.copy(), a.copy()
+    b[:20] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
+    c[:40] = b[:40]
+    c[:20] = b[:20]
+    c[20:40] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
+    sigs.append(np.stack([a, b, c]))
+    all_sigs = np.concatenate(sigs)
+    all_sigs = all_sigs[rng.permutation(len(all_sigs))]
+
+    local = NearDuplicateIndex(0.8, num_perm)
+    expected = local.add(all_sigs)
+    removed, dup_of = ray_clean.resolve_near(_edges_by_bucket(all_sigs, NearDuplicateIndex(0.8, num_perm)))
+    got = np.full(len(all_sigs), -1, np.int64)
+    got[removed] = dup_of
+    assert 20 < (expected >= 0).sum() < 120
+    np.testing.assert_array_equal(got, expected)
+    one_row_at_a_time = _edges_by_bucket(all_sigs, NearDuplicateIndex(0.8, num_perm), cells=1)
+    assert ray_clean.resolve_near(one_row_at_a_time)[0].tolist() == removed.tolist()
+    assert len(band_hashes(all_sigs[:1], local.bands, local.rows)[0]) == local.bands
+
+
+def test_chain_keeps_the_far_end() -> None:
+    # a(0) ~ b(1), b ~ c(2), a !~ c: b is removed as a duplicate of a, so c matches no kept document
+    edges = pa.table({"lo": [0, 1], "hi": [1, 2], "band": [0, 0]}, schema=ray_clean.EDGE_SCHEMA)
+    removed, dup_of = ray_clean.resolve_near(edges)
+    assert removed.tolist() == [1] and dup_of.tolist() == [0]
+
+
+def _corpus() -> list[str]:
+    texts = [t for t, _ in generate(240, noise_fraction=0.2, seed=3)]
+    story = " ".join(GOOD)
+    injected = [story, story.upper(), story.replace("at seven", "at eight"),  # exact (case) and near copies
+                story.replace("at seven", "at nine").replace("three minutes", "two minutes"), GOOD[1], GOOD[1]]
+    return texts[:100] + injected + texts[100:]
+
+
+@pytest.mark.slow
+def test_ray_and_local_keep_the_same_documents(tmp_path: Path, ray_cluster: object) -> None:
+    texts = _corpus()
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": " ".join(texts[30].split()[:40])}) + "\n")
+    variants = [
+        {"decontaminate": {"eval_files": ["../eval.jsonl"]}},  # every rule, the eval index broadcast
+        {"exact_dedup": {"enabled": False}},  # near dedup sees the exact copies too
+        {"near_dedup": {"enabled": False}, "pii": {"enabled": False}},
+        {"length": {"min_chars": 10**6, "max_chars": 2 * 10**6}},  # nothing kept: one empty shard
+    ]
+    for variant in variants:
+        outputs = []
+        for kind in ("local", "ray"):
+            paths = Paths(tmp_path / kind)
+            if not paths.raw.exists():
+                write_raw(paths, texts, shard_docs=70)  # 5 raw shards: 5 Ray tasks
+            cfg = config(workers=1, shard_docs=60, **variant)
+            with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
+                summary = clean.run(cfg, paths)
+            assert summary["docs_out"] > 100 or variant is variants[-1]
+            outputs.append((read_documents(paths.clean).to_pylist(),
+                            (paths.clean / "clean_report.json").read_text(), read_manifest(paths.clean), summary))
+        (local_docs, local_report, local_manifest, local_sum), (ray_docs, ray_report, ray_manifest, ray_sum) = outputs
+        if variant is variants[0]:
+            assert local_sum["removed.exact_dedup"] >= 2 and local_sum["removed.near_dedup"] >= 2
+            assert local_sum["removed.decontaminate"] >= 1
+        assert [d["text"] for d in ray_docs] == [d["text"] for d in local_docs], variant
+        assert ray_docs == local_docs
+        assert ray_report == local_report
+        # engine is operational: config hash, inputs and every file's sha256 agree
+        assert ray_manifest == local_manifest
+        assert {k: v for k, v in ray_sum.items() if k.startswith(("docs_", "bytes_", "removed."))} == \
+            {k: v for k, v in local_sum.items() if k.startswith(("docs_", "bytes_", "removed."))}
+
+
+@pytest.mark.slow
+def test_only_empty_raw_shards(tmp_path: Path, ray_cluster: object) -> None:
+    files = []
+    for kind in ("local", "ray"):
+        paths = Paths(tmp_path / kind)
+        write_raw(paths, [])
+        with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
+            assert clean.run(config(), paths)["docs_out"] == 0
+        files.append(read_manifest(paths.clean)["files"])
+    assert files[0] == files[1] and "part-00000.parquet" in files[0]
+
+
+@pytest.mark.slow
+def test_bad_input_gives_the_local_engines_error(tmp_path: Path, ray_cluster: object) -> None:
+    """A DataError raised in a Ray task reaches the caller as the same one-line DataError."""
+    messages = []
+    for kind in ("local", "ray"):
+        paths = Paths(tmp_path / kind)
+        write_raw(paths, GOOD)
+        table = pq.read_table(paths.raw / "part-00000.parquet")
+        pq.write_table(table.set_column(3, "meta", pa.array(["{}", "[1]", "{}"])), paths.raw / "part-00000.parquet")
+        with engine.use(engine.EngineConfig(kind=kind)), pytest.raises(DataError) as err:  # type: ignore[arg-type]
+            clean.run(config(workers=1), paths)
+        messages.append(str(err.value).replace(str(paths.root), "ROOT"))
+        assert not paths.clean.exists()
+    assert messages[0] == messages[1] == "ROOT/data/raw/part-00000.parquet: row 1: meta is not a JSON object (re-run collect)"
+
+
+def test_engine_section_is_validated(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("engine: {kind: ray, address: 'ray://head:10001'}\n")
+    assert load_params(params, sections=["engine"]).engine.address == "ray://head:10001"
+    for bad in ("engine: {kind: spark}", "engine: {address: 'head'}"):
+        params.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=r"engine\.(kind|address)"):
+            load_params(params, sections=["engine"])
+
+
+def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "lmpipe.cli", "clean", "-S", "engine.kind=ray",
+                           "-S", "engine.address=127.0.0.1:9", "-S", "tracking.enabled=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and "engine.address" in lines[0], proc.stderr
+
+
+def test_engine_is_no_stages_dvc_param(repo_root: Path) -> None:
+    """Switching engines must not rerun a stage: no stage of dvc.yaml lists the engine section."""
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    listed = [(name, p) for name, stage in stages.items() for entry in stage.get("params", [])
+              for p in (entry if isinstance(entry, dict) else {entry: None})]
+    assert ("clean", "clean") in listed
+    assert not [item for item in listed if str(item[1]).split(".")[0] == "engine"]
