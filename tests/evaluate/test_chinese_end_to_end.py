@@ -14,6 +14,7 @@ import torch
 from lmpipe.config import Paths
 from lmpipe.data import clean, split, synthetic_zh
 from lmpipe.data.config import CleanConfig, SplitConfig
+from lmpipe.data.gate import record_validation
 from lmpipe.data.shards import ShardWriter, doc_id, make_table
 from lmpipe.data.synthetic import generate
 from lmpipe.evaluate import run as evaluate
@@ -55,6 +56,7 @@ def test_chinese_corpus_from_clean_to_evaluate(tmp_path: Path) -> None:
     report = json.loads((paths.clean / "clean_report.json").read_text())
     assert report["by_language"]["zh"]["output"] > 250 and report["by_language"]["en"]["output"] > 30
     assert summary["removed.exact_dedup"] > 0
+    record_validation(paths, True, {})  # the validate stage and its gate have their own tests
     split.run(SplitConfig(val_fraction=0.1, test_fraction=0.1, decontaminate_train=False), paths)
 
     tokenizer.run(TokenizerConfig(vocab_size=1024, num_threads=1), paths)

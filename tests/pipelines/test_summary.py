@@ -5,6 +5,7 @@ the report."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def test_flow_run_carries_summary_and_report_link_artifacts(prefect_api: str, ma
     (project / "metrics" / "evaluate.json").write_text(json.dumps(
         {"comparison": {"student": {"quality_retained_pct": 91.5, "speedup_b1": 2.25}}}))
     name = f"summary-{project.parent.name}"[:60]
-    client = MlflowClient()  # the store the flow's stages use (MLFLOW_TRACKING_URI of the test session)
+    # the store the flow's stages use: the session's MLFLOW_TRACKING_URI, named explicitly because an
+    # earlier test in this process may have pointed mlflow's global tracking URI at its own server
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     client.create_registered_model(name)
     for _ in range(2):
         client.create_model_version(name, source=(project / "model").as_uri())

@@ -24,6 +24,7 @@ fails the stage and leaves no partial ``data/clean``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -152,6 +153,16 @@ def _duplicates(batch: pa.Table, limit: int | None = None) -> pa.Table:
     """Duplicates of a batch (all, or the ``limit`` first by order key: candidates for examples)."""
     dups = batch.filter(pc.is_valid(batch.column("dup_id"))).select(DUP_SCHEMA.names)
     return dups if limit is None else dups.sort_by("order").slice(0, limit)
+
+
+def _duplicate_langs(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch.column("dup_id"))).select(["lang"])
+
+
+def _lang_counts(ds: Any) -> dict[str, int]:
+    """Documents per language of a dataset with a ``lang`` column (removed duplicates: small)."""
+    langs = _collect(ds, pa.schema([("lang", pa.string())])).column("lang").to_pylist()
+    return dict(collections.Counter(langs))
 
 
 def _removed(dups: Any, firsts: Any, limit: int) -> dict[str, Any]:
@@ -387,6 +398,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     dedup = StreamDedup(cfg.exact_dedup.enabled, NearDuplicateIndex(nd.threshold, nd.num_perm) if nd.enabled else None,
                         cfg.examples_per_rule, EXAMPLE_CHARS)
     survivors, judged, dups = docs, None, None
+    by_lang: dict[str, dict[str, int]] = {}  # dedup rule -> language -> documents removed (the report's by_language)
     if cfg.exact_dedup.enabled:
         # the hash shuffle: every document moves once, to the group of its exact key
         judged = docs.groupby("key", num_partitions=parts).map_groups(
@@ -395,6 +407,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
         dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
                                                 dups, cfg.examples_per_rule)
+        by_lang["exact_dedup"] = _lang_counts(judged.map_batches(_duplicate_langs, batch_format="pyarrow"))
     # the object store keeps the blocks a live dataset references: let each copy go once used
     del filtered, docs
     drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
@@ -421,6 +434,8 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
                 _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}).sum("bytes") or 0)
             entry["examples"] = [{"id": by_order[int(k)]["id"], "duplicate_of": by_order[int(d)]["id"],
                                   "text": by_order[int(k)]["head"]} for k, d in zip(shown, dup_of, strict=False)]
+            by_lang["near_dedup"] = _lang_counts(survivors.select_columns(["order", "lang"]).map_batches(
+                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}).select_columns(["lang"]))
         dedup.removed["near_dedup"] = entry
     kept = survivors.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
         _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
@@ -437,7 +452,11 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     empty = pa.table({"text": pa.array([], pa.string()), "lang": pa.array([], pa.string())})
     for blob in stats_rows.column("stats").to_pylist():
         result: ChunkResult = pickle.loads(blob)
-        tally.add(result, empty, cfg.examples_per_rule)
+        tally.add(result, empty, cfg.examples_per_rule, {})
+    for rule, counts in by_lang.items():  # in dedup.removed's order, as the local engine's tally
+        for lang, docs in counts.items():
+            slot = tally.dedup_by_language.setdefault(lang, {})
+            slot[rule] = slot.get(rule, 0) + docs
     with atomic_dir(paths.clean) as tmp:
         if total:
             numbered = kept.groupby("chunk", num_partitions=parts).map_groups(
