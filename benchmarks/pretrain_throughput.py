@@ -1,7 +1,7 @@
 """Pretrain throughput: the full ``pretrain`` stage against a bare PyTorch loop of the same model.
 
     python benchmarks/pretrain_throughput.py --preset tiny --batch-size 16 --steps 40 --repeats 3
-    python benchmarks/pretrain_throughput.py ... --async-logging mlflow   # MLflow's async logging instead
+    python benchmarks/pretrain_throughput.py ... --async-logging thread   # lmpipe's logging thread instead
 
 Both sides train the same GPT (same config, init seed, AdamW groups, LR schedule, gradient
 clipping, batches) on synthetic token shards. The pipeline side is ``lmpipe.train.pretrain.train``
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="Stay on CPU even when CUDA is available.")
     parser.add_argument("--peak-flops", type=float, default=None, help="Peak FLOP/s of the device, for MFU.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
-    parser.add_argument("--async-logging", choices=ASYNC_BACKENDS, default="thread",
+    parser.add_argument("--async-logging", choices=ASYNC_BACKENDS, default="mlflow",
                         help="How the stage logs metrics without waiting: lmpipe's thread (default) or MLflow's "
                         "own asynchronous logging (LMPIPE_ASYNC_LOGGING).")
     parser.add_argument("--set", dest="model", action="append", default=[], metavar="KEY=VALUE",
