@@ -93,7 +93,8 @@ class TokenizerConfig(Section):
 
 
 class TokenizeConfig(Section):
-    """Encode the splits into flat token files data/tokens/{split}.bin with EOS after every document."""
+    """Encode the splits into token files in data/tokens/ with EOS after every document: one flat
+    {split}.bin per split, or one {split}-NNNNN.bin per parquet shard of the split."""
 
     splits: list[SplitName] = Field(
         default_factory=lambda: list(ALL_SPLITS),
@@ -109,6 +110,13 @@ class TokenizeConfig(Section):
     )
     dtype: Literal["auto", "uint16", "uint32"] = Field(
         "auto", description="Token id type on disk; 'auto' picks uint16 when every id fits, else uint32."
+    )
+    layout: Literal["single", "sharded"] = Field(
+        "single",
+        description="'single': one {split}.bin per split; 'sharded': one {split}-NNNNN.bin per parquet shard of "
+        "data/split/{split}, listed in meta.json with token, document and byte counts and sha256, so "
+        "shards are written in parallel (by Ray tasks on engine.kind: ray) and never appended into one "
+        "file. Training reads either layout; the tokens are the same.",
     )
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """Token shards in, training and validation batches out.
 
-Reads ``data/tokens/{train,val}.bin`` (flat uint16/uint32, EOS between documents) and
-``meta.json`` through the tokenize stage's reader, which checks the tokenizer fingerprint. Batches are a pure function of (seed, step): the k-th training sample is the
+Reads ``data/tokens/`` (flat uint16/uint32 ids, EOS between documents: ``{split}.bin``, or the
+sharded layout's ``{split}-NNNNN.bin`` read as one array) and ``meta.json`` through the tokenize
+stage's reader, which checks the tokenizer fingerprint. Batches are a pure function of (seed, step): the k-th training sample is the
 window at ``WindowOrder.starts(k)``, and optimizer step s consumes samples [s*G, (s+1)*G) for a
 global batch of G sequences, split across gradient-accumulation micro-steps and ranks. Nothing
 about the data position has to be saved: resuming at step s rebuilds the stream from s, so a
@@ -25,18 +26,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lmpipe.errors import DataError
 from lmpipe.model.gpt import IGNORE_INDEX
-from lmpipe.tokenizer.shards import unigram_entropy
+from lmpipe.tokenizer.shards import DTYPES, ShardedTokens, TokenShardReader, read_token_meta, unigram_entropy
+from lmpipe.tokenizer.train import read_tokenizer_info
 
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-__all__ = ["unigram_entropy"]  # with the shard reader, where the register stage finds it too
+# with the shard reader, where the register stage finds them too
+__all__ = ["DTYPES", "read_token_meta", "unigram_entropy"]
 
 
 @dataclass
 class TokenSplit:
-    """One split's tokens (a read-only memmap) and the shards' meta.json."""
+    """One split's tokens (a read-only memmap, or a :class:`ShardedTokens` over the sharded
+    layout's files: both index the same way) and the shards' meta.json."""
 
     name: str
-    tokens: np.ndarray
+    tokens: np.ndarray | ShardedTokens
     meta: dict[str, Any]
 
     @property
@@ -50,36 +53,15 @@ class TokenSplit:
         return int(value) if value else None
 
 
-def read_token_meta(tokens_dir: Path) -> dict[str, Any]:
-    """Parse ``meta.json``; raise DataError naming the file and key when it is missing or malformed."""
-    path = tokens_dir / "meta.json"
-    if not path.is_file():
-        raise DataError("no meta.json: token shards are missing (run `lmpipe tokenize`)", path=str(tokens_dir))
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"not valid JSON: {err}", path=str(path)) from None
-    for key in ("dtype", "vocab_size", "eos_id", "tokenizer_fingerprint", "splits"):
-        if key not in meta:
-            raise DataError(f"missing key '{key}' (re-run `lmpipe tokenize`)", path=str(path))
-    if meta["dtype"] not in DTYPES:
-        raise DataError(f"dtype: expected uint16 or uint32, got {meta['dtype']!r}", path=str(path))
-    return meta
-
-
 def open_token_split(tokens_dir: Path, split: str, tokenizer_dir: Path | None = None) -> TokenSplit:
-    """Memory-map one split through the tokenize stage's ``TokenShardReader``.
+    """Memory-map one split, either layout, through the tokenize stage's ``TokenShardReader``.
 
     The shards must have been made with the tokenizer in ``tokenizer_dir`` (its tokenizer.json
     fingerprint) when that directory holds one; without it (synthetic shards in tests and
     benchmarks) meta.json is trusted. Raises DataError (missing/short files, malformed meta.json)
     or FingerprintMismatch.
     """
-    from lmpipe.tokenizer.shards import TokenShardReader
-    from lmpipe.tokenizer.train import read_tokenizer_info
-
-    meta = read_token_meta(tokens_dir)
-    expected = str(meta["tokenizer_fingerprint"])
+    expected = None
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
         expected = read_tokenizer_info(tokenizer_dir).fingerprint
     reader = TokenShardReader(tokens_dir, expected)
