@@ -20,11 +20,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmpipe.config import Section
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+MAX_RETRIES = 3  # Ray re-runs a stage's task lost with its worker this often before the stage fails
 
 
 class EngineConfig(Section):
@@ -113,3 +114,50 @@ def connect(cfg: EngineConfig) -> Any:
             from None
     log.info("engine: Ray %s with %s CPUs", cfg.address or "on this machine", ray.cluster_resources().get("CPU"))
     return ray
+
+
+# ------------------------------------------------------------------------ helpers of the Ray stages
+
+
+def collect(ds: Any, schema: Any) -> Any:
+    """A (small) Ray dataset as one pyarrow table of ``schema``, its columns in schema order."""
+    import pyarrow as pa
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+def ray_exceptions() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+
+    return (RayError,)
+
+
+def user_error(err: BaseException) -> LmpipeError | None:
+    """The lmpipe error a Ray task raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, LmpipeError) and not isinstance(item, ray_exceptions()):
+            return item
+        todo += [getattr(item, "cause", None), item.__cause__, item.__context__]
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Run a stage's Ray work so that the ConfigError/DataError a task raised reaches the caller as
+    itself, with the one line the local engine gives (Ray appends its retry advice to the message)."""
+    try:
+        yield
+    except ray_exceptions() as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        cause.args = (str(cause).splitlines()[0],)
+        raise cause from None

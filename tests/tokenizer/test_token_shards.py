@@ -1,7 +1,12 @@
-"""The ``tokenize`` stage and the token reader: order, EOS, dtype, fingerprints, atomicity."""
+"""The ``tokenize`` stage and the token reader: order, EOS, dtype, fingerprints, atomicity, both
+layouts on both engines giving the same training batches."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -9,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
+from lmpipe import engine
 from lmpipe.config import Paths
 from lmpipe.data.shards import ShardWriter, doc_id
 from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.tokenizer import shards, train
 from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
+from lmpipe.train.data import TokenDataModule, open_token_split
 
 SENTENCES = [
     "The baker opened the shop before dawn.", "Rain fell on the quiet village all night.",
@@ -195,3 +203,110 @@ def test_cli_runs_both_stages_and_logs_to_mlflow(project: tuple[Paths, dict[str,
     assert by_name["tokenizer"].data.metrics["bytes_per_token"] > 1
     assert by_name["tokenizer"].data.tags["tokenizer.fingerprint"] == reader.meta["tokenizer_fingerprint"]
     assert by_name["tokenize"].data.metrics["val_documents"] == len(docs["val"])
+
+
+# ------------------------------------------------------------------------------ sharded layout
+
+
+def batches(tokens_dir: Path, tokenizer_dir: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Training micro-batches of 12 steps and the val batches the training reader gives."""
+    train_split = open_token_split(tokens_dir, "train", tokenizer_dir)
+    val_split = open_token_split(tokens_dir, "val", tokenizer_dir)
+    data = TokenDataModule(train_split, val_split, block_size=24, micro_batch_size=4, accumulation=2,
+                           max_steps=12, seed=5, shuffle=True)
+    return list(data.train_stream(0)), list(data.val_batches(8, rank=0, world_size=1))
+
+
+@pytest.mark.slow
+def test_single_sharded_and_ray_give_identical_training_batches(
+        project: tuple[Paths, dict[str, list[str]]], tmp_path: Path, ray_cluster: object,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Local single file, local shards (two processes) and Ray shards: the same ids, batches and
+    val batches; Ray writes the local engine's files byte for byte in both layouts."""
+    paths, _ = project
+    outputs: dict[str, dict[str, bytes]] = {}
+    for name, kind, layout in (("single", "local", "single"), ("sharded", "local", "sharded"),
+                               ("ray-sharded", "ray", "sharded"), ("ray-single", "ray", "single")):
+        caplog.clear()
+        with engine.use(engine.EngineConfig(kind=kind)), caplog.at_level(logging.INFO, logger=shards.__name__):
+            tokenize(paths, layout=layout, workers=2, batch_bytes=400)
+        assert ("tokenize on Ray: 8 parquet shards" in caplog.text) == (kind == "ray")  # train 5, val 2, test 1
+        shutil.copytree(paths.tokens, tmp_path / name)
+        outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+    assert outputs["ray-sharded"] == outputs["sharded"] and outputs["ray-single"] == outputs["single"]
+    meta = json.loads(outputs["sharded"]["meta.json"])
+    index = meta["splits"]["train"]["shards"]
+    assert [s["file"] for s in index] == [f"train-{i:05d}.bin" for i in range(5)]  # 120 documents, 25 a shard
+    assert b"".join(outputs["sharded"][s["file"]] for s in index) == outputs["single"]["train.bin"]
+    for shard in index:
+        data = outputs["sharded"][shard["file"]]
+        assert shard["sha256"] == hashlib.sha256(data).hexdigest() and len(data) == 2 * shard["tokens"]
+    single_meta = json.loads(outputs["single"]["meta.json"])["splits"]["train"]
+    assert {k: meta["splits"]["train"][k] for k in ("tokens", "documents", "bytes")} == \
+        {k: single_meta[k] for k in ("tokens", "documents", "bytes")}
+    assert isinstance(open_token_split(tmp_path / "sharded", "train", paths.tokenizer).tokens, shards.ShardedTokens)
+    expected_train, expected_val = batches(tmp_path / "single", paths.tokenizer)
+    assert len(expected_train) == 24 and len(expected_val) >= 2
+    for name in ("sharded", "ray-sharded"):
+        train_batches, val_batches = batches(tmp_path / name, paths.tokenizer)
+        for got, want in zip(train_batches + val_batches, expected_train + expected_val, strict=True):
+            assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_sharded_tokens_index_like_their_concatenation(tmp_path: Path) -> None:
+    """Ints, slices and window arrays across shard boundaries, pickling by path, unigram entropy."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for i, n in enumerate((7, 1, 30, 12)):
+        rng.integers(0, 50, n).astype("<u2").tofile(tmp_path / f"p{i}.bin")
+        parts.append(np.memmap(tmp_path / f"p{i}.bin", dtype="<u2", mode="r"))
+    sharded, whole = shards.ShardedTokens(parts), np.concatenate(parts)
+    assert len(sharded) == sharded.shape[0] == 50 and sharded.dtype == np.dtype("<u2")
+    assert [sharded[i] for i in (0, 6, 7, 8, 49, -1)] == [whole[i] for i in (0, 6, 7, 8, 49, -1)]
+    for key in (slice(0, 50), slice(5, 9), slice(8, 8), slice(3, 45, 4), slice(-10, None)):
+        assert np.array_equal(sharded[key], whole[key])
+    starts = np.array([0, 5, 6, 30, 37])
+    windows = starts[:, None] + np.arange(13)
+    assert np.array_equal(sharded[windows], whole[windows])
+    assert np.array_equal(np.asarray(sharded), whole)
+    assert np.array_equal(pickle.loads(pickle.dumps(sharded))[windows], whole[windows])
+    assert shards.unigram_entropy(sharded, 50, chunk=9) == pytest.approx(shards.unigram_entropy(whole, 50))
+    with pytest.raises(IndexError):
+        sharded[np.array([50])]
+
+
+def test_missing_or_resized_shard_is_named(project: tuple[Paths, dict[str, list[str]]], tmp_path: Path) -> None:
+    paths, _ = project
+    tokenize(paths, layout="sharded", splits=["train"])
+    copy = tmp_path / "tokens"
+    shutil.copytree(paths.tokens, copy)
+    with open(copy / "train-00003.bin", "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(DataError, match=r"train-00003.bin is missing or not \d+ bytes long \(10 bytes"):
+        open_token_split(copy, "train", paths.tokenizer)
+    (copy / "train-00001.bin").unlink()
+    with pytest.raises(DataError, match=r"train-00001.bin is missing .*\(missing"):
+        open_token_split(copy, "train", paths.tokenizer)
+    made_with = train.read_tokenizer_info(paths.tokenizer).fingerprint
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "tokenizer_fingerprint": "another"}))
+    with pytest.raises(FingerprintMismatch, match=f"made with tokenizer another, but the tokenizer in use is {made_with}"):
+        open_token_split(copy, "train", paths.tokenizer)
+
+
+@pytest.mark.slow
+def test_unreadable_shard_on_ray_is_the_local_engines_error(
+        project: tuple[Paths, dict[str, list[str]]], tmp_path: Path, ray_cluster: object,
+        caplog: pytest.LogCaptureFixture) -> None:
+    paths, _ = project
+    broken = Paths(tmp_path)
+    shutil.copytree(paths.split, broken.split)
+    shutil.copytree(paths.tokenizer, broken.tokenizer)
+    bad = broken.split / "train" / "part-00002.parquet"
+    bad.write_bytes(b"not parquet")
+    with engine.use(engine.EngineConfig(kind="ray")), pytest.raises(DataError) as err, \
+            caplog.at_level(logging.INFO, logger=shards.__name__):
+        tokenize(broken, layout="sharded")
+    assert "tokenize on Ray" in caplog.text
+    assert str(err.value).startswith(f"{bad}: not a readable parquet file") and "\n" not in str(err.value)
+    assert not broken.tokens.exists()

@@ -50,7 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from lmpipe.config import Paths
 from lmpipe.data.shards import conform, iter_shards, shard_files
-from lmpipe.engine import connect, current
+from lmpipe.engine import MAX_RETRIES, collect, connect, current, user_errors
 from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.io import atomic_dir, sha256_bytes, write_json, write_manifest
 from lmpipe.progress import Progress
@@ -305,26 +305,21 @@ def tokenize_on_ray(cfg: TokenizeConfig, paths: Paths, tmp: Path, initargs: tupl
     filesystem every node mounts); the driver orders the entries by shard number, so the order
     tasks finish in never matters. The single layout appends the shards into ``{split}.bin``.
     """
-    from lmpipe.data.ray_clean import MAX_RETRIES, _collect, _user_error, ray_exceptions
-
     ray = connect(current())
     scratch = tmp if cfg.layout == "sharded" else tmp / ".shards"
     scratch.mkdir(exist_ok=True)
     items = [{"split": split, "shard": shard, "path": str(path), "out": str(scratch / shard_file_name(split, shard))}
              for split in cfg.splits for shard, path in enumerate(shard_files(paths.split / split))]
+    log.info("tokenize on Ray: %d parquet shards, %s CPUs", len(items), ray.cluster_resources().get("CPU"))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True  # a task's DataError reaches the driver as itself
-    try:
-        rows = _collect(ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            encode_shards, batch_size=1, batch_format="pyarrow", max_retries=MAX_RETRIES,
-            fn_kwargs={"initargs": initargs, "batch_bytes": cfg.batch_bytes}), RAY_SCHEMA) if items else RAY_SCHEMA.empty_table()
-    except ray_exceptions() as err:
-        cause = _user_error(err)
-        if cause is None:
-            raise
-        cause.args = (str(cause).splitlines()[0],)  # without Ray's retry advice
-        raise cause from None
+    rows = RAY_SCHEMA.empty_table()
+    if items:
+        with user_errors():
+            rows = collect(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                encode_shards, batch_size=1, batch_format="pyarrow", max_retries=MAX_RETRIES,
+                fn_kwargs={"initargs": initargs, "batch_bytes": cfg.batch_bytes}), RAY_SCHEMA)
     done: dict[str, dict[int, dict[str, Any]]] = {split: {} for split in cfg.splits}
     for row in rows.to_pylist():
         done[row["split"]][row["shard"]] = json.loads(row["entry"])
@@ -475,6 +470,13 @@ class ShardedTokens:
     def size(self) -> int:
         return self.shape[0]
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Memory maps are pickled as their paths (a DataLoader worker maps them again), not their ids."""
+        files = [getattr(part, "filename", None) for part in self.parts]
+        if None in files:
+            return ShardedTokens, ([np.asarray(part) for part in self.parts],)
+        return _open_parts, ([str(name) for name in files], self.dtype.str)
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -515,6 +517,10 @@ class ShardedTokens:
             sel = shard_of == shard
             out[sel] = self.parts[shard][flat[sel] - self.offsets[shard]]
         return out.reshape(index.shape)
+
+
+def _open_parts(files: list[str], dtype: str) -> ShardedTokens:
+    return ShardedTokens([np.memmap(path, dtype=np.dtype(dtype), mode="r") for path in files])
 
 
 class TokenShardReader:
