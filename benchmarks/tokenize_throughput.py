@@ -1,6 +1,8 @@
 """Throughput of the ``tokenize`` stage against single-process sentencepiece, on the same text.
 
     python benchmarks/tokenize_throughput.py --mb 20 --workers 2
+    python benchmarks/tokenize_throughput.py --mb 20 --workers 2 --layout sharded --shard-docs 5000
+    python benchmarks/tokenize_throughput.py --mb 20 --layout sharded --shard-docs 5000 --engine ray
 
 Builds a temporary project whose train split is ``--mb`` MB of text (WikiText-2 validation and
 Tiny Shakespeare from ../shared/data repeated to size when present, else generated sentences),
@@ -8,7 +10,10 @@ trains a tokenizer on one copy of that text with the ``tokenizer`` stage, then t
 
 - the ``tokenize`` stage (``lmpipe.tokenizer.shards.run``) with ``--workers`` processes: parquet
   reading, encoding, EOS insertion and writing ``train.bin``, end to end, ``--repeat`` times (the
-  first run also starts the worker fork server, about a second once per process);
+  first run also starts the worker fork server, about a second once per process); with
+  ``--layout sharded`` it writes one ``train-NNNNN.bin`` per parquet shard of ``--shard-docs``
+  documents instead, and with ``--engine ray`` it runs on a Ray started here on ``--workers`` CPUs
+  (one task per shard; Ray's start is not timed, its workers' first imports are in run 1);
 - ``SentencePieceProcessor.encode`` of the same documents in one process and one thread, text
   already in memory and nothing written (so the comparison favours the baseline).
 
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lmpipe import engine
 from lmpipe.config import Paths
 from lmpipe.data.shards import ShardWriter, doc_ids
 from lmpipe.tokenizer import shards, train
@@ -69,8 +75,8 @@ def documents_of_size(megabytes: float) -> tuple[list[str], str]:
     return docs, source
 
 
-def write_split(directory: Path, docs: list[str]) -> None:
-    writer = ShardWriter(directory, shard_docs=20_000)
+def write_split(directory: Path, docs: list[str], shard_docs: int = 20_000) -> None:
+    writer = ShardWriter(directory, shard_docs=shard_docs)
     writer.write(pa.table({"id": doc_ids(docs), "text": docs, "source": ["bench"] * len(docs),
                            "meta": ["{}"] * len(docs)}))
     writer.close()
@@ -84,6 +90,9 @@ def main() -> int:
                         help="Stage runs (default 2); the first also starts the worker fork server.")
     parser.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--layout", choices=["single", "sharded"], default="single", help="tokenize.layout")
+    parser.add_argument("--shard-docs", type=int, default=20_000, help="Documents per parquet shard of the split.")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local", help="engine.kind")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -98,13 +107,17 @@ def main() -> int:
         train.run(TokenizerConfig.model_validate({"model_type": args.model_type, "vocab_size": args.vocab_size}), trained)
         train_seconds = time.perf_counter() - started
         shutil.copytree(trained.tokenizer, paths.tokenizer)
-        write_split(paths.split / "train", docs)
+        write_split(paths.split / "train", docs, args.shard_docs)
 
+        cfg = TokenizeConfig.model_validate({"splits": ["train"], "workers": args.workers, "layout": args.layout})
         stage_seconds = []
-        for _ in range(args.repeat):
-            started = time.perf_counter()
-            summary = shards.run(TokenizeConfig.model_validate({"splits": ["train"], "workers": args.workers}), paths)
-            stage_seconds.append(time.perf_counter() - started)
+        with engine.use(engine.EngineConfig(kind=args.engine, num_cpus=args.workers)) as on:
+            if on.kind == "ray":
+                engine.connect(on)
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                summary = shards.run(cfg, paths)
+                stage_seconds.append(time.perf_counter() - started)
 
         sp, _ = train.load_tokenizer(paths.tokenizer)
         started = time.perf_counter()
@@ -118,7 +131,7 @@ def main() -> int:
           f"(trained on one copy in {train_seconds:.1f} s), {text_bytes / baseline_tokens:.2f} bytes/token")
     print(f"machine: {os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.2f} at the end")
     for run, seconds in enumerate(stage_seconds, 1):
-        print(f"tokenize stage, {args.workers} workers, run {run}: {mb / seconds:6.1f} MB/s ({seconds:.2f} s, "
+        print(f"tokenize stage, {args.engine}, {args.layout}, {args.workers} workers, run {run}: {mb / seconds:6.1f} MB/s ({seconds:.2f} s, "
               f"ratio {mb / seconds / baseline_rate:.2f}x)")
     print(f"sentencepiece, 1 process, 1 thread: {baseline_rate:6.1f} MB/s ({baseline_seconds:.2f} s, no I/O)")
     best = mb / min(stage_seconds)
