@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from lmpipe import engine
 from lmpipe.config import Paths
-from lmpipe.data.shards import ShardWriter, doc_id
+from lmpipe.data.shards import SCHEMA, ShardWriter, doc_id
 from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.tokenizer import shards, train
 from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
@@ -48,12 +49,13 @@ def write_split(root: Path, split: str, docs: list[str], shard_docs: int = 25) -
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Paths, dict[str, list[str]]]:
-    """A split with a trained tiny tokenizer; val has an empty document, which is skipped."""
+    """A split with a trained tiny tokenizer; val has an empty document, which is skipped, and an empty shard."""
     root = tmp_path_factory.mktemp("shards")
     docs = {"train": documents(120, 0), "val": documents(30, 1), "test": documents(10, 2)}
     docs["val"][7] = ""
     for split, texts in docs.items():
         write_split(root, split, texts)
+    pq.write_table(SCHEMA.empty_table(), root / "data" / "split" / "val" / "part-00002.parquet")  # as clean may write
     paths = Paths(root)
     train.run(TokenizerConfig.model_validate({"vocab_size": 320, "num_threads": 1}), paths)
     return paths, {split: [d for d in texts if d] for split, texts in docs.items()}
@@ -230,7 +232,7 @@ def test_single_sharded_and_ray_give_identical_training_batches(
         caplog.clear()
         with engine.use(engine.EngineConfig(kind=kind)), caplog.at_level(logging.INFO, logger=shards.__name__):
             tokenize(paths, layout=layout, workers=2, batch_bytes=400)
-        assert ("tokenize on Ray: 8 parquet shards" in caplog.text) == (kind == "ray")  # train 5, val 2, test 1
+        assert ("tokenize on Ray: 9 parquet shards" in caplog.text) == (kind == "ray")  # train 5, val 3, test 1
         shutil.copytree(paths.tokens, tmp_path / name)
         outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
     assert outputs["ray-sharded"] == outputs["sharded"] and outputs["ray-single"] == outputs["single"]
@@ -241,6 +243,7 @@ def test_single_sharded_and_ray_give_identical_training_batches(
     for shard in index:
         data = outputs["sharded"][shard["file"]]
         assert shard["sha256"] == hashlib.sha256(data).hexdigest() and len(data) == 2 * shard["tokens"]
+    assert [s["tokens"] > 0 for s in meta["splits"]["val"]["shards"]] == [True, True, False]
     single_meta = json.loads(outputs["single"]["meta.json"])["splits"]["train"]
     assert {k: meta["splits"]["train"][k] for k in ("tokens", "documents", "bytes")} == \
         {k: single_meta[k] for k in ("tokens", "documents", "bytes")}
