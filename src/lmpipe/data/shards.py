@@ -103,14 +103,19 @@ def shard_files(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(directory.glob(SHARD_GLOB))
 
 
+def read_shard(path: str | os.PathLike[str]) -> pa.Table:
+    """One shard, its schema checked; DataError naming the file when it is not readable parquet."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
+    return conform(table, where=str(path))
+
+
 def iter_shards(directory: str | os.PathLike[str]) -> Iterator[tuple[Path, pa.Table]]:
     """Yield (path, table) for each shard in order, checking the schema of each."""
     for path in shard_files(directory):
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
-        yield path, conform(table, where=str(path))
+        yield path, read_shard(path)
 
 
 def read_documents(directory: str | os.PathLike[str]) -> pa.Table:

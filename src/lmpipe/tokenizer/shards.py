@@ -43,13 +43,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import sentencepiece as spm
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe.config import Paths
-from lmpipe.data.shards import conform, iter_shards, shard_files
+from lmpipe.data.shards import iter_shards, read_shard, shard_files
 from lmpipe.engine import MAX_RETRIES, collect, connect, current, user_errors
 from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.io import atomic_dir, sha256_bytes, write_json, write_manifest
@@ -280,14 +279,9 @@ def encode_shards(batch: pa.Table, initargs: tuple[str, str, int, str], batch_by
         _init_worker(*initargs)
     rows = []
     for item in batch.to_pylist():
-        try:
-            table = pq.read_table(item["path"])
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"not a readable parquet file: {err}", path=item["path"]) from None
-        table = conform(table, where=item["path"])
         out = Path(item["out"])
         token_file = TokenFile(out.parent, out.name, digest=True)
-        for text_batch in table_batches(item["shard"], table, batch_bytes):
+        for text_batch in table_batches(item["shard"], read_shard(item["path"]), batch_bytes):
             token_file.write(text_batch, _encode_in_worker(text_batch.texts))
         rows.append({"split": item["split"], "shard": item["shard"], "entry": json.dumps(token_file.close())})
     return pa.Table.from_pylist(rows, schema=RAY_SCHEMA)
@@ -345,9 +339,9 @@ def _append(tmp: Path, split: str, scratch: Path, shards: list[dict[str, Any]]) 
                 shutil.copyfileobj(part, out, 1 << 24)
         out.flush()
         os.fsync(out.fileno())
-    entry = {**split_entry(shards), "file": name}
-    del entry["shards"]
-    return {key: entry[key] for key in ("file", "tokens", "documents", "bytes", "empty_documents")}
+    totals = split_entry(shards)
+    del totals["shards"]
+    return {"file": name, **totals}
 
 
 # ----------------------------------------------------------------------------------- the stage
