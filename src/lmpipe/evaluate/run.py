@@ -26,7 +26,7 @@ import torch
 from lmpipe import tracking
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
-from lmpipe.evaluate import lm, speed, tasks
+from lmpipe.evaluate import baselines, lm, speed, tasks
 from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.evaluate.report import build_report
 from lmpipe.io import atomic_write, write_json
@@ -92,6 +92,9 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
             result["path"] = classification[name].models[model_name]
     for name, result in results["instruction"].items():
         result["path"] = cfg.instruction[name].model
+    if cfg.baselines.enabled and (results["classification"] or results["instruction"]) \
+            and present(cfg, paths, "baselines.model", cfg.baselines.model):
+        results["baselines"] = baselines.baseline_tables(cfg, paths, sp, info, device, results)
     results["comparison"] = comparison(cfg, results)
     return write_outputs(cfg, paths, results)
 
@@ -190,6 +193,8 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, Any]:
         if "by_language" in result:
             out[task]["by_language"] = {lang: {k: part[k] for k in ("bleu", "rouge_l", "exact_match")}
                                         for lang, part in result["by_language"].items()}
+    if results.get("baselines"):
+        out["baselines"] = baselines.numeric(results["baselines"])
     return out
 
 
