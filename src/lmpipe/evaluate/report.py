@@ -344,7 +344,7 @@ def efficiency_section(results: dict[str, Any]) -> str:
 def tasks_section(results: dict[str, Any]) -> str:
     parts = ["<h2>7. Tasks</h2>"]
     classification, instruction = results.get("classification", {}), results.get("instruction", {})
-    if not classification and not instruction:
+    if not classification and not instruction and not results.get("lm_eval"):
         return "".join(parts) + missing("Task scores", "configure evaluate.classification / evaluate.instruction")
     for task, models in classification.items():
         parts.append(f"<h3>Classification: {html.escape(task)}</h3>")
@@ -365,7 +365,22 @@ def tasks_section(results: dict[str, Any]) -> str:
                            text_columns={0, 1, 2}))
     for task, baseline_table in results.get("baselines", {}).items():
         parts.append(baselines_part(task, baseline_table))
+    if results.get("lm_eval"):
+        parts.append(lm_eval_part(results["lm_eval"]))
     return "".join(parts)
+
+
+def lm_eval_part(result: dict[str, Any]) -> str:
+    """lm-evaluation-harness's scores of the exported model on the project's own tasks."""
+    rows = [[task, scores.get("examples"), scores.get("acc"), scores.get("acc_norm"), scores.get("bits_per_byte"),
+             scores.get("byte_perplexity"), scores.get("word_perplexity")] for task, scores in result["tasks"].items()]
+    return (f"<h3>lm-evaluation-harness: {html.escape(result['model'])}</h3>"
+            f"<p>lm-eval {html.escape(result['lm_eval_version'])} on the model's Hugging Face export "
+            f"({html.escape(result['architecture'])}), with tasks written from this project's data: classification "
+            "as multiple choice (acc: the choice of highest log-likelihood; acc_norm: per byte), and a split's "
+            "documents as rolling-loglikelihood perplexity.</p>"
+            + table(["task", "documents", "acc", "acc_norm", "bits/byte", "byte perplexity", "word perplexity"], rows,
+                    text_columns={0}))
 
 
 METHOD_NAMES = {"majority": "majority class", "bag_of_words": "bag-of-words (TF-IDF + logistic regression)",
