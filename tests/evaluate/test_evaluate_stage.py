@@ -18,7 +18,7 @@ from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.evaluate.run import run
 
 FAST = {"speed": {"repeats": 1, "warmup": 0, "new_tokens": 4, "batch_sizes": [1, 2]}, "sample_tokens": 4,
-        "prompts": ["The movie was"], "classification": {}, "instruction": {}}
+        "prompts": ["The movie was"], "classification": {}, "instruction": {}, "baselines": {"enabled": False}}
 
 
 @pytest.fixture(autouse=True)

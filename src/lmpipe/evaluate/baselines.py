@@ -232,12 +232,17 @@ def baseline_tables(cfg: EvaluateConfig, paths: Paths, sp: Any, info: Any, devic
         rows["finetuned"]["exact_match"] = result["exact_match"]  # of its greedy answers (tasks.instruction_scores)
         tables[name] = {"type": "instruction", "metric": "bpb", "finetuned": ["finetuned"], "rows": rows}
     for table in tables.values():
-        higher = table["metric"] != "bpb"
-        table["loses_to"] = [[tuned, baseline] for tuned in table["finetuned"] for baseline, row in table["rows"].items()
-                             if baseline not in table["finetuned"] and table["metric"] in row
-                             and (row[table["metric"]] > table["rows"][tuned][table["metric"]]) == higher
-                             and row[table["metric"]] != table["rows"][tuned][table["metric"]]]
+        table["loses_to"] = loses_to(table)
     return tables
+
+
+def loses_to(table: dict[str, Any]) -> list[list[str]]:
+    """[fine-tuned model, baseline] for each baseline that scores strictly better on the table's
+    metric (higher accuracy; lower bits per byte)."""
+    key, rows, tuned = table["metric"], table["rows"], table["finetuned"]
+    sign = -1.0 if key == "bpb" else 1.0
+    return [[model, baseline] for model in tuned for baseline, row in rows.items()
+            if baseline not in tuned and key in row and sign * (row[key] - rows[model][key]) > 0]
 
 
 CLASSIFICATION_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
