@@ -64,14 +64,16 @@ def test_continuation_nats_are_the_continuation_tokens_cross_entropy(project: tu
         assert nats == pytest.approx(float(expected), rel=1e-5)  # padding and batching change nothing
 
 
-def test_tables_name_every_method_and_the_report_says_who_loses(project: tuple[Paths, str]) -> None:
+def test_tables_name_every_method_the_report_says_who_loses_and_shows_lm_eval(project: tuple[Paths, str]) -> None:
     paths, _ = project
     cfg = EvaluateConfig.model_validate({
         "speed": {"enabled": False}, "sample_tokens": 0, "splits": ["val"], "baselines": {"shots": [0, 2]},
         "classification": {"cls": {"models": {"finetuned": "models/finetune/cls"}}},
-        "instruction": {"sft": {"model": "models/finetune/sft", "max_examples": 4, "max_new_tokens": 2}}})
+        "instruction": {"sft": {"model": "models/finetune/sft", "max_examples": 4, "max_new_tokens": 2}},
+        "lm_eval": {"enabled": True, "limit": 4, "batch_size": 8}})
     summary = run(cfg, paths)
-    table = json.loads((paths.metrics / "evaluate.json").read_text())["baselines"]
+    metrics = json.loads((paths.metrics / "evaluate.json").read_text())
+    table = metrics["baselines"]
     cls, sft = table["cls"], table["sft"]
     assert list(cls) == ["majority", "bag_of_words", "zero_shot", "few_shot_2", "finetuned"]
     assert list(sft) == ["zero_shot", "few_shot_2", "finetuned"]
@@ -88,6 +90,8 @@ def test_tables_name_every_method_and_the_report_says_who_loses(project: tuple[P
     page = (paths.reports / "report.html").read_text()
     assert "Baselines: cls" in page and "Baselines: sft" in page
     assert "The fine-tuned model finetuned loses to bag-of-words" in page  # a random-init head loses to it
+    assert set(metrics["lm_eval"]) == {"lmpipe_cls", "lmpipe_perplexity_test"}  # evaluate.lm_eval runs it inside
+    assert "lm-evaluation-harness: models/pretrain" in page and summary["lm_eval.lmpipe_cls.acc"] >= 0
 
 
 def test_verdict_names_each_baseline_that_wins_or_says_none_does() -> None:
