@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,14 +18,6 @@ from lmpipe.evaluate.report import baselines_part
 from lmpipe.evaluate.run import run
 from lmpipe.tokenizer.train import load_tokenizer
 from lmpipe.train import classify
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def classification_baselines(name: str, spec: ClassificationEval, settings: Base
            "bag_of_words": scored(bag_of_words([t.text for t in train], train_ids, [r.text for r in rows]))}
     model, _ = load_checked(paths.root / settings.model, info.fingerprint, device)
     words = [spec.label_words.get(label, label) for label in labels]
-    builder = PromptBuilder(sp, info.eos_id, spec.prompt, "text", model.config.block_size)
+    builder = PromptBuilder(sp, info.eos_id, spec.prompt, spec.placeholder, model.config.block_size)
     answers = [builder.encode(w) for w in words]  # sentencepiece's word-start piece: the word after a space
     queries = rows[:settings.max_examples]
     for k in settings.shots:
@@ -184,7 +184,7 @@ def instruction_baselines(name: str, spec: InstructionEval, settings: BaselineSe
     pool = [(last_user(prompt), reference) for prompt, reference in train]
     out: dict[str, dict[str, Any]] = {}
     model, _ = load_checked(paths.root / settings.model, info.fingerprint, device)
-    builder = PromptBuilder(sp, info.eos_id, spec.prompt, "user", model.config.block_size)
+    builder = PromptBuilder(sp, info.eos_id, spec.prompt, spec.placeholder, model.config.block_size)
     # The same answer tokens under every model; a long answer is cut to half the context, and its
     # bits per byte count the bytes of what is scored.
     answers = [builder.encode(reference)[: model.config.block_size // 2] for _, reference in held_out]

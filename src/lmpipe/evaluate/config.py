@@ -15,7 +15,7 @@ evaluate:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -50,8 +50,23 @@ class Comparison(Section):
     )
 
 
-class ClassificationEval(Section):
+class _PromptedTask(Section):
+    """A task whose ``prompt`` template has one ``{placeholder}`` for the row's text."""
+
+    placeholder: ClassVar[str]
+    prompt: str
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> Self:
+        if self.prompt.count("{" + self.placeholder + "}") != 1:
+            raise ValueError(f"prompt must contain {{{self.placeholder}}} exactly once")
+        return self
+
+
+class ClassificationEval(_PromptedTask):
     """Accuracy and F1 of classifiers (written by finetune or distill) on labelled rows."""
+
+    placeholder = "text"
 
     models: dict[str, str] = Field(..., min_length=1, description="Name -> classifier model directory.")
     data: DataSource = Field(default_factory=lambda: split_source("test", "review"),
@@ -68,15 +83,11 @@ class ClassificationEval(Section):
         default_factory=dict, description="Label -> the word the base model is scored on (its verbalisation); a "
         "label not listed is its own word.")
 
-    @model_validator(mode="after")
-    def _check_prompt(self) -> ClassificationEval:
-        if self.prompt.count("{text}") != 1:
-            raise ValueError("prompt must contain {text} exactly once")
-        return self
 
-
-class InstructionEval(Section):
+class InstructionEval(_PromptedTask):
     """Answers of an instruction-tuned model, scored with BLEU (sacrebleu) and ROUGE-L."""
+
+    placeholder = "user"
 
     model: str = Field(..., description="Instruction-tuned model directory (written by finetune, type sft).")
     data: DataSource = Field(default_factory=lambda: split_source("test", "instruction"),
@@ -90,12 +101,6 @@ class InstructionEval(Section):
     prompt: str = Field(
         "Instruction: {user}\nAnswer:", description="Prompt of the prompted base model; {user} is the last user "
         "turn, the reference answer follows it after a space (the embedded default's documents read this way).")
-
-    @model_validator(mode="after")
-    def _check_prompt(self) -> InstructionEval:
-        if self.prompt.count("{user}") != 1:
-            raise ValueError("prompt must contain {user} exactly once")
-        return self
 
 
 class BaselineSettings(Section):

@@ -159,7 +159,8 @@ def command(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params, args.overrides, sections=["tracking", "evaluate"])
-    cfg: EvaluateConfig = params.section("evaluate")
+    cfg = params.section("evaluate")
+    assert isinstance(cfg, EvaluateConfig)
     paths = Paths(root)
     with stage_run("lm-eval", params.tracking, root) as tracker:
         tracker.log_params(cfg.lm_eval.model_dump(mode="json"))
