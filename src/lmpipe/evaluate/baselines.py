@@ -155,8 +155,6 @@ def bag_of_words(train_texts: list[str], train_labels: np.ndarray, texts: list[s
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    if len(set(train_labels.tolist())) < 2:
-        return np.full(len(texts), int(train_labels[0]))
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     classifier = LogisticRegression(max_iter=1000)
     classifier.fit(vectorizer.fit_transform(train_texts), train_labels)
