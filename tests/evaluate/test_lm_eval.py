@@ -59,3 +59,16 @@ def test_task_files_are_local_and_a_run_without_tasks_is_refused(project: Paths,
         harness.write_tasks(empty, project, tmp_path)
     with pytest.raises(ValueError, match="lm_eval.classification: 'nope' is not a task"):
         EvaluateConfig.model_validate({"lm_eval": {"classification": ["nope"]}})
+
+
+def test_offline_also_switches_libraries_imported_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.config
+    import huggingface_hub.constants
+
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    harness.offline()
+    assert os.environ["HF_DATASETS_OFFLINE"] == os.environ["HF_HUB_OFFLINE"] == "1"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_DATASETS_OFFLINE is True

@@ -100,10 +100,19 @@ def split_texts(paths: Paths, split: str) -> list[str]:
 
 
 def offline() -> None:
-    """Make datasets and huggingface_hub work from local files only (read when they are imported)."""
+    """Make datasets and huggingface_hub work from local files only. They read the environment when
+    imported, so where this process imported them already their settings are switched too."""
+    import sys
+
     for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[key] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for module, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                          ("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))):
+        if module in sys.modules:
+            for name in names:
+                if hasattr(sys.modules[module], name):
+                    setattr(sys.modules[module], name, True)
 
 
 def evaluate_harness(cfg: EvaluateConfig, paths: Paths, device: str = "cpu") -> dict[str, Any]:
