@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("lmpipe.registry.commands", "Promote a registered model version to champion (gate applies unless --force)."),
     "rollback": ("lmpipe.registry.commands", "Move champion back to the previous champion."),
     "export-hf": ("lmpipe.registry.commands", "Export a model as a Hugging Face transformers directory (verified)."),
+    "lm-eval": ("lmpipe.evaluate.harness", "Run lm-evaluation-harness on a model's HF export (evaluate.lm_eval keys)."),
     "lineage": ("lmpipe.lineage", "Check (or --write) the code deps of every stage in dvc.yaml against its imports."),
 }
 
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp)
     sp.add_argument("--model", default="models/pretrain", help="Model directory (default: models/pretrain).")
     sp.add_argument("--out", help="Output directory (default: artifacts/hf/<model dir name>).")
+    sp = sub.add_parser("lm-eval", help=COMMANDS["lm-eval"][1], description="Export evaluate.lm_eval.model to a "
+                        "transformers directory and run lm-evaluation-harness offline on tasks written from the "
+                        "project's data; writes metrics/lm_eval.json and reports/lm_eval.json, logged to MLflow.")
+    _common(sp)
     sp = sub.add_parser("lineage", help=COMMANDS["lineage"][1],
                         description="Every stage's code deps in dvc.yaml must be exactly the lmpipe modules it can "
                         "import (found from the source, transitively) plus its resources. Without --write: print the "

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmpipe.config import Paths
 from lmpipe.data import clean, split, synthetic_zh
@@ -27,14 +25,6 @@ from lmpipe.train.config import PretrainConfig
 from lmpipe.train.finetune_config import FinetuneConfig
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(threads)
 
 
 def raw_corpus(paths: Paths) -> None:

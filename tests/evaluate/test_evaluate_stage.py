@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from test_eval_helpers import make_eval_project, save_gpt
 
 from lmpipe.config import Paths
@@ -18,15 +16,7 @@ from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.evaluate.run import run
 
 FAST = {"speed": {"repeats": 1, "warmup": 0, "new_tokens": 4, "batch_sizes": [1, 2]}, "sample_tokens": 4,
-        "prompts": ["The movie was"], "classification": {}, "instruction": {}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(threads)
+        "prompts": ["The movie was"], "classification": {}, "instruction": {}, "baselines": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,14 @@ evaluate:
   eval_files: [{name: wikitext2, path: ../shared/data/wikitext2/valid.txt}]
   classification: {cls: {models: {finetuned: models/finetune/cls}}}
   instruction: {sft: {model: models/finetune/sft}}
+  baselines: {model: models/pretrain, shots: [0, 4]}
+  lm_eval: {enabled: true, model: models/pretrain}
 ```
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -48,17 +50,44 @@ class Comparison(Section):
     )
 
 
-class ClassificationEval(Section):
+class _PromptedTask(Section):
+    """A task whose ``prompt`` template has one ``{placeholder}`` for the row's text."""
+
+    placeholder: ClassVar[str]
+    prompt: str
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> Self:
+        if self.prompt.count("{" + self.placeholder + "}") != 1:
+            raise ValueError(f"prompt must contain {{{self.placeholder}}} exactly once")
+        return self
+
+
+class ClassificationEval(_PromptedTask):
     """Accuracy and F1 of classifiers (written by finetune or distill) on labelled rows."""
+
+    placeholder = "text"
 
     models: dict[str, str] = Field(..., min_length=1, description="Name -> classifier model directory.")
     data: DataSource = Field(default_factory=lambda: split_source("test", "review"),
                              description="Labelled rows to score (text, label).")
     batch_size: int = Field(64, gt=0, description="Examples per batch.")
+    train_data: DataSource = Field(
+        default_factory=lambda: split_source("train", "review"),
+        description="Labelled training rows of the baselines: the majority class, the bag-of-words model and the "
+        "in-context examples of the prompted base model (the fine-tuned model's train split).")
+    prompt: str = Field(
+        "{text}\nSentiment:", description="Prompt of the prompted baselines and of lm-eval's multiple-choice task; "
+        "{text} is the row's text, the label word follows it after a space.")
+    label_words: dict[str, str] = Field(
+        default_factory=dict, description="Label -> the word the base model is scored on (its verbalisation); a "
+        "label not listed is its own word.")
 
 
-class InstructionEval(Section):
+class InstructionEval(_PromptedTask):
     """Answers of an instruction-tuned model, scored with BLEU (sacrebleu) and ROUGE-L."""
+
+    placeholder = "user"
 
     model: str = Field(..., description="Instruction-tuned model directory (written by finetune, type sft).")
     data: DataSource = Field(default_factory=lambda: split_source("test", "instruction"),
@@ -66,6 +95,49 @@ class InstructionEval(Section):
     max_examples: int = Field(50, gt=0, description="Prompts answered (the first N of data).")
     max_new_tokens: int = Field(96, gt=0, description="Longest generated answer in tokens.")
     system_prompt: str | None = Field(None, description="System message for conversations without one.")
+    train_data: DataSource = Field(
+        default_factory=lambda: split_source("train", "instruction"),
+        description="Conversations the in-context examples of the prompted baselines are drawn from.")
+    prompt: str = Field(
+        "Instruction: {user}\nAnswer:", description="Prompt of the prompted base model; {user} is the last user "
+        "turn, the reference answer follows it after a space (the embedded default's documents read this way).")
+
+
+class BaselineSettings(Section):
+    """What a fine-tuned model is measured against: per classification task the majority class, a
+    bag-of-words model (TF-IDF over word 1-2-grams + logistic regression) and the base model
+    prompted with k examples from train; per instruction task the prompted base model's loss on
+    the reference answers."""
+
+    enabled: bool = Field(True, description="Compute the baselines of every classification and instruction task.")
+    model: str = Field("models/pretrain", description="The base model that is prompted (the fine-tuned models' init).")
+    shots: list[int] = Field(default_factory=lambda: [0, 4], min_length=1,
+                             description="In-context example counts (0: zero-shot).")
+    seed: int = Field(1234, description="Seed of the in-context example draw (one draw per scored example).")
+    batch_size: int = Field(32, gt=0, description="Prompts per forward pass.")
+    max_examples: int | None = Field(
+        500, gt=0, description="Prompted baselines score at most the first N rows of a task (null: all).")
+
+    @model_validator(mode="after")
+    def _check(self) -> BaselineSettings:
+        if any(k < 0 for k in self.shots) or len(set(self.shots)) != len(self.shots):
+            raise ValueError("shots: distinct counts, each >= 0")
+        return self
+
+
+class LmEvalSettings(Section):
+    """lm-evaluation-harness on the Hugging Face export of a model, with tasks written here from the
+    project's own data: each classification task as multiple choice, and the perplexity of a split."""
+
+    enabled: bool = Field(False, description="Run it inside evaluate too (`lmpipe lm-eval` always runs it).")
+    model: str = Field("models/pretrain", description="Model directory exported and evaluated.")
+    classification: list[str] | None = Field(
+        None, description="Names (in evaluate.classification) run as multiple-choice tasks; null: all of them.")
+    perplexity_split: Literal["train", "val", "test"] | None = Field(
+        "test", description="Split whose documents are scored as a rolling-loglikelihood perplexity task "
+        "(null: none).")
+    limit: int | None = Field(200, gt=0, description="At most this many documents per task (null: all).")
+    batch_size: int = Field(16, gt=0, description="lm-eval's batch size.")
 
 
 class SpeedSettings(Section):
@@ -122,6 +194,9 @@ class EvaluateConfig(Section):
     seed: int = Field(1234, description="Seed of sampled generations.")
     speed: SpeedSettings = Field(default_factory=SpeedSettings, description="Generation speed measurement.")
     report_title: str = Field("lmpipe report", description="Title of reports/report.html.")
+    baselines: BaselineSettings = Field(default_factory=BaselineSettings,
+                                        description="Baselines next to every fine-tuned task score.")
+    lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings, description="lm-evaluation-harness.")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
@@ -135,4 +210,7 @@ class EvaluateConfig(Section):
             raise ValueError("eval_files: each name must be used once")
         if clash := set(names) & {"train", "val", "test"}:
             raise ValueError(f"eval_files: name {sorted(clash)[0]!r} is a split name; pick another")
+        unknown = sorted(set(self.lm_eval.classification or []) - set(self.classification))
+        if unknown:
+            raise ValueError(f"lm_eval.classification: {unknown[0]!r} is not a task of evaluate.classification")
         return self

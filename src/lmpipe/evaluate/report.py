@@ -344,7 +344,7 @@ def efficiency_section(results: dict[str, Any]) -> str:
 def tasks_section(results: dict[str, Any]) -> str:
     parts = ["<h2>7. Tasks</h2>"]
     classification, instruction = results.get("classification", {}), results.get("instruction", {})
-    if not classification and not instruction:
+    if not classification and not instruction and not results.get("lm_eval"):
         return "".join(parts) + missing("Task scores", "configure evaluate.classification / evaluate.instruction")
     for task, models in classification.items():
         parts.append(f"<h3>Classification: {html.escape(task)}</h3>")
@@ -363,7 +363,72 @@ def tasks_section(results: dict[str, Any]) -> str:
         parts.append(table(["prompt", "reference", "generated", "ROUGE-L"],
                            [[s["prompt"], s["reference"], s["generated"], s["rouge_l"]] for s in result["samples"]],
                            text_columns={0, 1, 2}))
+    for task, baseline_table in results.get("baselines", {}).items():
+        parts.append(baselines_part(task, baseline_table))
+    if results.get("lm_eval"):
+        parts.append(lm_eval_part(results["lm_eval"]))
     return "".join(parts)
+
+
+def lm_eval_part(result: dict[str, Any]) -> str:
+    """lm-evaluation-harness's scores of the exported model on the project's own tasks."""
+    rows = [[task, scores.get("examples"), scores.get("acc"), scores.get("acc_norm"), scores.get("bits_per_byte"),
+             scores.get("byte_perplexity"), scores.get("word_perplexity")] for task, scores in result["tasks"].items()]
+    return (f"<h3>lm-evaluation-harness: {html.escape(result['model'])}</h3>"
+            f"<p>lm-eval {html.escape(result['lm_eval_version'])} on the model's Hugging Face export "
+            f"({html.escape(result['architecture'])}), with tasks written from this project's data: classification "
+            "as multiple choice (acc: the choice of highest log-likelihood; acc_norm: per byte), and a split's "
+            "documents as rolling-loglikelihood perplexity.</p>"
+            + table(["task", "documents", "acc", "acc_norm", "bits/byte", "byte perplexity", "word perplexity"], rows,
+                    text_columns={0}))
+
+
+METHOD_NAMES = {"majority": "majority class", "bag_of_words": "bag-of-words (TF-IDF + logistic regression)",
+                "zero_shot": "base model, zero-shot"}
+
+
+def method_name(method: str, row: dict[str, Any], tuned: Sequence[str]) -> str:
+    if method in tuned:
+        return f"fine-tuned: {method}"
+    if method.startswith("few_shot_"):
+        return f"base model, {row.get('shots')}-shot ({fmt(row.get('shots_used'), 2)} fitted on average)"
+    return METHOD_NAMES.get(method, method)
+
+
+def baselines_part(task: str, table: dict[str, Any]) -> str:
+    """The task's table (baselines, then the fine-tuned models) and one plain sentence: which
+    fine-tuned model loses to which baseline, or that none does."""
+    rows, tuned = table["rows"], table["finetuned"]
+    parts = [f"<h3>Baselines: {html.escape(task)}</h3>"]
+    marked = {i for i, m in enumerate(rows) if m in tuned}
+    if table["type"] == "classification":
+        parts.append(table_rows(
+            ["method", "examples", "accuracy", "macro F1", "macro precision", "macro recall"],
+            [[method_name(m, r, tuned), r["examples"], r["accuracy"], r["macro_f1"], r["macro_precision"],
+              r["macro_recall"]] for m, r in rows.items()], marked))
+        what = "accuracy"
+    else:
+        parts.append(table_rows(
+            ["method", "answers", "answer loss (nats/token)", "answer bits/byte", "exact match"],
+            [[method_name(m, r, tuned), r["examples"], r["loss"], r["bpb"], r.get("exact_match")]
+             for m, r in rows.items()], marked))
+        what = "bits per byte of the reference answers (lower is better)"
+    key = table["metric"]
+    if table["loses_to"]:
+        for model in tuned:
+            beaten = [b for t, b in table["loses_to"] if t == model]
+            if beaten:
+                parts.append(f"<p class='missing'><b>The fine-tuned model {html.escape(model)} loses to "
+                             + ", ".join(f"{html.escape(method_name(b, rows[b], tuned))} ({fmt(rows[b][key], 4)})"
+                                         for b in beaten)
+                             + f"</b> on {what}: it scores {fmt(rows[model][key], 4)}.</p>")
+    else:
+        parts.append(f"<p class='note'>The fine-tuned model beats every baseline on {what}.</p>")
+    return "".join(parts)
+
+
+def table_rows(headers: list[str], body: list[list[Any]], highlight: set[int]) -> str:
+    return table(headers, body, highlight=highlight, text_columns={0})
 
 
 def samples_section(results: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ import torch
 from lmpipe import tracking
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
-from lmpipe.evaluate import lm, speed, tasks
+from lmpipe.evaluate import baselines, harness, lm, speed, tasks
 from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.evaluate.report import build_report
 from lmpipe.io import atomic_write, write_json
@@ -92,6 +92,11 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
             result["path"] = classification[name].models[model_name]
     for name, result in results["instruction"].items():
         result["path"] = cfg.instruction[name].model
+    if cfg.baselines.enabled and (results["classification"] or results["instruction"]) \
+            and present(cfg, paths, "baselines.model", cfg.baselines.model):
+        results["baselines"] = baselines.baseline_tables(cfg, paths, sp, info, device, results)
+    if cfg.lm_eval.enabled:
+        results["lm_eval"] = harness.evaluate_harness(cfg, paths, str(device))
     results["comparison"] = comparison(cfg, results)
     return write_outputs(cfg, paths, results)
 
@@ -190,6 +195,10 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, Any]:
         if "by_language" in result:
             out[task]["by_language"] = {lang: {k: part[k] for k in ("bleu", "rouge_l", "exact_match")}
                                         for lang, part in result["by_language"].items()}
+    if results.get("baselines"):
+        out["baselines"] = baselines.numeric(results["baselines"])
+    if results.get("lm_eval"):
+        out["lm_eval"] = {task: dict(scores) for task, scores in results["lm_eval"]["tasks"].items()}
     return out
 
 
@@ -237,5 +246,9 @@ def write_outputs(cfg: EvaluateConfig, paths: Paths, results: dict[str, Any]) ->
         if row["role"] == "student":
             summary.update({f"{row['model']}.{k}": v for k, v in row.items()
                             if k in ("quality_retained_pct", "parameters_pct") or k.startswith("speedup")})
+    for task, table in (results.get("baselines") or {}).items():
+        summary.update({f"{task}.{method}.{table['metric']}": row[table["metric"]] for method, row in table["rows"].items()})
+    if results.get("lm_eval"):
+        summary.update(harness.flat(results["lm_eval"]))
     summary["artifacts"] = [str(p) for p in (metrics_path, *plot_paths, details_path, report_path)]
     return summary
