@@ -96,6 +96,7 @@ CHECKS: tuple[Check, ...] = (
 MIN_SENTENCES = Check("lines", "min_sentences", "sentences", "min", 5,
                       "Drop documents with fewer sentences than this in the lines that remain.")
 LINE_CHECKS = tuple(c for c in CHECKS if c.group == "lines")
+LINE_RULES = tuple(c for c in LINE_CHECKS if c.target == "line")  # they remove lines, reported as counts
 
 
 def checks_of(group: Group) -> tuple[Check, ...]:

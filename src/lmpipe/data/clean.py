@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe.config import Paths
+from lmpipe.data.checks import LINE_RULES
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, exact_keys, minhash_signatures
@@ -52,6 +53,7 @@ from lmpipe.data.rules import (
     bad_char_fraction,
     detect_languages,
     document_rule_names,
+    filter_lines,
     judge,
     normalize,
     tokenize_for_rules,
@@ -93,6 +95,7 @@ class ChunkResult:
     signatures: np.ndarray | None  # MinHash signature per survivor
     cpu_seconds: float = 0.0  # CPU time the chunk took in its worker
     by_language: dict[str, np.ndarray] = field(default_factory=dict)  # language -> documents per rule code
+    lines_removed: np.ndarray = field(default_factory=lambda: np.zeros(len(LINE_RULES), np.int64))
 
 
 # ------------------------------------------------------------------------------ filter (workers)
@@ -179,6 +182,10 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
     langs, confidence = detect_languages(judged, rule_batch, np.flatnonzero(detect))
     verdict = judge(cfg, chars=chars, bad_fraction=bad, langs=langs, confidence=confidence, batch=rule_batch,
                     texts=judged)
+    # C4's line filters rewrite the documents they keep: dedup and decontamination read the new text
+    texts, lines_removed = filter_lines(cfg, verdict, texts, langs)
+    if lines_removed.any():
+        batch = tokenize_for_rules(texts.to_arrow())
     codes, values = verdict.codes, verdict.values
     if cfg.decontaminate.enabled and index is not None and len(index):
         rows = np.flatnonzero(codes == 0)
@@ -235,7 +242,7 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
         removed_docs=np.bincount(codes, minlength=len(names) + 1),
         removed_bytes=np.bincount(codes, weights=in_bytes, minlength=len(names) + 1).astype(np.int64),
         examples=examples, normalized=int(rewritten.sum()), pii_docs=pii_docs, pii_matches=pii_matches,
-        keys=keys, signatures=signatures, cpu_seconds=time.process_time() - cpu_start,
+        keys=keys, signatures=signatures, cpu_seconds=time.process_time() - cpu_start, lines_removed=lines_removed,
     )
 
 
@@ -345,6 +352,7 @@ class _Tally:
     # language -> documents per rule code (0: passed the document rules), and removed by dedup
     by_language: dict[str, np.ndarray] = field(default_factory=dict)
     dedup_by_language: dict[str, dict[str, int]] = field(default_factory=dict)
+    lines_removed: np.ndarray = field(default_factory=lambda: np.zeros(len(LINE_RULES), np.int64))
 
     def add(self, result: ChunkResult, kept: pa.Table, limit: int, dedup_removed: dict[str, dict[str, int]]) -> None:
         self.worker_cpu += result.cpu_seconds
@@ -358,6 +366,7 @@ class _Tally:
         self.docs_in += result.docs
         self.bytes_in += result.bytes
         self.normalized += result.normalized
+        self.lines_removed = self.lines_removed + result.lines_removed
         self.pii_docs += result.pii_docs
         for kind, count in result.pii_matches.items():
             self.pii[kind] += count
@@ -396,6 +405,8 @@ def _report(cfg: CleanConfig, tally: _Tally, dedup: StreamDedup) -> dict[str, An
         "groups": groups,
         "normalize": {"enabled": cfg.normalize.enabled, "form": cfg.normalize.form, "docs_modified": tally.normalized},
         "pii": {"enabled": cfg.pii.enabled, "docs_modified": tally.pii_docs, "matches": tally.pii},
+        "lines": {"enabled": cfg.lines.enabled,
+                  "lines_removed": {c.name: int(k) for c, k in zip(LINE_RULES, tally.lines_removed, strict=True)}},
         "lsh": lsh,
         "languages": dict(sorted(tally.languages.items())),
         "by_language": _by_language(tally),

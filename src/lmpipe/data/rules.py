@@ -34,7 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pycld2
 
-from lmpipe.data.checks import Check, checks_of
+from lmpipe.data.checks import LINE_CHECKS, LINE_RULES, MIN_SENTENCES, Check, checks_of
 from lmpipe.data.config import CleanConfig, LanguageProfile, RepetitionRule
 from lmpipe.data.segment import segment_words
 from lmpipe.data.textstats import (
@@ -47,6 +47,8 @@ from lmpipe.data.textstats import (
     TokenizedBatch,
     count_get,
     count_insert,
+    join_lines,
+    line_stats,
     mix64,
     table_mask,
     token_hashes,
@@ -507,6 +509,48 @@ def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups:
         out.drop(f"repetition.top_ngram_char_fraction.{k}", value, value > top_limit[k])
     for k in dup_ns:
         out.drop(f"repetition.dup_ngram_char_fraction.{k}", dup[:, k], dup[:, k] > dup_limit[k])
+
+
+def filter_lines(cfg: CleanConfig, out: Judgement, texts: pl.Series, langs: np.ndarray) -> tuple[pl.Series, np.ndarray]:
+    """C4's line filters (the ``lines`` rows of the checks table) on the documents still kept whose
+    language is in ``clean.lines.languages``: each line is removed by the first row it fails, a
+    document is dropped when a kept-so-far line fails a ``doc`` row (in line order, as C4 stops at
+    it), or when fewer than ``min_sentences`` sentences remain. Returns the texts with the
+    survivors rebuilt from their kept lines, and the lines each ``line`` row removed (table order).
+    """
+    c = cfg.lines
+    removed = np.zeros(len(LINE_RULES), np.int64)
+    rows = np.flatnonzero((out.codes == 0) & np.isin(langs.astype(str), c.languages))
+    if not c.enabled or len(rows) == 0:
+        return texts, removed
+    select = np.zeros(len(texts), np.bool_)
+    select[rows] = True
+    lines = line_stats(texts.to_arrow(), select)
+    fate = np.zeros(len(lines.stats), np.int64)  # 0: kept, else 1 + index in LINE_CHECKS
+    for idx, check in enumerate(LINE_CHECKS):
+        hit = _fails(check, lines.stat(check.stat), getattr(c, check.key))
+        fate[(fate == 0) & hit] = idx + 1
+    doc = lines.doc_of_line()
+    n = len(texts)
+    for idx, check in enumerate(LINE_CHECKS):
+        if check.target == "line":
+            removed[LINE_RULES.index(check)] = int(np.count_nonzero(fate == idx + 1))
+    # a document-dropping line decides the document at the first such line
+    doc_lines = np.flatnonzero(np.isin(fate, [i + 1 for i, ch in enumerate(LINE_CHECKS) if ch.target == "doc"]))
+    first_docs, first = np.unique(doc[doc_lines], return_index=True)
+    code = np.zeros(n, np.int64)
+    code[first_docs] = fate[doc_lines[first]]
+    for idx, check in enumerate(LINE_CHECKS):
+        if check.target == "doc":
+            out.drop(check.name, np.ones(n), code == idx + 1)
+    keep = fate == 0
+    sentences = np.bincount(doc, weights=np.where(keep, lines.stat("sentences"), 0), minlength=n)
+    out.drop(MIN_SENTENCES.name, sentences, select & _fails(MIN_SENTENCES, sentences, c.min_sentences))
+    survivors = np.flatnonzero(select & (out.codes == 0))
+    if len(survivors):
+        rebuilt = pl.Series(join_lines(lines, keep, survivors), dtype=pl.String).str.strip_chars()
+        texts = texts.clone().scatter(survivors, rebuilt)
+    return texts, removed
 
 
 def _widen(stats: np.ndarray, width: int) -> np.ndarray:
