@@ -475,6 +475,19 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def run_inputs(cfg: CleanConfig, paths: Paths) -> tuple[list[Path], NgramIndex | None, list[Path]]:
+    """The raw shards of a clean run, and the index of the eval sets to decontaminate against (with
+    their files). Raises DataError when there are no shards."""
+    files = shard_files(paths.raw)
+    if not files:
+        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
+    if not (cfg.decontaminate.enabled and cfg.decontaminate.eval_files):
+        return files, None, []
+    d = cfg.decontaminate
+    index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    return files, index, eval_files
+
+
 def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     """Clean ``paths.raw`` into ``paths.clean`` (parquet shards, clean_report.json, manifest.json).
 
@@ -490,14 +503,7 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         return ray_clean.run(cfg, paths)
     _check(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
-    files = shard_files(paths.raw)
-    if not files:
-        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
-    index: NgramIndex | None = None
-    eval_files: list[Path] = []
-    if cfg.decontaminate.enabled and cfg.decontaminate.eval_files:
-        d = cfg.decontaminate
-        index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    files, index, eval_files = run_inputs(cfg, paths)
     # a process per core, but never more than there are chunks (starting one costs a second or two)
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, -(-_text_bytes(paths.raw) // CHUNK_BYTES)))
     tally = _Tally(rule_names(cfg))
