@@ -3,12 +3,13 @@ be switched off; PII becomes placeholders; Chinese survives the word rules; noth
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lmpipe.data.clean import ChunkResult, process_chunk, rule_names
@@ -210,8 +211,9 @@ def test_never_crashes_on_arbitrary_unicode(texts: list[str]) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(unicode_text, min_size=1, max_size=6))
+@example(["a [1] b[edit]\r\nc[citation needed] \n[[2]]\u2028 x{ y\x1c\n\n", "", "\n"])
 def test_line_stats_split_and_count_as_python_does(texts: list[str]) -> None:
-    from lmpipe.data.textstats import line_stats
+    from lmpipe.data.textstats import join_lines, line_stats
 
     lines = line_stats(texts)
     for d, text in enumerate(texts):
@@ -223,6 +225,10 @@ def test_line_stats_split_and_count_as_python_does(texts: list[str]) -> None:
             assert lines.stat("words")[r] == len(words)
             assert lines.stat("longest_word")[r] == max(map(len, words), default=0)
             assert bool(lines.stat("curly_brace")[r]) == ("{" in line)
+    # every line kept: the rebuilt texts are the stripped lines without citations, as C4 writes them
+    citation = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+    rebuilt = join_lines(lines, np.ones(len(lines.spans), np.bool_), np.arange(len(texts))).to_pylist()
+    assert rebuilt == ["\n".join(citation.sub("", line.strip()) for line in t.splitlines()) for t in texts]
 
 
 def test_embedded_default_keeps_the_same_documents():
