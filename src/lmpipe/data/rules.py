@@ -7,8 +7,10 @@ document of a batch at once, from statistics computed in one compiled pass
 rule that drops it, so the removals of all rules add up to the documents removed.
 
 Order: ``normalize`` (rewrites, never drops), ``encoding``, ``length.*``, ``language``,
-``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1); then
-``pii`` (:mod:`lmpipe.data.pii`) rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
+``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1),
+``lines.*`` (C4's line filters, :func:`filter_lines`: they rewrite the documents they keep); then
+``pii`` (:mod:`lmpipe.data.pii`) rewrites the survivors. The quality, repetition and line checks are
+the rows of :data:`lmpipe.data.checks.CHECKS`. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
 
 Languages: ``clean.languages`` holds a profile per language (:class:`LanguageProfile`): how its
 words are counted, its stop words, and its own quality and repetition thresholds. Chinese (the
@@ -545,7 +547,7 @@ def filter_lines(cfg: CleanConfig, out: Judgement, texts: pl.Series, langs: np.n
             out.drop(check.name, np.ones(n), code == idx + 1)
     keep = fate == 0
     sentences = np.bincount(doc, weights=np.where(keep, lines.stat("sentences"), 0), minlength=n)
-    out.drop(MIN_SENTENCES.name, sentences, select & _fails(MIN_SENTENCES, sentences, c.min_sentences))
+    out.drop(MIN_SENTENCES.name, sentences, select & _fails(MIN_SENTENCES, sentences, getattr(c, MIN_SENTENCES.key)))
     survivors = np.flatnonzero(select & (out.codes == 0))
     if len(survivors):
         rebuilt = pl.Series(join_lines(lines, keep, survivors), dtype=pl.String).str.strip_chars()
