@@ -526,11 +526,11 @@ def token_hashes(words: list[str], *, split_cjk: bool = True) -> np.ndarray:
 LINE_STATS = ("words", "longest_word", "sentences", "no_terminal_punct", "lorem_ipsum", "javascript",
               "curly_brace", "policy")
 LINE_COL = {name: idx for idx, name in enumerate(LINE_STATS)}
-_LOREM = np.frombuffer(b"lorem ipsum", np.uint8)
-_JAVASCRIPT = np.frombuffer(b"javascript", np.uint8)
-# C4's boilerplate phrases (datatrove's POLICY_SUBSTRINGS), NUL-separated
-_POLICY = np.frombuffer(b"terms of use\0privacy policy\0cookie policy\0uses cookies\0use of cookies\0use cookies\0",
-                        np.uint8)
+# what the phrase columns look for (ASCII case-insensitive); policy: C4's boilerplate phrases
+_PHRASES = {
+    "lorem_ipsum": (b"lorem ipsum",), "javascript": (b"javascript",), "curly_brace": (b"{",),
+    "policy": (b"terms of use", b"privacy policy", b"cookie policy", b"uses cookies", b"use of cookies", b"use cookies"),
+}
 _CLOSERS = np.frombuffer(b"\"')]", np.uint8)  # may follow a sentence's final . ? ! (punkt: 'end.")')
 _EDIT = np.frombuffer(b"edit]", np.uint8)
 _CITATION_NEEDED = np.frombuffer(b"citation needed]", np.uint8)
@@ -547,24 +547,6 @@ def _is_space(cp: int) -> bool:
 def _is_line_break(cp: int) -> bool:
     """A line boundary of str.splitlines()."""
     return 10 <= cp <= 13 or 28 <= cp <= 30 or cp == 0x85 or cp == 0x2028 or cp == 0x2029
-
-
-@numba.njit(cache=True, nogil=True)
-def _contains(data: np.ndarray, start: int, end: int, pattern: np.ndarray, p0: int, p1: int) -> bool:
-    """Does ``data[start:end]``, ASCII letters lower-cased, contain ``pattern[p0:p1]``?"""
-    m = p1 - p0
-    for i in range(start, end - m + 1):
-        k = 0
-        while k < m:
-            b = data[i + k]
-            if 0x41 <= b <= 0x5A:
-                b += 0x20
-            if b != pattern[p0 + k]:
-                break
-            k += 1
-        if k == m:
-            return True
-    return False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -604,7 +586,7 @@ def _strip_citations_end(data: np.ndarray, start: int, end: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _line_stats(data, offsets, select, policy, closers, line_offsets, spans, stats):  # pragma: no cover - compiled
+def _line_stats(data, offsets, select, closers, line_offsets, spans, stats):  # pragma: no cover - compiled
     n_lines = 0
     for d in range(offsets.shape[0] - 1):
         line_offsets[d] = n_lines
@@ -667,22 +649,6 @@ def _line_stats(data, offsets, select, policy, closers, line_offsets, spans, sta
             terminal = last == 0x2E or last == 0x3F or last == 0x21 or last == 0x22 or last == 0x27
             ellipsis = c_end - lo >= 3 and data[c_end - 1] == 0x2E and data[c_end - 2] == 0x2E and data[c_end - 3] == 0x2E
             row[3] = 1 if (not terminal or ellipsis) else 0
-            row[4] = 1 if _contains(data, lo, hi, _LOREM, 0, _LOREM.shape[0]) else 0
-            row[5] = 1 if _contains(data, lo, hi, _JAVASCRIPT, 0, _JAVASCRIPT.shape[0]) else 0
-            curly = False
-            for k in range(lo, hi):
-                if data[k] == 0x7B:
-                    curly = True
-                    break
-            row[6] = 1 if curly else 0
-            hit = False
-            p0 = 0
-            for p in range(policy.shape[0]):
-                if policy[p] == 0:
-                    if not hit and _contains(data, lo, hi, policy, p0, p):
-                        hit = True
-                    p0 = p + 1
-            row[7] = 1 if hit else 0
             spans[n_lines, 0] = lo
             spans[n_lines, 1] = max(hi, lo)
             n_lines += 1
@@ -746,14 +712,38 @@ def line_stats(texts: pa.Array | pa.ChunkedArray | list[str], select: np.ndarray
     data, offsets = utf8_buffers(texts)
     n_docs = len(offsets) - 1
     select = np.ones(n_docs, np.bool_) if select is None else np.ascontiguousarray(select, np.bool_)
-    lengths = np.diff(offsets)
-    # a line is at least its break, and every document has one more line than breaks
-    max_lines = int(lengths[select].sum()) + int(select.sum()) + 1
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    window = data[lo:hi]
+    # every document has at most one more line than breaks; a break has one of these bytes
+    # (the one-byte breaks, the last byte of U+0085, U+2028, U+2029)
+    per_byte = np.bincount(window, minlength=256)
+    max_lines = int(per_byte[[10, 11, 12, 13, 28, 29, 30, 0x85, 0xA8, 0xA9]].sum()) + n_docs + 1
     line_offsets = np.zeros(n_docs + 1, np.int64)
     spans = np.empty((max_lines, 2), np.int64)
     stats = np.zeros((max_lines, len(LINE_STATS)), np.int64)
-    used = _line_stats(data, offsets, select, _POLICY, _CLOSERS, line_offsets, spans, stats)
-    return LineStats(data, offsets, line_offsets, spans[:used], stats[:used])
+    used = _line_stats(data, offsets, select, _CLOSERS, line_offsets, spans, stats)
+    spans, stats = spans[:used], stats[:used]
+    # phrases: found in the whole batch at C speed (bytes.find, rare hits), then placed in their lines
+    lowered = np.where((window >= 0x41) & (window <= 0x5A), window | 0x20, window).tobytes()
+    for name, phrases in _PHRASES.items():
+        if name == "curly_brace":
+            begin, length = np.flatnonzero(window == 0x7B), np.ones(1, np.int64)
+        else:
+            found, sizes = [], []
+            for phrase in phrases:
+                at = lowered.find(phrase)
+                while at >= 0:
+                    found.append(at)
+                    sizes.append(len(phrase))
+                    at = lowered.find(phrase, at + 1)
+            begin, length = np.array(found, np.int64), np.array(sizes, np.int64)
+        if len(begin) == 0 or len(spans) == 0:
+            continue
+        begin = begin + lo
+        line = np.searchsorted(spans[:, 0], begin, side="right") - 1
+        inside = (line >= 0) & (begin + length <= spans[np.maximum(line, 0), 1])
+        stats[line[inside], LINE_COL[name]] = 1
+    return LineStats(data, offsets, line_offsets, spans, stats)
 
 
 @numba.njit(cache=True, nogil=True)
