@@ -183,13 +183,15 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
     verdict = judge(cfg, chars=chars, bad_fraction=bad, langs=langs, confidence=confidence, batch=rule_batch,
                     texts=judged)
     # C4's line filters rewrite the documents they keep: dedup and decontamination read the new text
-    texts, lines_removed = filter_lines(cfg, verdict, texts, langs)
-    if lines_removed.any():
-        batch = tokenize_for_rules(texts.to_arrow())
+    texts, lines_removed, relined = filter_lines(cfg, verdict, texts, langs)
+    tok_rows = np.arange(n)  # the chunk row of each document of `batch`
+    if len(relined):  # only the documents still in need their tokens again
+        tok_rows = np.flatnonzero(verdict.codes == 0)
+        batch = tokenize_for_rules(texts.gather(tok_rows).to_arrow())
     codes, values = verdict.codes, verdict.values
     if cfg.decontaminate.enabled and index is not None and len(index):
         rows = np.flatnonzero(codes == 0)
-        codes[rows[index.contaminated_batch(batch, rows)]] = code_of["decontaminate"]
+        codes[rows[index.contaminated_batch(batch, np.searchsorted(tok_rows, rows))]] = code_of["decontaminate"]
     kept = np.flatnonzero(codes == 0)
 
     examples: dict[str, list[dict[str, Any]]] = {}
@@ -230,11 +232,12 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
         "meta": add_meta(table.column("meta").take(rows), kept_langs, raw_ids, where, first_row + kept),
         "lang": pa.array(kept_langs, pa.string()),
     })
-    keys = exact_keys(batch, kept) if cfg.exact_dedup.enabled else np.zeros(len(kept), np.uint64)
+    at = np.searchsorted(tok_rows, kept)
+    keys = exact_keys(batch, at) if cfg.exact_dedup.enabled else np.zeros(len(kept), np.uint64)
     signatures = None
     if cfg.near_dedup.enabled:
         nd = cfg.near_dedup
-        signatures = minhash_signatures(batch, kept, nd.num_perm, nd.shingle_size, nd.seed)
+        signatures = minhash_signatures(batch, at, nd.num_perm, nd.shingle_size, nd.seed)
     by_language = {str(lang): np.bincount(codes[langs == lang], minlength=len(names) + 1)
                    for lang in np.unique(langs.astype(str))}
     return ChunkResult(

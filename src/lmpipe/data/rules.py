@@ -513,18 +513,20 @@ def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups:
         out.drop(f"repetition.dup_ngram_char_fraction.{k}", dup[:, k], dup[:, k] > dup_limit[k])
 
 
-def filter_lines(cfg: CleanConfig, out: Judgement, texts: pl.Series, langs: np.ndarray) -> tuple[pl.Series, np.ndarray]:
+def filter_lines(cfg: CleanConfig, out: Judgement, texts: pl.Series,
+                 langs: np.ndarray) -> tuple[pl.Series, np.ndarray, np.ndarray]:
     """C4's line filters (the ``lines`` rows of the checks table) on the documents still kept whose
     language is in ``clean.lines.languages``: each line is removed by the first row it fails, a
     document is dropped when a kept-so-far line fails a ``doc`` row (in line order, as C4 stops at
     it), or when fewer than ``min_sentences`` sentences remain. Returns the texts with the
-    survivors rebuilt from their kept lines, and the lines each ``line`` row removed (table order).
+    survivors rebuilt from their kept lines, the lines each ``line`` row removed (table order), and
+    the rows of the rebuilt documents.
     """
     c = cfg.lines
     removed = np.zeros(len(LINE_RULES), np.int64)
     rows = np.flatnonzero((out.codes == 0) & np.isin(langs.astype(str), c.languages))
     if not c.enabled or len(rows) == 0:
-        return texts, removed
+        return texts, removed, rows[:0]
     select = np.zeros(len(texts), np.bool_)
     select[rows] = True
     lines = line_stats(texts.to_arrow(), select)
@@ -552,7 +554,7 @@ def filter_lines(cfg: CleanConfig, out: Judgement, texts: pl.Series, langs: np.n
     if len(survivors):
         rebuilt = pl.Series(join_lines(lines, keep, survivors), dtype=pl.String).str.strip_chars()
         texts = texts.clone().scatter(survivors, rebuilt)
-    return texts, removed
+    return texts, removed, survivors
 
 
 def _widen(stats: np.ndarray, width: int) -> np.ndarray:
