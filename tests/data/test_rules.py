@@ -199,7 +199,8 @@ unicode_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=400)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(unicode_text, min_size=1, max_size=6))
 def test_never_crashes_on_arbitrary_unicode(texts: list[str]) -> None:
-    cfg = CleanConfig.model_validate({"length": {"min_chars": 0}, "quality": {"min_words": 0}})
+    cfg = CleanConfig.model_validate({"length": {"min_chars": 0}, "quality": {"min_words": 0},
+                                      "lines": {"enabled": True, "languages": ["und", "en"], "min_sentences": 0}})
     result = run(texts, cfg)
     assert int(result.removed_docs.sum()) == len(texts)
     assert result.table.num_rows == int(result.removed_docs[0]) <= len(texts)
