@@ -3,7 +3,8 @@
 Generates a corpus of ``--mb`` megabytes of raw shards from the project's synthetic generator
 (stories, reviews, instructions, plus 15% noise: exact and near duplicates, boilerplate, other
 languages, PII, broken encodings, spam), with an eval file for decontamination, then runs the
-stage function twice: every rule with MinHash near-dedup, and every rule without it. Prints
+stage function three times: every rule with MinHash near-dedup, every rule without it, and every
+rule with the C4 line filters (``clean.lines``, off by default) on as well. Prints
 MB/s of raw text in wall-clock time (total and per worker process) and per CPU-second (robust
 when other jobs share the machine). Finally compares near-dedup with datasketch (MinHash +
 MinHashLSH, same threshold, permutations, shingles and keep-first rule) on a sample: speed
@@ -122,15 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         paths = Paths(root)
         base = {"workers": args.workers, "decontaminate": {"eval_files": ["eval.jsonl"]}}
         rows = []
-        for label, extra in (("all rules + near-dedup", {}), ("all rules, no near-dedup", {"near_dedup": {"enabled": False}})):
+        runs: tuple[tuple[str, dict[str, Any]], ...] = (
+            ("all rules + near-dedup", {}), ("all rules, no near-dedup", {"near_dedup": {"enabled": False}}),
+            ("all rules + C4 lines + near-dedup", {"lines": {"enabled": True}}))
+        for label, extra in runs:
             cfg = CleanConfig.model_validate({**base, **extra})
             result = timed_run(cfg, paths)
             mb = result["bytes_in"] / 1e6
             rows.append((label, result["docs_out"], result["wall_s"], mb / result["wall_s"],
                          mb / result["wall_s"] / result["workers"], mb / result["cpu_s"], result["workers"]))
-        print(f"\n{'run':<26} {'docs out':>9} {'wall s':>7} {'MB/s':>7} {'MB/s/core':>10} {'MB/cpu-s':>9} workers")
+        print(f"\n{'run':<34} {'docs out':>9} {'wall s':>7} {'MB/s':>7} {'MB/s/core':>10} {'MB/cpu-s':>9} workers")
         for label, out, wall, total, per_core, per_cpu, workers in rows:
-            print(f"{label:<26} {out:>9} {wall:>7.1f} {total:>7.1f} {per_core:>10.1f} {per_cpu:>9.1f} {workers:>7}")
+            print(f"{label:<34} {out:>9} {wall:>7.1f} {total:>7.1f} {per_core:>10.1f} {per_cpu:>9.1f} {workers:>7}")
         nd = CleanConfig().near_dedup
         ref = reference(paths, args.reference_mb, nd.threshold, nd.num_perm, nd.shingle_size)
         print(f"\nnear-dedup on a {ref['sample_mb']:.1f} MB sample ({ref['docs']} docs), threshold {nd.threshold}, "

@@ -194,3 +194,25 @@ def test_synthetic_corpus_noise_is_removed_and_good_docs_kept(tmp_path: Path) ->
     shutil.copytree(paths.clean, again.raw)
     assert clean.run(config(), again)["docs_out"] == summary["docs_out"]
     assert read_documents(again.clean).column("text").to_pylist() == out
+
+
+def test_c4_lines_in_the_stage_feed_dedup_and_the_report(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    page = " ".join(GOOD[:2])
+    texts = [page + "\nShare this page", "Home | News\n" + page + "\nWe use cookies on this site, as most sites do.",
+             page + "[4]", GOOD[2]]
+    write_raw(paths, texts)
+    summary = clean.run(config(lines={"enabled": True}), paths)
+    docs = read_documents(paths.clean).to_pylist()
+    # the pages read the same once boilerplate lines and citations are gone: exact dedup sees the new text
+    assert [d["text"] for d in docs] == [page]
+    assert docs[0]["id"] == doc_id(page) and json.loads(docs[0]["meta"])["raw_id"] == doc_id(texts[0])
+    assert (summary["removed.exact_dedup"], summary["removed.lines.min_sentences"]) == (2, 1)
+    report = json.loads((paths.clean / "clean_report.json").read_text())
+    assert report["lines"] == {"enabled": True, "lines_removed": {
+        "lines.max_word_length": 0, "lines.terminal_punctuation": 2, "lines.min_words_per_line": 0,
+        "lines.javascript": 0, "lines.policy": 1}}
+    assert report["groups"]["lines"] == {"enabled": True, "docs": 1, "bytes": len(GOOD[2].encode())}
+    # a citation removed, no line: the rebuilt text is still what dedup reads
+    write_raw(paths, [page, page + "[4]"])
+    assert clean.run(config(lines={"enabled": True}), paths)["removed.exact_dedup"] == 1

@@ -3,12 +3,13 @@ be switched off; PII becomes placeholders; Chinese survives the word rules; noth
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lmpipe.data.clean import ChunkResult, process_chunk, rule_names
@@ -80,6 +81,10 @@ BAD = {
     "repetition.max_dup_line_fraction": ("repetition", {}, "\n".join([GOOD[0], "Buy cheap watches now!"] * 4)),
     "repetition.max_dup_para_fraction": ("repetition", {"max_dup_line_fraction": 1.0, "max_dup_line_char_fraction": 1.0},
                                          "\n\n".join([GOOD[0], GOOD[1], GOOD[1], GOOD[1]])),
+    "repetition.max_dup_line_char_fraction": ("repetition", {}, "\n".join(
+        [GOOD[0], *(f"Note {i}: the weather was fine." for i in range(8)), GOOD[0]])),
+    "repetition.max_dup_para_char_fraction": ("repetition", {"max_dup_line_char_fraction": 1.0}, "\n\n".join(
+        [GOOD[0], *(f"Note {i}: the weather was fine." for i in range(4)), GOOD[0]])),
     "repetition.top_ngram_char_fraction.2": ("repetition", {}, " ".join(
         f"big deal {w}" for w in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"])),
     "repetition.dup_ngram_char_fraction.5": ("repetition", {"top_ngram_char_fraction": {}}, GOOD[0] + " " + GOOD[0]),
@@ -194,7 +199,8 @@ unicode_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=400)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(unicode_text, min_size=1, max_size=6))
 def test_never_crashes_on_arbitrary_unicode(texts: list[str]) -> None:
-    cfg = CleanConfig.model_validate({"length": {"min_chars": 0}, "quality": {"min_words": 0}})
+    cfg = CleanConfig.model_validate({"length": {"min_chars": 0}, "quality": {"min_words": 0},
+                                      "lines": {"enabled": True, "languages": ["und", "en"], "min_sentences": 0}})
     result = run(texts, cfg)
     assert int(result.removed_docs.sum()) == len(texts)
     assert result.table.num_rows == int(result.removed_docs[0]) <= len(texts)
@@ -202,3 +208,113 @@ def test_never_crashes_on_arbitrary_unicode(texts: list[str]) -> None:
     assert all(isinstance(t, str) for t in kept)
     batch = tokenize(texts)
     assert batch.tok_offsets[-1] == len(batch.tok_hash) and np.all(np.diff(batch.tok_offsets) >= 0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(unicode_text, min_size=1, max_size=6))
+@example(["a [1] b[edit]\r\nc[citation needed] \n[[2]]\u2028 x{ y\x1c\n\n", "", "\n"])
+def test_line_stats_split_and_count_as_python_does(texts: list[str]) -> None:
+    from lmpipe.data.textstats import join_lines, line_stats
+
+    lines = line_stats(texts)
+    for d, text in enumerate(texts):
+        expect = text.splitlines()
+        rows = range(lines.line_offsets[d], lines.line_offsets[d + 1])
+        assert len(rows) == len(expect)
+        for r, line in zip(rows, expect, strict=True):
+            words = line.strip().split()
+            assert lines.stat("words")[r] == len(words)
+            assert lines.stat("longest_word")[r] == max(map(len, words), default=0)
+            assert bool(lines.stat("curly_brace")[r]) == ("{" in line)
+    # every line kept: the rebuilt texts are the stripped lines without citations, as C4 writes them
+    citation = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+    rebuilt = join_lines(lines, np.ones(len(lines.spans), np.bool_), np.arange(len(texts))).to_pylist()
+    assert rebuilt == ["\n".join(citation.sub("", line.strip()) for line in t.splitlines()) for t in texts]
+
+
+def test_embedded_default_keeps_the_same_documents():
+    """The checks table changes nothing: a few hundred generated documents (English and Chinese,
+    half of them noise) keep exactly the documents, and lose them to the rules, they did when each
+    check was written out by hand (digest and counts recorded from that code)."""
+    import hashlib
+
+    from lmpipe.data.synthetic import generate
+
+    texts = [t for t, _ in generate(300, seed=7, zh_fraction=0.2, noise_fraction=0.5)]
+    cfg = CleanConfig.model_validate({"language": {"keep": ["en", "zh"]}})
+    result = run(texts, cfg)
+    kept = "\n".join(doc_id(t) for t in result.table.column("text").to_pylist())
+    assert (len(texts), result.table.num_rows) == (540, 429)
+    assert removed(result, cfg) == {
+        "encoding": 17, "length.min_chars": 16, "language": 17, "quality.min_words": 23,
+        "quality.max_symbol_word_ratio": 16, "quality.min_alpha_word_fraction": 3, "quality.min_stop_words": 6,
+        "repetition.max_dup_line_fraction": 13}
+    assert hashlib.sha256(kept.encode()).hexdigest()[:16] == "24112163eceb6ab0"
+
+
+def test_config_fields_rule_names_and_checks_come_from_one_table() -> None:
+    from lmpipe.data.checks import CHECKS, checks_of
+    from lmpipe.data.config import LineRule, QualityRule, RepetitionRule
+    from lmpipe.data.rules import document_rule_names
+
+    extra = {"enabled", "languages", "top_ngram_char_fraction", "dup_ngram_char_fraction"}
+    for group, model in (("quality", QualityRule), ("repetition", RepetitionRule), ("lines", LineRule)):
+        fields = {k: f for k, f in model.model_fields.items() if k not in extra}
+        assert list(fields) == [c.key for c in checks_of(group)]  # type: ignore[arg-type]
+        for check in checks_of(group):  # type: ignore[arg-type]
+            assert (fields[check.key].default, fields[check.key].description) == (check.default, check.description)
+    names = document_rule_names(CleanConfig())
+    doc_checks = [c.name for c in CHECKS if c.target == "doc"]
+    assert [n for n in names if n in doc_checks] == doc_checks  # in table order
+    assert {c.name for c in CHECKS if c.group != "lines"} <= set(BAD)  # each check has its bad document
+
+
+C4_GOOD = ("The old baker opened his shop before dawn, as he had done for thirty years. He lit the ovens. "
+           "He swept the floor and set out the baskets. The first customers arrived early. A girl asked him why.")
+
+
+def c4(**lines: Any) -> CleanConfig:
+    cfg = only("language", keep=["en", "zh"])
+    cfg.lines = type(cfg.lines).model_validate({"enabled": True, **lines})
+    return cfg
+
+
+def test_c4_line_filters_remove_lines_and_keep_the_rest() -> None:
+    page = ("Home | About | Contact\n  " + C4_GOOD + "[1]  \nIt was written up in the paper.[2][citation needed]\n"
+            "This site uses cookies to improve your experience.\nPlease enable JavaScript to see the comments.\n"
+            "Ok then.\nShare")
+    result = run([page], c4())
+    assert result.table.column("text").to_pylist() == [C4_GOOD + "\nIt was written up in the paper."]
+    assert dict(zip(("max_word_length", "terminal_punctuation", "min_words_per_line", "javascript", "policy"),
+                    result.lines_removed.tolist(), strict=True)) == {
+        "max_word_length": 0, "terminal_punctuation": 2, "min_words_per_line": 1, "javascript": 1, "policy": 1}
+    assert removed(result, c4()) == {}
+    # each filter is its own switch; off, the lines stay
+    kept = run([page], c4(javascript=False, policy=False, terminal_punctuation=False, min_words_per_line=0))
+    assert kept.table.column("text").to_pylist() == [page.replace("[1]  ", "").replace("[2][citation needed]", "")
+                                                    .replace("\n  ", "\n")]
+    assert run([page], only("language", keep=["en"])).table.column("text").to_pylist() == [page]  # off by default
+
+
+@pytest.mark.parametrize(("name", "bad"), [
+    ("lines.lorem_ipsum", C4_GOOD + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit."),
+    ("lines.curly_braces", C4_GOOD + "\nThe code was function f() { return 1; } in the end."),
+    ("lines.min_sentences", "Only two sentences are here. They end with a stop.\nmenu"),
+])
+def test_c4_document_filters_drop_the_document(name: str, bad: str) -> None:
+    cfg = c4()
+    result = run([C4_GOOD, bad], cfg)
+    assert removed(result, cfg) == {name: 1}
+    assert result.table.column("text").to_pylist() == [C4_GOOD]
+    # a line removed before the document check does not drop it (C4's order: punctuation first)
+    if name != "lines.min_sentences":
+        assert removed(run([bad.rstrip(".")], cfg), cfg) == {}
+
+
+def test_c4_line_filters_leave_chinese_alone() -> None:
+    """Chinese ends sentences with '。' and puts no spaces between words: the English line rules
+    would remove every line, so they apply only to clean.lines.languages (default en)."""
+    cfg = c4()
+    result = run([CHINESE, C4_GOOD], cfg)
+    assert result.table.column("text").to_pylist() == [CHINESE, C4_GOOD]
+    assert removed(run([CHINESE], c4(languages=["en", "zh"])), cfg) == {"lines.min_sentences": 1}

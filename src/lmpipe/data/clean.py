@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from lmpipe.config import Paths
+from lmpipe.data.checks import LINE_RULES
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, exact_keys, minhash_signatures
@@ -52,6 +53,7 @@ from lmpipe.data.rules import (
     bad_char_fraction,
     detect_languages,
     document_rule_names,
+    filter_lines,
     judge,
     normalize,
     tokenize_for_rules,
@@ -93,6 +95,7 @@ class ChunkResult:
     signatures: np.ndarray | None  # MinHash signature per survivor
     cpu_seconds: float = 0.0  # CPU time the chunk took in its worker
     by_language: dict[str, np.ndarray] = field(default_factory=dict)  # language -> documents per rule code
+    lines_removed: np.ndarray = field(default_factory=lambda: np.zeros(len(LINE_RULES), np.int64))
 
 
 # ------------------------------------------------------------------------------ filter (workers)
@@ -179,10 +182,16 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
     langs, confidence = detect_languages(judged, rule_batch, np.flatnonzero(detect))
     verdict = judge(cfg, chars=chars, bad_fraction=bad, langs=langs, confidence=confidence, batch=rule_batch,
                     texts=judged)
+    # C4's line filters rewrite the documents they keep: dedup and decontamination read the new text
+    texts, lines_removed, relined = filter_lines(cfg, verdict, texts, langs)
+    tok_rows = np.arange(n)  # the chunk row of each document of `batch`
+    if len(relined):  # only the documents still in need their tokens again
+        tok_rows = np.flatnonzero(verdict.codes == 0)
+        batch = tokenize_for_rules(texts.gather(tok_rows).to_arrow())
     codes, values = verdict.codes, verdict.values
     if cfg.decontaminate.enabled and index is not None and len(index):
         rows = np.flatnonzero(codes == 0)
-        codes[rows[index.contaminated_batch(batch, rows)]] = code_of["decontaminate"]
+        codes[rows[index.contaminated_batch(batch, np.searchsorted(tok_rows, rows))]] = code_of["decontaminate"]
     kept = np.flatnonzero(codes == 0)
 
     examples: dict[str, list[dict[str, Any]]] = {}
@@ -223,11 +232,12 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
         "meta": add_meta(table.column("meta").take(rows), kept_langs, raw_ids, where, first_row + kept),
         "lang": pa.array(kept_langs, pa.string()),
     })
-    keys = exact_keys(batch, kept) if cfg.exact_dedup.enabled else np.zeros(len(kept), np.uint64)
+    at = np.searchsorted(tok_rows, kept)
+    keys = exact_keys(batch, at) if cfg.exact_dedup.enabled else np.zeros(len(kept), np.uint64)
     signatures = None
     if cfg.near_dedup.enabled:
         nd = cfg.near_dedup
-        signatures = minhash_signatures(batch, kept, nd.num_perm, nd.shingle_size, nd.seed)
+        signatures = minhash_signatures(batch, at, nd.num_perm, nd.shingle_size, nd.seed)
     by_language = {str(lang): np.bincount(codes[langs == lang], minlength=len(names) + 1)
                    for lang in np.unique(langs.astype(str))}
     return ChunkResult(
@@ -235,7 +245,7 @@ def process_chunk(table: pa.Table, cfg: CleanConfig, index: NgramIndex | None, w
         removed_docs=np.bincount(codes, minlength=len(names) + 1),
         removed_bytes=np.bincount(codes, weights=in_bytes, minlength=len(names) + 1).astype(np.int64),
         examples=examples, normalized=int(rewritten.sum()), pii_docs=pii_docs, pii_matches=pii_matches,
-        keys=keys, signatures=signatures, cpu_seconds=time.process_time() - cpu_start,
+        keys=keys, signatures=signatures, cpu_seconds=time.process_time() - cpu_start, lines_removed=lines_removed,
     )
 
 
@@ -345,6 +355,7 @@ class _Tally:
     # language -> documents per rule code (0: passed the document rules), and removed by dedup
     by_language: dict[str, np.ndarray] = field(default_factory=dict)
     dedup_by_language: dict[str, dict[str, int]] = field(default_factory=dict)
+    lines_removed: np.ndarray = field(default_factory=lambda: np.zeros(len(LINE_RULES), np.int64))
 
     def add(self, result: ChunkResult, kept: pa.Table, limit: int, dedup_removed: dict[str, dict[str, int]]) -> None:
         self.worker_cpu += result.cpu_seconds
@@ -358,6 +369,7 @@ class _Tally:
         self.docs_in += result.docs
         self.bytes_in += result.bytes
         self.normalized += result.normalized
+        self.lines_removed = self.lines_removed + result.lines_removed
         self.pii_docs += result.pii_docs
         for kind, count in result.pii_matches.items():
             self.pii[kind] += count
@@ -396,6 +408,8 @@ def _report(cfg: CleanConfig, tally: _Tally, dedup: StreamDedup) -> dict[str, An
         "groups": groups,
         "normalize": {"enabled": cfg.normalize.enabled, "form": cfg.normalize.form, "docs_modified": tally.normalized},
         "pii": {"enabled": cfg.pii.enabled, "docs_modified": tally.pii_docs, "matches": tally.pii},
+        "lines": {"enabled": cfg.lines.enabled,
+                  "lines_removed": {c.name: int(k) for c, k in zip(LINE_RULES, tally.lines_removed, strict=True)}},
         "lsh": lsh,
         "languages": dict(sorted(tally.languages.items())),
         "by_language": _by_language(tally),
@@ -464,6 +478,19 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def run_inputs(cfg: CleanConfig, paths: Paths) -> tuple[list[Path], NgramIndex | None, list[Path]]:
+    """The raw shards of a clean run, and the index of the eval sets to decontaminate against (with
+    their files). Raises DataError when there are no shards."""
+    files = shard_files(paths.raw)
+    if not files:
+        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
+    if not (cfg.decontaminate.enabled and cfg.decontaminate.eval_files):
+        return files, None, []
+    d = cfg.decontaminate
+    index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    return files, index, eval_files
+
+
 def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     """Clean ``paths.raw`` into ``paths.clean`` (parquet shards, clean_report.json, manifest.json).
 
@@ -479,14 +506,7 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         return ray_clean.run(cfg, paths)
     _check(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
-    files = shard_files(paths.raw)
-    if not files:
-        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
-    index: NgramIndex | None = None
-    eval_files: list[Path] = []
-    if cfg.decontaminate.enabled and cfg.decontaminate.eval_files:
-        d = cfg.decontaminate
-        index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    files, index, eval_files = run_inputs(cfg, paths)
     # a process per core, but never more than there are chunks (starting one costs a second or two)
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, -(-_text_bytes(paths.raw) // CHUNK_BYTES)))
     tally = _Tally(rule_names(cfg))

@@ -7,8 +7,10 @@ document of a batch at once, from statistics computed in one compiled pass
 rule that drops it, so the removals of all rules add up to the documents removed.
 
 Order: ``normalize`` (rewrites, never drops), ``encoding``, ``length.*``, ``language``,
-``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1); then
-``pii`` (:mod:`lmpipe.data.pii`) rewrites the survivors. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
+``quality.*`` (Gopher, Rae et al. 2021, appendix A.1.1), ``repetition.*`` (Gopher table A1),
+``lines.*`` (C4's line filters, :func:`filter_lines`: they rewrite the documents they keep); then
+``pii`` (:mod:`lmpipe.data.pii`) rewrites the survivors. The quality, repetition and line checks are
+the rows of :data:`lmpipe.data.checks.CHECKS`. Decontamination and dedup follow in :mod:`lmpipe.data.clean`.
 
 Languages: ``clean.languages`` holds a profile per language (:class:`LanguageProfile`): how its
 words are counted, its stop words, and its own quality and repetition thresholds. Chinese (the
@@ -34,9 +36,11 @@ import polars as pl
 import pyarrow as pa
 import pycld2
 
+from lmpipe.data.checks import LINE_CHECKS, LINE_RULES, MIN_SENTENCES, Check, checks_of
 from lmpipe.data.config import CleanConfig, LanguageProfile, RepetitionRule
 from lmpipe.data.segment import segment_words
 from lmpipe.data.textstats import (
+    DOC_STATS,
     EMPTY_NORM,
     HAS_CONTROL,
     HAS_CR,
@@ -45,6 +49,8 @@ from lmpipe.data.textstats import (
     TokenizedBatch,
     count_get,
     count_insert,
+    join_lines,
+    line_stats,
     mix64,
     table_mask,
     token_hashes,
@@ -85,13 +91,6 @@ ENGLISH_FAST_SHARE = 0.10
 ENGLISH_FAST_MIN_WORDS = 20
 ENGLISH_FAST_CONFIDENCE = 0.99
 
-QUALITY_CHECKS = (
-    "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio",
-    "max_ellipsis_line_fraction", "max_bullet_line_fraction", "min_alpha_word_fraction", "min_stop_words",
-)
-REPETITION_CHECKS = (
-    "max_dup_line_fraction", "max_dup_para_fraction", "max_dup_line_char_fraction", "max_dup_para_char_fraction",
-)
 
 
 def _repetition_rules(cfg: CleanConfig) -> list[RepetitionRule]:
@@ -99,16 +98,18 @@ def _repetition_rules(cfg: CleanConfig) -> list[RepetitionRule]:
 
 
 def document_rule_names(cfg: CleanConfig) -> list[str]:
-    """Names of the rules that judge single documents, in the order they are applied (the n-gram
-    sizes of every language's repetition rules)."""
+    """Names of the rules that judge single documents, in the order they are applied: the rows of
+    :data:`lmpipe.data.checks.CHECKS` that drop documents, with the n-gram sizes of every
+    language's repetition rules after the repetition rows."""
     names = ["encoding", "length.min_chars", "length.max_chars", "language"]
-    names += [f"quality.{check}" for check in QUALITY_CHECKS]
-    names += [f"repetition.{check}" for check in REPETITION_CHECKS]
+    names += [c.name for c in checks_of("quality")]
+    names += [c.name for c in checks_of("repetition")]
     rules = _repetition_rules(cfg)
     top = sorted({n for r in rules for n in r.top_ngram_char_fraction})
     dup = sorted({n for r in rules for n in r.dup_ngram_char_fraction})
     names += [f"repetition.top_ngram_char_fraction.{n}" for n in top]
     names += [f"repetition.dup_ngram_char_fraction.{n}" for n in dup]
+    names += [c.name for c in checks_of("lines") if c.target == "doc"]
     return names
 
 
@@ -358,10 +359,12 @@ def judge(cfg: CleanConfig, *, chars: np.ndarray, bad_fraction: np.ndarray, lang
     if not (cfg.quality.enabled or cfg.repetition.enabled):
         return out
     groups = language_groups(cfg, langs, out.codes == 0, batch, texts)
+    stats = document_stats(batch, chars, groups)
+    scopes = _scopes(batch, groups, langs)
     if cfg.quality.enabled:
-        _quality(cfg, out, batch, groups, langs)
+        _quality(cfg, out, stats, groups, scopes)
     if cfg.repetition.enabled:
-        _repetition(cfg, out, batch, groups, chars)
+        _repetition(cfg, out, batch, groups, stats, scopes)
     return out
 
 
@@ -404,71 +407,82 @@ def _per_doc(general: float, groups: list[LanguageGroup], rules: list[Any], key:
     return limit
 
 
-def _quality(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
-             langs: np.ndarray) -> None:
-    q = cfg.quality
+def _stat(stats: dict[str, np.ndarray], expr: str) -> np.ndarray:
+    """A check's statistic: a column of ``stats``, or ``"a/b"`` (0 where b is 0)."""
+    num, _, den = expr.partition("/")
+    return _ratio(stats[num], stats[den]) if den else stats[num]
+
+
+def _fails(check: Check, value: np.ndarray, limit: np.ndarray | float) -> np.ndarray:
+    if check.op == "flag":
+        return np.asarray(value != 0) & bool(limit)
+    return value < limit if check.op == "min" else value > limit
+
+
+def _apply(out: Judgement, checks: tuple[Check, ...], section: Any, groups: list[LanguageGroup], rules: list[Any],
+           stats: dict[str, np.ndarray], on: np.ndarray, scopes: dict[str, np.ndarray]) -> None:
+    """Drop, in table order, the documents failing each check at their language's limit."""
     n = len(out.codes)
-    words = batch.stat("words").copy()
-    word_chars = batch.stat("word_chars").copy()
-    alpha_words = batch.stat("alpha_words")
-    stops = stop_word_counts(batch).copy()
-    # without a profile, CJK counted per character has no word lengths or stop words to check
-    cjk_doc = _ratio(batch.stat("cjk_words"), words) > CJK_DOC_FRACTION
-    word_checks = ~cjk_doc
-    stop_checks = (langs == "en") & ~cjk_doc
-    alpha = _ratio(alpha_words, words)
-    on = np.ones(n, np.bool_)
-    rules = [g.profile.quality for g in groups]
-    for group, rule in zip(groups, rules, strict=True):
+    for check in checks:
+        value = _stat(stats, check.stat)
+        limit = _per_doc(getattr(section, check.key), groups, rules, check.key, n)
+        out.drop(check.name, value, on & scopes[check.scope] & _fails(check, value, limit))
+
+
+def document_stats(batch: TokenizedBatch, chars: np.ndarray, groups: list[LanguageGroup]) -> dict[str, np.ndarray]:
+    """The per-document columns the checks read: the textstats pass's, ``chars`` of the text, and
+    derived ones; for documents of a profiled language, words counted as datatrove counts them
+    (FineWeb-2's thresholds assume it): without punctuation tokens, and ``tokens`` for the share
+    of words with a letter among all tokens."""
+    stats = {name: batch.stat(name).copy() for name in DOC_STATS}
+    stats["chars"] = chars
+    stats["tokens"] = stats["words"].copy()
+    stats["stop_words"] = stop_word_counts(batch).copy()
+    for group in groups:
         rows, gb = group.rows, group.batch
-        # as datatrove counts them (FineWeb-2's thresholds assume it): words and their lengths
-        # without punctuation tokens, the share of words with a letter among all tokens
         doc = np.repeat(np.arange(len(gb)), np.diff(gb.tok_offsets))
         real = (gb.tok_flags & EMPTY_NORM) == 0
-        words[rows] = np.bincount(doc, weights=real, minlength=len(gb))
-        word_chars[rows] = np.bincount(doc, weights=np.where(real, gb.tok_chars, 0), minlength=len(gb))
-        alpha[rows] = _ratio(gb.stat("alpha_words"), gb.stat("words"))
-        stops[rows] = gb.set_counts[:, 0]
-        word_checks[rows] = True
-        stop_checks[rows] = bool(group.profile.stop_words)
-        on[rows] = rule is None or rule.enabled
-
-    def limit(key: str) -> np.ndarray:
-        return _per_doc(getattr(q, key), groups, rules, key, n)
-
-    lines = batch.stat("lines")
-    mean_len = _ratio(word_chars, words)
-    symbols = _ratio(np.maximum(batch.stat("hashes"), batch.stat("ellipses")), words)
-    out.drop("quality.min_words", words, on & (words < limit("min_words")))
-    out.drop("quality.max_words", words, on & (words > limit("max_words")))
-    out.drop("quality.min_mean_word_length", mean_len, on & (mean_len < limit("min_mean_word_length")) & word_checks)
-    out.drop("quality.max_mean_word_length", mean_len, on & (mean_len > limit("max_mean_word_length")) & word_checks)
-    out.drop("quality.max_symbol_word_ratio", symbols, on & (symbols > limit("max_symbol_word_ratio")))
-    ellipsis = _ratio(batch.stat("ellipsis_lines"), lines)
-    out.drop("quality.max_ellipsis_line_fraction", ellipsis, on & (ellipsis > limit("max_ellipsis_line_fraction")))
-    bullets = _ratio(batch.stat("bullet_lines"), lines)
-    out.drop("quality.max_bullet_line_fraction", bullets, on & (bullets > limit("max_bullet_line_fraction")))
-    out.drop("quality.min_alpha_word_fraction", alpha, on & (alpha < limit("min_alpha_word_fraction")))
-    min_stops = limit("min_stop_words")
-    out.drop("quality.min_stop_words", stops, on & stop_checks & (min_stops > 0) & (stops < min_stops))
+        stats["words"][rows] = np.bincount(doc, weights=real, minlength=len(gb))
+        stats["word_chars"][rows] = np.bincount(doc, weights=np.where(real, gb.tok_chars, 0), minlength=len(gb))
+        stats["tokens"][rows] = gb.stat("words")
+        stats["alpha_words"][rows] = gb.stat("alpha_words")
+        stats["stop_words"][rows] = gb.set_counts[:, 0]
+    stats["symbols"] = np.maximum(stats["hashes"], stats["ellipses"])
+    return stats
 
 
-def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
-                chars: np.ndarray) -> None:
-    r = cfg.repetition
-    n = len(out.codes)
-    rules = [g.profile.repetition for g in groups]
+def _scopes(batch: TokenizedBatch, groups: list[LanguageGroup], langs: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(batch)
+    # without a profile, CJK counted per character has no word lengths or stop words to check
+    cjk_doc = _ratio(batch.stat("cjk_words"), batch.stat("words")) > CJK_DOC_FRACTION
+    words = ~cjk_doc
+    stops = (langs == "en") & ~cjk_doc
+    for group in groups:
+        words[group.rows] = True
+        stops[group.rows] = bool(group.profile.stop_words)
+    return {"all": np.ones(n, np.bool_), "words": words, "stop_words": stops}
+
+
+def _enabled(groups: list[LanguageGroup], rules: list[Any], n: int) -> np.ndarray:
     on = np.ones(n, np.bool_)
     for group, rule in zip(groups, rules, strict=True):
         on[group.rows] = rule is None or rule.enabled
-    checks = (
-        ("max_dup_line_fraction", _ratio(batch.stat("dup_lines"), batch.stat("lines"))),
-        ("max_dup_para_fraction", _ratio(batch.stat("dup_paras"), batch.stat("paras"))),
-        ("max_dup_line_char_fraction", _ratio(batch.stat("dup_line_chars"), chars)),
-        ("max_dup_para_char_fraction", _ratio(batch.stat("dup_para_chars"), chars)),
-    )
-    for check, value in checks:
-        out.drop(f"repetition.{check}", value, on & (value > _per_doc(getattr(r, check), groups, rules, check, n)))
+    return on
+
+
+def _quality(cfg: CleanConfig, out: Judgement, stats: dict[str, np.ndarray], groups: list[LanguageGroup],
+             scopes: dict[str, np.ndarray]) -> None:
+    rules = [g.profile.quality for g in groups]
+    on = _enabled(groups, rules, len(out.codes))
+    _apply(out, checks_of("quality"), cfg.quality, groups, rules, stats, on, scopes)
+
+
+def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups: list[LanguageGroup],
+                stats: dict[str, np.ndarray], scopes: dict[str, np.ndarray]) -> None:
+    r = cfg.repetition
+    rules = [g.profile.repetition for g in groups]
+    on = _enabled(groups, rules, len(out.codes))
+    _apply(out, checks_of("repetition"), r, groups, rules, stats, on, scopes)
     # n-gram statistics are the costliest: compute them only for documents still in, each on the
     # words of its language (a profile's segmenter) with its language's limits
     all_rules = [r, *(rule for rule in rules if rule is not None)]
@@ -497,6 +511,50 @@ def _repetition(cfg: CleanConfig, out: Judgement, batch: TokenizedBatch, groups:
         out.drop(f"repetition.top_ngram_char_fraction.{k}", value, value > top_limit[k])
     for k in dup_ns:
         out.drop(f"repetition.dup_ngram_char_fraction.{k}", dup[:, k], dup[:, k] > dup_limit[k])
+
+
+def filter_lines(cfg: CleanConfig, out: Judgement, texts: pl.Series,
+                 langs: np.ndarray) -> tuple[pl.Series, np.ndarray, np.ndarray]:
+    """C4's line filters (the ``lines`` rows of the checks table) on the documents still kept whose
+    language is in ``clean.lines.languages``: each line is removed by the first row it fails, a
+    document is dropped when a kept-so-far line fails a ``doc`` row (in line order, as C4 stops at
+    it), or when fewer than ``min_sentences`` sentences remain. Returns the texts with the
+    survivors rebuilt from their kept lines, the lines each ``line`` row removed (table order), and
+    the rows of the rebuilt documents.
+    """
+    c = cfg.lines
+    removed = np.zeros(len(LINE_RULES), np.int64)
+    rows = np.flatnonzero((out.codes == 0) & np.isin(langs.astype(str), c.languages))
+    if not c.enabled or len(rows) == 0:
+        return texts, removed, rows[:0]
+    select = np.zeros(len(texts), np.bool_)
+    select[rows] = True
+    lines = line_stats(texts.to_arrow(), select)
+    fate = np.zeros(len(lines.stats), np.int64)  # 0: kept, else 1 + index in LINE_CHECKS
+    for idx, check in enumerate(LINE_CHECKS):
+        hit = _fails(check, lines.stat(check.stat), getattr(c, check.key))
+        fate[(fate == 0) & hit] = idx + 1
+    doc = lines.doc_of_line()
+    n = len(texts)
+    for idx, check in enumerate(LINE_CHECKS):
+        if check.target == "line":
+            removed[LINE_RULES.index(check)] = int(np.count_nonzero(fate == idx + 1))
+    # a document-dropping line decides the document at the first such line
+    doc_lines = np.flatnonzero(np.isin(fate, [i + 1 for i, ch in enumerate(LINE_CHECKS) if ch.target == "doc"]))
+    first_docs, first = np.unique(doc[doc_lines], return_index=True)
+    code = np.zeros(n, np.int64)
+    code[first_docs] = fate[doc_lines[first]]
+    for idx, check in enumerate(LINE_CHECKS):
+        if check.target == "doc":
+            out.drop(check.name, np.ones(n), code == idx + 1)
+    keep = fate == 0
+    sentences = np.bincount(doc, weights=np.where(keep, lines.stat("sentences"), 0), minlength=n)
+    out.drop(MIN_SENTENCES.name, sentences, select & _fails(MIN_SENTENCES, sentences, getattr(c, MIN_SENTENCES.key)))
+    survivors = np.flatnonzero(select & (out.codes == 0))
+    if len(survivors):
+        rebuilt = pl.Series(join_lines(lines, keep, survivors), dtype=pl.String).str.strip_chars()
+        texts = texts.clone().scatter(survivors, rebuilt)
+    return texts, removed, survivors
 
 
 def _widen(stats: np.ndarray, width: int) -> np.ndarray:

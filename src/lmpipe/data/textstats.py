@@ -518,3 +518,266 @@ def token_hashes(words: list[str], *, split_cjk: bool = True) -> np.ndarray:
         if hi - lo == 1:
             out[idx] = batch.tok_hash[lo]
     return out
+
+
+# ------------------------------------------------------------------------------------ C4 lines
+
+# per-line columns of LineStats.stats, and the bits of the "flags" column
+LINE_STATS = ("words", "longest_word", "sentences", "no_terminal_punct", "lorem_ipsum", "javascript",
+              "curly_brace", "policy")
+LINE_COL = {name: idx for idx, name in enumerate(LINE_STATS)}
+# what the phrase columns look for (ASCII case-insensitive); policy: C4's boilerplate phrases
+_PHRASES = {
+    "lorem_ipsum": (b"lorem ipsum",), "javascript": (b"javascript",), "curly_brace": (b"{",),
+    "policy": (b"terms of use", b"privacy policy", b"cookie policy", b"uses cookies", b"use of cookies", b"use cookies"),
+}
+_CLOSERS = np.frombuffer(b"\"')]", np.uint8)  # may follow a sentence's final . ? ! (punkt: 'end.")')
+_EDIT = np.frombuffer(b"edit]", np.uint8)
+_CITATION_NEEDED = np.frombuffer(b"citation needed]", np.uint8)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _is_space(cp: int) -> bool:
+    """str.isspace()."""
+    return cp == 32 or 9 <= cp <= 13 or 28 <= cp <= 31 or cp == 0x85 or cp == 0xA0 or cp == 0x1680 \
+        or 0x2000 <= cp <= 0x200A or cp == 0x2028 or cp == 0x2029 or cp == 0x202F or cp == 0x205F or cp == 0x3000
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _is_line_break(cp: int) -> bool:
+    """A line boundary of str.splitlines()."""
+    return 10 <= cp <= 13 or 28 <= cp <= 30 or cp == 0x85 or cp == 0x2028 or cp == 0x2029
+
+
+@numba.njit(cache=True, nogil=True)
+def _citation_at(data: np.ndarray, i: int, end: int) -> int:
+    """Length of a Wikipedia citation ('[12]', '[]', '[edit]', '[citation needed]') at byte ``i``, else 0."""
+    if data[i] != 0x5B:
+        return 0
+    j = i + 1
+    while j < end and 0x30 <= data[j] <= 0x39:
+        j += 1
+    if j < end and data[j] == 0x5D:
+        return j + 1 - i
+    for word in (_EDIT, _CITATION_NEEDED):
+        n = word.shape[0]
+        if i + 1 + n <= end:
+            ok = True
+            for k in range(n):
+                if data[i + 1 + k] != word[k]:
+                    ok = False
+                    break
+            if ok:
+                return n + 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _strip_citations_end(data: np.ndarray, start: int, end: int) -> int:
+    """End of ``data[start:end]`` once the citations it ends with are removed."""
+    while end > start and data[end - 1] == 0x5D:
+        i = end - 1
+        while i > start and data[i] != 0x5B:
+            i -= 1
+        if data[i] != 0x5B or _citation_at(data, i, end) != end - i:
+            break
+        end = i
+    return end
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_stats(data, offsets, select, closers, line_offsets, spans, stats):  # pragma: no cover - compiled
+    n_lines = 0
+    for d in range(offsets.shape[0] - 1):
+        line_offsets[d] = n_lines
+        if not select[d]:
+            continue
+        start, end = offsets[d], offsets[d + 1]
+        i = start
+        while start < end:
+            # one line: [i, j) up to the next break
+            j = i
+            while j < end:
+                cp, nb = _decode(data, j, end)
+                if _is_line_break(cp):
+                    break
+                j += nb
+            # strip, count words (runs of non-space), the longest in characters, and sentence ends
+            lo, hi = j, i
+            words = 0
+            longest = 0
+            sentences = 0
+            in_word = False
+            wlen = 0
+            wstart = i
+            k = i
+            last_end_punct = False  # the word just closed ends a sentence (punkt without a model)
+            while k <= j:
+                if k < j:
+                    cp, nb = _decode(data, k, j)
+                    space = _is_space(cp)
+                else:
+                    cp, nb, space = 32, 1, True
+                if not space:
+                    if not in_word:
+                        if last_end_punct:
+                            sentences += 1
+                        in_word = True
+                        wlen = 0
+                        wstart = k
+                        lo = min(lo, k)
+                    wlen += 1
+                    hi = k + nb
+                elif in_word:
+                    in_word = False
+                    words += 1
+                    longest = max(longest, wlen)
+                    # ends in . ? ! (then closing quotes/brackets), not '..', not a number's '1.'
+                    e = k
+                    while e > wstart and _in(closers, data[e - 1]):
+                        e -= 1
+                    last = data[e - 1] if e > wstart else 0
+                    last_end_punct = last == 0x3F or last == 0x21 or (
+                        last == 0x2E and not (e - 2 >= wstart and data[e - 2] == 0x2E) and not _digits(data, wstart, e - 1))
+                k += nb
+            row = stats[n_lines]
+            row[0] = words
+            row[1] = longest
+            row[2] = sentences + 1 if words else 0
+            c_end = _strip_citations_end(data, lo, hi) if hi > lo else hi
+            last = data[c_end - 1] if c_end > lo else 0
+            terminal = last == 0x2E or last == 0x3F or last == 0x21 or last == 0x22 or last == 0x27
+            ellipsis = c_end - lo >= 3 and data[c_end - 1] == 0x2E and data[c_end - 2] == 0x2E and data[c_end - 3] == 0x2E
+            row[3] = 1 if (not terminal or ellipsis) else 0
+            spans[n_lines, 0] = lo
+            spans[n_lines, 1] = max(hi, lo)
+            n_lines += 1
+            if j >= end:
+                break
+            _, nb = _decode(data, j, end)
+            if data[j] == 13 and j + 1 < end and data[j + 1] == 10:
+                nb = 2  # CRLF is one break
+            i = j + nb
+            if i >= end:  # a final break ends the last line, it does not start one
+                break
+    line_offsets[offsets.shape[0] - 1] = n_lines
+    return n_lines
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _in(values: np.ndarray, b: int) -> bool:
+    for v in values:  # noqa: SIM110 - numba compiles loops, not generators
+        if v == b:
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _digits(data: np.ndarray, start: int, end: int) -> bool:
+    """Is ``data[start:end]`` a non-empty run of ASCII digits?"""
+    if end <= start:
+        return False
+    for k in range(start, end):  # noqa: SIM110 - numba compiles loops, not generators
+        if not 0x30 <= data[k] <= 0x39:
+            return False
+    return True
+
+
+@dataclass
+class LineStats:
+    """Per-line statistics of the selected documents of a batch: lines
+    ``line_offsets[d]:line_offsets[d + 1]`` are document ``d``'s (none when it was not selected);
+    ``stats[l, LINE_COL[name]]`` (see ``LINE_STATS``); ``spans[l]`` the stripped line's bytes."""
+
+    data: np.ndarray
+    offsets: np.ndarray
+    line_offsets: np.ndarray
+    spans: np.ndarray
+    stats: np.ndarray
+
+    def stat(self, name: str) -> np.ndarray:
+        return self.stats[:, LINE_COL[name]]
+
+    def doc_of_line(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.line_offsets) - 1), np.diff(self.line_offsets))
+
+
+def line_stats(texts: pa.Array | pa.ChunkedArray | list[str], select: np.ndarray | None = None) -> LineStats:
+    """Split documents into lines as ``str.splitlines()`` does and measure what the C4 line
+    filters read (one compiled pass): words (whitespace-separated), the longest word, sentences
+    (boundaries after '.', '?' or '!' ending a word, except '...' and a number's '1.', as punkt
+    without a trained model splits), whether the line (stripped, trailing citations removed) ends
+    without terminal punctuation, and whether it contains 'lorem ipsum', 'javascript', '{' or a
+    cookie/policy phrase (ASCII case-insensitive)."""
+    data, offsets = utf8_buffers(texts)
+    n_docs = len(offsets) - 1
+    select = np.ones(n_docs, np.bool_) if select is None else np.ascontiguousarray(select, np.bool_)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    window = data[lo:hi]
+    # every document has at most one more line than breaks; a break has one of these bytes
+    # (the one-byte breaks, the last byte of U+0085, U+2028, U+2029)
+    per_byte = np.bincount(window, minlength=256)
+    max_lines = int(per_byte[[10, 11, 12, 13, 28, 29, 30, 0x85, 0xA8, 0xA9]].sum()) + n_docs + 1
+    line_offsets = np.zeros(n_docs + 1, np.int64)
+    spans = np.empty((max_lines, 2), np.int64)
+    stats = np.zeros((max_lines, len(LINE_STATS)), np.int64)
+    used = _line_stats(data, offsets, select, _CLOSERS, line_offsets, spans, stats)
+    spans, stats = spans[:used], stats[:used]
+    # phrases: found in the whole batch at C speed (bytes.find, rare hits), then placed in their lines
+    lowered = np.where((window >= 0x41) & (window <= 0x5A), window | 0x20, window).tobytes()
+    for name, phrases in _PHRASES.items():
+        if name == "curly_brace":
+            begin, length = np.flatnonzero(window == 0x7B), np.ones(1, np.int64)
+        else:
+            found, sizes = [], []
+            for phrase in phrases:
+                at = lowered.find(phrase)
+                while at >= 0:
+                    found.append(at)
+                    sizes.append(len(phrase))
+                    at = lowered.find(phrase, at + 1)
+            begin, length = np.array(found, np.int64), np.array(sizes, np.int64)
+        if len(begin) == 0 or len(spans) == 0:
+            continue
+        begin = begin + lo
+        line = np.searchsorted(spans[:, 0], begin, side="right") - 1
+        inside = (line >= 0) & (begin + length <= spans[np.maximum(line, 0), 1])
+        stats[line[inside], LINE_COL[name]] = 1
+    return LineStats(data, offsets, line_offsets, spans, stats)
+
+
+@numba.njit(cache=True, nogil=True)
+def _join_lines(data, line_offsets, spans, keep, docs, out, out_offsets):  # pragma: no cover - compiled
+    o = 0
+    for r in range(docs.shape[0]):
+        d = docs[r]
+        out_offsets[r] = o
+        first = True
+        for ln in range(line_offsets[d], line_offsets[d + 1]):
+            if not keep[ln]:
+                continue
+            if not first:
+                out[o] = 10
+                o += 1
+            first = False
+            k = spans[ln, 0]
+            while k < spans[ln, 1]:
+                c = _citation_at(data, k, spans[ln, 1])
+                if c:
+                    k += c
+                    continue
+                out[o] = data[k]
+                o += 1
+                k += 1
+    out_offsets[docs.shape[0]] = o
+
+
+def join_lines(lines: LineStats, keep: np.ndarray, docs: np.ndarray) -> pa.LargeStringArray:
+    """The texts of documents ``docs`` rebuilt from their kept lines (stripped, Wikipedia citations
+    removed, joined by newlines), as C4 writes them."""
+    docs = np.ascontiguousarray(docs, np.int64)
+    out = np.empty(int(np.sum(lines.spans[:, 1] - lines.spans[:, 0])) + len(lines.spans) + 1, np.uint8)
+    out_offsets = np.empty(len(docs) + 1, np.int64)
+    _join_lines(lines.data, lines.line_offsets, lines.spans, np.ascontiguousarray(keep, np.bool_), docs, out,
+                out_offsets)
+    return pa.LargeStringArray.from_buffers(len(docs), pa.py_buffer(out_offsets), pa.py_buffer(out[: out_offsets[-1]]))
