@@ -151,8 +151,8 @@ def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:
 
 
 def test_glob_matching_nothing_and_missing_file(tmp_path: Path) -> None:
-    assert "corpus/*.txt: glob matched no files" in _error(tmp_path, "corpus/*.txt")
-    assert "nope.txt: file not found" in _error(tmp_path, "nope.txt")
+    assert "no file matches 'corpus/*.txt'" in _error(tmp_path, "corpus/*.txt")
+    assert "'nope.txt' matches no file: file not found" in _error(tmp_path, "nope.txt")
 
 
 def test_unknown_extension_asks_for_format(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_hf_missing_column_and_missing_files(tmp_path: Path, hf_cache: Path) -> 
     write_jsonl(tmp_path / "a.jsonl", [{"body": "x"}])
     with pytest.raises(DataError, match="no column 'text' \\(columns: body\\)"):
         hf_read(tmp_path, path="json", data_files="a.jsonl")
-    with pytest.raises(DataError, match="glob matched no files"):
+    with pytest.raises(DataError, match="no file matches 'missing/\\*.jsonl'"):
         hf_read(tmp_path, path="json", data_files="missing/*.jsonl")
 
 

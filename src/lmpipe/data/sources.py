@@ -1,6 +1,11 @@
-"""Readers for the sources of ``collect``: local files, Hugging Face datasets and URLs.
+"""The data-rows reader (local files, globs, Hugging Face datasets) and the sources of ``collect``.
 
-Every reader is a generator of ``(text, meta)`` records, read in a streaming fashion so a large
+:func:`file_rows`, :func:`files_rows` and :func:`hf_rows` yield :class:`DataRow` objects, a
+record's fields plus where it is, so every stage that reads user data (collect, finetune,
+evaluate's eval files, decontamination) parses each format one way and reports bad input with
+the same path:line (or path and row). :func:`resolve_paths` is the one glob expansion.
+
+The ``collect`` readers is a generator of ``(text, meta)`` records, read in a streaming fashion so a large
 corpus never sits in memory. ``meta`` says where the record came from (file and line or row, hub
 name and split, URL) and carries the record's other scalar fields (labels, ids) under ``fields``,
 so later stages (a classifier fine-tune, say) can use them.
@@ -21,6 +26,7 @@ import glob
 import gzip
 import http.client
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -28,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -47,7 +53,7 @@ log = logging.getLogger(__name__)
 Record = tuple[str, dict[str, Any]]
 
 # extension (after stripping .gz) -> format
-EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl",
+EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
               ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 _SCALARS = (str, int, float, bool)
 _BATCH_ROWS = 4096
@@ -74,24 +80,29 @@ def display_path(path: Path, root: Path) -> str:
         return str(path)
 
 
-def resolve_paths(patterns: list[str], root: Path) -> list[Path]:
-    """Expand files and glob patterns (relative to ``root``) into a sorted, de-duplicated list.
+def resolve_paths(patterns: Sequence[str], root: Path, key: str | None = None) -> list[Path]:
+    """Expand files and glob patterns (relative to ``root``) into a list: each pattern's matches
+    sorted, in pattern order, a file listed twice kept at its first place.
 
-    Raises DataError for a plain path that does not exist or a glob that matches no file.
+    Raises DataError (naming the params ``key`` that lists the patterns, when given) for a glob
+    that matches no file and a plain path that is not a file.
     """
     found: list[Path] = []
+    where = f"{key}: " if key else ""
+    relative = f"paths are relative to the project root {root}"
     for pattern in patterns:
         full = Path(pattern) if Path(pattern).is_absolute() else root / pattern
         if glob.has_magic(pattern):
             matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
             if not matches:
-                raise DataError(f"glob matched no files (relative to {root})", path=pattern)
+                raise DataError(f"{where}no file matches {pattern!r} ({relative})")
             found.extend(matches)
         elif full.is_file():
             found.append(full)
+        elif full.is_dir():
+            raise DataError(f"{where}{pattern!r} is a directory, not a file (use a glob such as dir/*.txt; {relative})")
         else:
-            what = "is a directory, not a file (use a glob such as dir/*.txt)" if full.is_dir() else "file not found"
-            raise DataError(f"{what} (relative to {root})", path=pattern)
+            raise DataError(f"{where}{pattern!r} matches no file: file not found ({relative})")
     return list(dict.fromkeys(found))  # de-duplicated, first occurrence wins
 
 
@@ -106,7 +117,24 @@ def detect_format(path: Path | str, fmt: str) -> str:
     return EXTENSIONS[ext]
 
 
-# ---------------------------------------------------------------------------------- file readers
+# ------------------------------------------------------------------------------------ data rows
+
+
+@dataclass(frozen=True)
+class DataRow:
+    """One row of an input and where it is: ``line``, the 1-based physical line of a text file
+    (txt, jsonl, csv, tsv), and ``row``, the 0-based index of the record (parquet, json, csv, HF)."""
+
+    values: dict[str, Any]
+    where: str
+    line: int | None = None
+    row: int | None = None
+
+    def error(self, message: str) -> DataError:
+        """``message`` as a DataError at ``where:line``, else at ``where`` naming the row."""
+        if self.line is not None:
+            return DataError(message, path=self.where, line=self.line)
+        return DataError(f"row {self.row}: {message}", path=self.where)
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -140,21 +168,19 @@ def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"not a readable gzip file: {err}", path=str(path)) from None
 
 
-def _scalar_fields(obj: dict[str, Any], text_field: str) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS)}
-
-
-def iter_txt(path: Path, split: str, where: str) -> Iterator[Record]:
-    """Plain text: the whole file, each blank-line separated paragraph, or each line is a document."""
+def _txt_rows(path: Path, split: str) -> Iterator[DataRow]:
+    """Plain text as ``{"text": ...}`` rows: the whole file, each blank-line separated paragraph
+    (stripped), or each non-blank line without its line ending."""
+    where = str(path)
     if split == "file":
         text = "".join(line for _, line in decoded_lines(path)).replace("\r\n", "\n")
         if text.strip():
-            yield text, {"path": where}
+            yield DataRow({"text": text}, where)
         return
     if split == "line":
         for lineno, line in decoded_lines(path):
             if line.strip():
-                yield line.strip(), {"path": where, "line": lineno}
+                yield DataRow({"text": line.rstrip("\r\n")}, where, line=lineno)
         return
     start, lines = 0, list[str]()
     for lineno, line in decoded_lines(path):
@@ -163,28 +189,207 @@ def iter_txt(path: Path, split: str, where: str) -> Iterator[Record]:
                 start = lineno
             lines.append(line.rstrip("\r\n"))
         elif lines:
-            yield "\n".join(lines).strip(), {"path": where, "line": start}
+            yield DataRow({"text": "\n".join(lines).strip()}, where, line=start)
             lines = []
     if lines:
-        yield "\n".join(lines).strip(), {"path": where, "line": start}
+        yield DataRow({"text": "\n".join(lines).strip()}, where, line=start)
 
 
-def iter_jsonl(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
-    """JSON Lines: one object per line, the text in ``text_field``; blank lines are ignored."""
-    for lineno, obj in jsonl_objects(path, decoded_lines(path)):
-        if text_field not in obj:
-            raise DataError(
-                f"no field '{text_field}' (fields: {', '.join(obj) or 'none'}); set the source's text_field",
-                path=str(path), line=lineno,
-            )
-        value = obj[text_field]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            stats.skipped_empty += 1
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"field '{text_field}' is a {type(value).__name__}, expected a string",
-                            path=str(path), line=lineno)
-        yield value, {"path": where, "line": lineno, "fields": _scalar_fields(obj, text_field)}
+def _missing(name: str, names: Sequence[str], what: str, setting: str) -> str:
+    return f"no {what} '{name}' ({what}s: {', '.join(map(str, names)) or 'none'}); set {setting}"
+
+
+def _jsonl_rows(path: Path, required: Sequence[str], setting: str) -> Iterator[DataRow]:
+    """JSON Lines: one object per line; blank lines are ignored."""
+    for row, (lineno, obj) in enumerate(jsonl_objects(path, decoded_lines(path))):
+        for name in required:
+            if name not in obj:
+                raise DataError(_missing(name, list(obj), "field", setting), path=str(path), line=lineno)
+        yield DataRow(obj, str(path), line=lineno, row=row)
+
+
+def _json_rows(path: Path, required: Sequence[str], setting: str) -> Iterator[DataRow]:
+    """One JSON document: a list of objects or ``{"data": [...]}``. A file of several top-level
+    objects is read as JSON Lines, as the ``datasets`` json builder reads it."""
+    try:
+        data = json.loads("".join(line for _, line in decoded_lines(path)))
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            yield from _jsonl_rows(path, required, setting)
+            return
+        raise DataError(f"not valid JSON: {err.msg} at column {err.colno}", path=str(path), line=err.lineno) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    elif isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError("expected a JSON list of objects (or {\"data\": [...]})", path=str(path))
+    for row, obj in enumerate(data):
+        record = DataRow(obj, str(path), row=row)
+        if not isinstance(obj, dict):
+            raise record.error(f"expected a JSON object, got {type(obj).__name__}")
+        for name in required:
+            if name not in obj:
+                raise record.error(_missing(name, list(obj), "field", setting))
+        yield record
+
+
+def parquet_file(path: Path) -> pq.ParquetFile:
+    """``path`` opened as parquet. Raises DataError for a file that is not one."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
+
+
+def _parquet_rows(path: Path, columns: Sequence[str] | None, required: Sequence[str],
+                  setting: str) -> Iterator[DataRow]:
+    """Parquet read in row batches of ``columns`` (None: all)."""
+    parquet = parquet_file(path)
+    names = parquet.schema_arrow.names
+    for name in [*required, *(columns or ())]:
+        if name not in names:
+            raise DataError(_missing(name, names, "column", setting), path=str(path))
+    if parquet.metadata.num_rows == 0:
+        raise DataError("parquet file has no rows (empty file)", path=str(path))
+    row = 0
+    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=list(columns) if columns else None):
+        for values in batch.to_pylist():
+            yield DataRow(values, str(path), row=row)
+            row += 1
+
+
+def _delimited_rows(path: Path, delimiter: str, required: Sequence[str], setting: str) -> Iterator[DataRow]:
+    """CSV/TSV with a header row naming the columns; blank lines are skipped. TSV fields are not
+    quoted (GLUE and most NLP releases): a '"' in a TSV file is part of the text."""
+    lines = (line for _, line in decoded_lines(path))
+    reader = (csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if delimiter == "\t"
+              else csv.reader(lines, delimiter=delimiter))
+    # Default limit is 128 KiB per field; whole documents in one cell are routinely larger.
+    csv.field_size_limit(1 << 30)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError("file is empty (no header row)", path=str(path))
+        for name in required:
+            if name not in header:
+                raise DataError(_missing(name, header, "column", setting), path=str(path), line=1)
+        row = 0
+        for values in reader:
+            if not values or (len(values) == 1 < len(header) and not values[0].strip()):
+                continue  # a blank line (a one-column file's blank cell is a row with an empty value)
+            if len(values) != len(header):
+                raise DataError(f"row has {len(values)} fields, the header has {len(header)} ({', '.join(header)})",
+                                path=str(path), line=reader.line_num)
+            yield DataRow(dict(zip(header, values, strict=True)), str(path), line=reader.line_num, row=row)
+            row += 1
+    except csv.Error as err:
+        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {err}",
+                        path=str(path), line=reader.line_num) from None
+    if row == 0:
+        raise DataError("has a header row but no data rows (empty file)", path=str(path))
+
+
+def file_rows(path: Path, fmt: str = "auto", *, columns: Sequence[str] | None = None, required: Sequence[str] = (),
+              txt_split: str = "paragraph", setting: str = "text_field") -> Iterator[DataRow]:
+    """The rows of one local file (txt, jsonl, json, parquet, csv, tsv; any of them gzipped).
+
+    ``fmt`` 'auto' picks the format by extension. A txt file gives ``{"text": ...}`` rows split by
+    ``txt_split`` (file, paragraph, line); the other formats give each record's fields, for parquet
+    only ``columns`` (None: all). Every row must have the ``required`` fields. Raises DataError
+    naming the file and line (or row) for an empty, unreadable or malformed file and for a missing
+    field, whose message tells to set ``setting``.
+    """
+    fmt = detect_format(path, fmt)
+    if not path.is_file():
+        raise DataError("file not found (paths are relative to the project root)", path=str(path))
+    if path.stat().st_size == 0:
+        raise DataError("file is empty (0 bytes); remove it or fix the paths", path=str(path))
+    if fmt == "txt":
+        return _txt_rows(path, txt_split)
+    if fmt == "jsonl":
+        return _jsonl_rows(path, required, setting)
+    if fmt == "json":
+        return _json_rows(path, required, setting)
+    if fmt == "parquet":
+        return _parquet_rows(path, columns, required, setting)
+    return _delimited_rows(path, "\t" if fmt == "tsv" else ",", required, setting)
+
+
+def files_rows(patterns: Sequence[str], root: Path, fmt: str = "auto", **options: Any) -> Iterator[DataRow]:
+    """The rows of every file ``patterns`` name (see :func:`resolve_paths`, :func:`file_rows`).
+    Every file's format is known before the first is read."""
+    files = resolve_paths(patterns, root)
+    for file in files:
+        detect_format(file, fmt)
+    for file in files:
+        yield from file_rows(file, fmt, **options)
+
+
+# ---------------------------------------------------------------------------------- hf datasets
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_hf(path: str, root: Path, *, config_name: str | None = None, split: str = "train",
+            revision: str | None = None, data_files: str | list[str] | None = None,
+            streaming: bool = False) -> tuple[Any, list[Path]]:
+    """A Hugging Face dataset split and the local files it was read from.
+
+    ``path`` is a directory written by ``save_to_disk``, a local dataset directory or a hub name;
+    ``data_files`` (globs relative to ``root``, or URLs) feed builder datasets ('json', 'csv').
+    Raises DataError naming the dataset when it cannot be loaded or has no such split.
+    """
+    import datasets
+
+    local = Path(path) if Path(path).is_absolute() else root / path
+    inputs: list[Path] = []
+    try:
+        if local.is_dir() and _is_saved_dataset(local):
+            inputs.append(local)
+            loaded = datasets.load_from_disk(str(local))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"no split '{split}' (splits: {', '.join(loaded)})", path=str(local))
+                loaded = loaded[split]
+            return (loaded.to_iterable_dataset() if streaming else loaded), inputs
+        if data_files is not None:
+            listed = [data_files] if isinstance(data_files, str) else list(data_files)
+            inputs.extend(resolve_paths([f for f in listed if "://" not in f], root))
+            data_files = [f if "://" in f or Path(f).is_absolute() else str(root / f) for f in listed]
+        dataset = datasets.load_dataset(str(local) if local.exists() else path, name=config_name, split=split,
+                                        revision=revision, data_files=data_files, streaming=streaming)
+        return dataset, inputs
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load split '{split}': {first} (check path/config_name/split; "
+                        "offline, point `path` at local files)", path=f"hf dataset '{path}'") from None
+
+
+def hf_rows(dataset: Any, where: str) -> Iterator[DataRow]:
+    """The rows of a loaded dataset split in order, ``row`` their index in the split.
+    Raises DataError naming ``where`` and the row when reading fails."""
+    import datasets
+
+    row = 0
+    try:
+        for batch in dataset.iter(batch_size=1000):
+            names = list(batch)
+            for values in zip(*batch.values(), strict=True):
+                yield DataRow(dict(zip(names, values, strict=True)), where, row=row)
+                row += 1
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        raise DataError(f"reading failed at row {row}: {err}", path=where) from None
+
+
+# ------------------------------------------------------------------- collect's (text, meta) records
+
+
+def _scalar_fields(obj: dict[str, Any], text_field: str) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS) and v is not None}
 
 
 def _is_text_type(dtype: pa.DataType) -> bool:
@@ -198,88 +403,49 @@ def _is_scalar_type(dtype: pa.DataType) -> bool:
                                                                    pa.types.is_boolean))
 
 
-def iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
-    """Parquet read in row batches; ``text_field`` must be a string column. ``row`` is 0-based."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
-    schema = parquet.schema_arrow
+def _parquet_columns(path: Path, text_field: str) -> list[str]:
+    """The text column (which must be a string column) and the scalar columns of a parquet file."""
+    schema = parquet_file(path).schema_arrow
     if text_field not in schema.names:
-        raise DataError(f"no column '{text_field}' (columns: {', '.join(schema.names)}); set the source's text_field",
-                        path=str(path))
+        raise DataError(_missing(text_field, schema.names, "column", "the source's text_field"), path=str(path))
     if not _is_text_type(schema.field(text_field).type):
         raise DataError(f"column '{text_field}' has type {schema.field(text_field).type}, expected string",
                         path=str(path))
-    if parquet.metadata.num_rows == 0:
-        raise DataError("parquet file has no rows (empty file)", path=str(path))
-    extra = [f.name for f in schema if f.name != text_field and _is_scalar_type(f.type)]
-    row = 0
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field, *extra]):
-        data = batch.to_pydict()
-        for i, text in enumerate(data[text_field]):
-            if text is None or not text.strip():
-                stats.skipped_empty += 1
-            else:
-                fields = {name: data[name][i] for name in extra if data[name][i] is not None}
-                yield text, {"path": where, "row": row + i, "fields": fields}
-        row += batch.num_rows
+    return [text_field, *(f.name for f in schema if f.name != text_field and _is_scalar_type(f.type))]
 
 
-def iter_csv(path: Path, text_field: str, where: str, stats: SourceStats, delimiter: str) -> Iterator[Record]:
-    """CSV/TSV with a header row; ``text_field`` names the text column. ``row`` is 0-based."""
-    lines = (line for _, line in decoded_lines(path))
-    reader = csv.reader(lines, delimiter=delimiter)
-    # Default limit is 128 KiB per field; whole documents in one cell are routinely larger.
-    csv.field_size_limit(1 << 30)
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DataError("file is empty (no header row)", path=str(path))
-        if text_field not in header:
-            raise DataError(f"no column '{text_field}' (columns: {', '.join(header)}); set the source's text_field",
-                            path=str(path), line=1)
-        col = header.index(text_field)
-        row = 0
-        for values in reader:
-            if not values:
-                continue
-            if len(values) != len(header):
-                raise DataError(f"row has {len(values)} fields, the header has {len(header)}",
-                                path=str(path), line=reader.line_num)
-            text = values[col]
-            if not text.strip():
-                stats.skipped_empty += 1
-            else:
-                fields = {name: value for name, value in zip(header, values, strict=True) if name != text_field}
-                yield text, {"path": where, "row": row, "fields": fields}
-            row += 1
-    except csv.Error as err:
-        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {err}",
-                        path=str(path), line=reader.line_num) from None
-    if row == 0:
-        raise DataError("has a header row but no data rows (empty file)", path=str(path))
+def _text_of(row: DataRow, text_field: str, stats: SourceStats) -> str | None:
+    """The text of a row, None (counted) when it is null or blank; DataError when it is no string."""
+    value = row.values.get(text_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        stats.skipped_empty += 1
+        return None
+    if not isinstance(value, str):
+        raise row.error(f"field '{text_field}' is a {type(value).__name__}, expected a string")
+    return value
 
 
 def read_file(path: Path, fmt: str, text_field: str, txt_split: str, where: str,
               stats: SourceStats) -> Iterator[Record]:
-    """Parse one local file in ``fmt`` (or by extension for 'auto'). Raises DataError on bad input."""
+    """The (text, meta) records of one local file in ``fmt`` (or by extension for 'auto'): meta
+    has ``path`` (``where``), the ``line`` (txt, jsonl) or ``row`` (parquet, csv) and the record's
+    other scalar ``fields``. Raises DataError on bad input or a file without any text."""
     fmt = detect_format(path, fmt)
-    if path.stat().st_size == 0:
-        raise DataError("file is empty (0 bytes); remove it or fix the source's paths", path=str(path))
-    produced = 0
-    if fmt == "txt":
-        records = iter_txt(path, txt_split, where)
-    elif fmt == "jsonl":
-        records = iter_jsonl(path, text_field, where, stats)
-    elif fmt == "parquet":
-        records = iter_parquet(path, text_field, where, stats)
-    else:
-        records = iter_csv(path, text_field, where, stats, "\t" if fmt == "tsv" else ",")
-    skipped_before = stats.skipped_empty
-    for record in records:
+    columns = _parquet_columns(path, text_field) if fmt == "parquet" else None
+    rows = file_rows(path, fmt, columns=columns, required=() if fmt == "txt" else (text_field,),
+                     txt_split=txt_split, setting="the source's text_field")
+    skipped_before, produced = stats.skipped_empty, 0
+    for row in rows:
+        if fmt == "txt":
+            text = row.values["text"]
+            yield (text.strip() if txt_split == "line" else text), {"path": where, **({"line": row.line} if row.line
+                                                                                    else {})}
+        elif (text := _text_of(row, text_field, stats)) is not None:
+            place = {"line": row.line} if fmt in ("jsonl", "json") and row.line else {"row": row.row}
+            yield text, {"path": where, **place, "fields": _scalar_fields(row.values, text_field)}
+        else:
+            continue
         produced += 1
-        yield record
     if produced == 0 and stats.skipped_empty == skipped_before:
         raise DataError("file is empty (no text in it)", path=str(path))
 
@@ -287,7 +453,7 @@ def read_file(path: Path, fmt: str, text_field: str, txt_split: str, where: str,
 def read_files_source(source: FilesSource, root: Path,
                       stats: SourceStats) -> Generator[Record, None, None]:
     """All files of a ``files`` source, in sorted path order per pattern."""
-    files = resolve_paths(source.paths, root)
+    files = resolve_paths(source.paths, root, f"collect.sources.{source.name}.paths")
     for file in files:
         detect_format(file, source.format)  # fail on an unknown extension before reading anything
     for file in files:
@@ -296,48 +462,14 @@ def read_files_source(source: FilesSource, root: Path,
         yield from read_file(file, source.format, source.text_field, source.txt_split, where, stats)
 
 
-# ------------------------------------------------------------------------------------ hf datasets
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def _load_hf(source: HFSource, root: Path, stats: SourceStats) -> Any:
-    import datasets
-
-    local = Path(source.path) if Path(source.path).is_absolute() else root / source.path
-    try:
-        if local.is_dir() and _is_saved_dataset(local):
-            stats.inputs[f"{source.name}:{display_path(local, root)}"] = local
-            loaded = datasets.load_from_disk(str(local))
-            if isinstance(loaded, datasets.DatasetDict):
-                if source.split not in loaded:
-                    raise DataError(f"no split '{source.split}' (splits: {', '.join(loaded)})", path=str(local))
-                loaded = loaded[source.split]
-            return loaded.to_iterable_dataset() if source.streaming else loaded
-        data_files = source.data_files
-        if data_files is not None:
-            listed = [data_files] if isinstance(data_files, str) else list(data_files)
-            absolute = [f if "://" in f or Path(f).is_absolute() else str(root / f) for f in listed]
-            for file in resolve_paths([f for f in listed if "://" not in f], root):
-                stats.inputs[f"{source.name}:{display_path(file, root)}"] = file
-            data_files = absolute
-        path = str(local) if local.exists() else source.path
-        return datasets.load_dataset(path, name=source.config_name, split=source.split, revision=source.revision,
-                                     data_files=data_files, streaming=source.streaming)
-    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not load split '{source.split}': {first} (check path/config_name/split; "
-                        "offline, point `path` at local files)", path=f"hf dataset '{source.path}'") from None
-
-
 def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generator[Record, None, None]:
     """Rows of a Hugging Face dataset (hub or local), streamed when ``streaming`` is set."""
     import datasets
 
-    dataset = _load_hf(source, root, stats)
+    dataset, inputs = load_hf(source.path, root, config_name=source.config_name, split=source.split,
+                              revision=source.revision, data_files=source.data_files, streaming=source.streaming)
+    for file in inputs:
+        stats.inputs[f"{source.name}:{display_path(file, root)}"] = file
     where = f"hf dataset '{source.path}'"
     stats.datasets[source.name] = {"path": source.path, "config": source.config_name, "split": source.split,
                                    "revision": source.revision,
@@ -356,25 +488,12 @@ def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generato
     base = {"dataset": source.path, "config": source.config_name, "split": source.split}
     if source.revision:
         base["revision"] = source.revision
-    row = 0
-    try:
-        for batch in dataset.iter(batch_size=1000):
-            if source.text_field not in batch:
-                raise DataError(f"no column '{source.text_field}' (columns: {', '.join(batch)}); set text_field",
-                                path=where)
-            texts = batch[source.text_field]
-            for i, text in enumerate(texts):
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"row {row + i}: '{source.text_field}' is a {type(text).__name__}, "
-                                    "expected a string", path=where)
-                if text is None or not text.strip():
-                    stats.skipped_empty += 1
-                    continue
-                fields = {k: v[i] for k, v in batch.items() if k != source.text_field and isinstance(v[i], _SCALARS)}
-                yield text, {**base, "row": row + i, "fields": fields}
-            row += len(texts)
-    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
-        raise DataError(f"reading failed at row {row}: {err}", path=where) from None
+    for row in hf_rows(dataset, where):
+        if source.text_field not in row.values:
+            raise DataError(f"no column '{source.text_field}' (columns: {', '.join(row.values)}); set text_field",
+                            path=where)
+        if (text := _text_of(row, source.text_field, stats)) is not None:
+            yield text, {**base, "row": row.row, "fields": _scalar_fields(row.values, source.text_field)}
 
 
 # ------------------------------------------------------------------------------------------- urls
