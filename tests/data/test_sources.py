@@ -147,7 +147,7 @@ def test_parquet_text_column_must_be_string(tmp_path: Path) -> None:
 
 def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text("text,id\nfine,1\nbroken\n")
-    assert "a.csv:3: row has 1 fields, the header has 2" in _error(tmp_path, "a.csv")
+    assert "a.csv:3: 1 fields, but the header has 2" in _error(tmp_path, "a.csv")
 
 
 def test_glob_matching_nothing_and_missing_file(tmp_path: Path) -> None:

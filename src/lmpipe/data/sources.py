@@ -112,8 +112,8 @@ def detect_format(path: Path | str, fmt: str) -> str:
         return fmt
     ext = os.path.splitext(str(path).lower().removesuffix(".gz"))[1]
     if ext not in EXTENSIONS:
-        raise DataError(f"cannot tell the format from the extension '{ext or '(none)'}'; set the source's "
-                        f"`format` ({', '.join(sorted(set(EXTENSIONS.values())))})", path=str(path))
+        raise DataError(f"cannot tell the format from the extension '{ext or '(none)'}'; rename the file or set "
+                        f"its source's `format` ({', '.join(sorted(set(EXTENSIONS.values())))})", path=str(path))
     return EXTENSIONS[ext]
 
 
@@ -279,7 +279,7 @@ def _delimited_rows(path: Path, delimiter: str, required: Sequence[str], setting
             if not values or (len(values) == 1 < len(header) and not values[0].strip()):
                 continue  # a blank line (a one-column file's blank cell is a row with an empty value)
             if len(values) != len(header):
-                raise DataError(f"row has {len(values)} fields, the header has {len(header)} ({', '.join(header)})",
+                raise DataError(f"{len(values)} fields, but the header has {len(header)} ({', '.join(header)})",
                                 path=str(path), line=reader.line_num)
             yield DataRow(dict(zip(header, values, strict=True)), str(path), line=reader.line_num, row=row)
             row += 1
