@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmpipe.config import Section
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,36 @@ def connect(cfg: EngineConfig) -> Any:
             from None
     log.info("engine: Ray %s with %s CPUs", cfg.address or "on this machine", ray.cluster_resources().get("CPU"))
     return ray
+
+
+def _user_error(err: BaseException) -> LmpipeError | None:
+    """The lmpipe error a Ray task raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
+    from ray.exceptions import RayError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, LmpipeError) and not isinstance(item, RayError):
+            return item
+        todo += [getattr(item, "cause", None), item.__cause__, item.__context__]
+    return None
+
+
+@contextlib.contextmanager
+def task_errors() -> Iterator[None]:
+    """Raise the LmpipeError a Ray task of the block raised as itself, in the one line the local
+    engine gives (Ray appends its retry advice to the message); other Ray errors pass unchanged."""
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except RayError as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        cause.args = (str(cause).splitlines()[0],)
+        raise cause from None

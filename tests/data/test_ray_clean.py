@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,6 @@ from lmpipe.data.shards import read_documents
 from lmpipe.data.synthetic import generate
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.io import read_manifest
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[object]:
-    """One real local Ray cluster for the session (starting one costs seconds)."""
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 << 25) -> pa.Table:

@@ -450,16 +450,26 @@ def read_file(path: Path, fmt: str, text_field: str, txt_split: str, where: str,
         raise DataError("file is empty (no text in it)", path=str(path))
 
 
-def read_files_source(source: FilesSource, root: Path,
-                      stats: SourceStats) -> Generator[Record, None, None]:
-    """All files of a ``files`` source, in sorted path order per pattern."""
+def source_files(source: FilesSource, root: Path) -> list[Path]:
+    """The files of a ``files`` source, in sorted path order per pattern, every format known."""
     files = resolve_paths(source.paths, root, f"collect.sources.{source.name}.paths")
     for file in files:
         detect_format(file, source.format)  # fail on an unknown extension before reading anything
-    for file in files:
-        where = display_path(file, root)
-        stats.inputs[f"{source.name}:{where}"] = file
-        yield from read_file(file, source.format, source.text_field, source.txt_split, where, stats)
+    return files
+
+
+def read_source_file(source: FilesSource, file: Path, root: Path, stats: SourceStats) -> Iterator[Record]:
+    """The records of one file of a ``files`` source (:func:`read_file`), noted in ``stats.inputs``."""
+    where = display_path(file, root)
+    stats.inputs[f"{source.name}:{where}"] = file
+    return read_file(file, source.format, source.text_field, source.txt_split, where, stats)
+
+
+def read_files_source(source: FilesSource, root: Path,
+                      stats: SourceStats) -> Generator[Record, None, None]:
+    """All files of a ``files`` source, in sorted path order per pattern."""
+    for file in source_files(source, root):
+        yield from read_source_file(source, file, root, stats)
 
 
 def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generator[Record, None, None]:
