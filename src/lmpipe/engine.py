@@ -28,7 +28,7 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 class EngineConfig(Section):
-    """Where the data stages (clean) run. Operational: outputs are identical on every engine."""
+    """Where the data stages (collect, clean) run. Operational: outputs are identical on every engine."""
 
     kind: Literal["local", "ray"] = Field(
         "local", description="local: a process pool on this machine; ray: Ray Data tasks on a Ray cluster.")
