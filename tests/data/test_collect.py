@@ -190,8 +190,8 @@ def _collect_on(kind: str, cfg: CollectConfig, paths: Paths) -> tuple[dict[str, 
 @pytest.mark.slow
 def test_ray_engine_collects_the_same_bytes_and_errors(paths: Paths, collect_config: MakeConfig,
                                                        ray_cluster: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Files (jsonl, txt, parquet, csv), a saved HF dataset and the synthetic source read as Ray
-    tasks give data/raw and its manifest byte for byte, also where max_docs stops a source inside a
+    """Files (jsonl, txt, parquet, csv), a saved HF dataset (in row ranges) and the synthetic source
+    read as Ray tasks give data/raw and its manifest byte for byte, also where max_docs stops a source inside a
     file with empty texts; a malformed line fails with the local engine's path:line error."""
     import datasets
     import pyarrow as pa
@@ -220,6 +220,7 @@ def test_ray_engine_collects_the_same_bytes_and_errors(paths: Paths, collect_con
     with monkeypatch.context() as driver:  # the driver reads nothing itself: Ray tasks read every source
         for module, name in ((sources, "read_file"), (collect, "read_hf_source"), (collect, "generate")):
             driver.setattr(module, name, _not_on_the_driver)
+        driver.setattr(collect, "HF_PART_ROWS", 8)  # the 30 hub rows in 4 tasks
         ray_summary, ray_files = _collect_on("ray", cfg, paths)
     assert ray_summary == local_summary
     assert ray_files == local_files  # every shard and the manifest, byte for byte

@@ -40,6 +40,7 @@ from lmpipe.data.shards import ShardWriter, doc_id, make_table
 from lmpipe.data.sources import (
     Record,
     SourceStats,
+    load_hf,
     read_files_source,
     read_hf_source,
     read_source_file,
@@ -88,20 +89,33 @@ def read_source(source: Source, root: Path, seed: int, stats: SourceStats,
     return read_url_source(source, root, stats, progress)
 
 
-def source_parts(source: Source, root: Path) -> list[Path | None]:
+HF_PART_ROWS = 100_000  # rows of a (not streamed) HF dataset split that one Ray task reads
+Part = Path | range | None
+
+
+def source_parts(source: Source, root: Path) -> list[Part]:
     """The pieces of a source that are read independently (one Ray task each on the ``ray``
-    engine): each file of a ``files`` source, else the whole source (None)."""
+    engine): each file of a ``files`` source, row ranges of an HF split that is not streamed (its
+    length is read here, where the split is loaded), else the whole source (None)."""
     if isinstance(source, FilesSource):
         return list(source_files(source, root))
+    if isinstance(source, HFSource) and not source.streaming:
+        dataset, _ = load_hf(source.path, root, config_name=source.config_name, split=source.split,
+                             revision=source.revision, data_files=source.data_files)
+        size = dataset.num_rows
+        return [range(start, min(start + HF_PART_ROWS, size)) for start in range(0, size, HF_PART_ROWS)] or [None]
     return [None]
 
 
-def read_part(source: Source, part: Path | None, root: Path, seed: int, stats: SourceStats,
+def read_part(source: Source, part: Part, root: Path, seed: int, stats: SourceStats,
               progress: Progress | None = None) -> Iterator[Record]:
     """The records of one part of a source (:func:`source_parts`)."""
-    if part is not None:
+    if isinstance(part, Path):
         assert isinstance(source, FilesSource)
         return read_source_file(source, part, root, stats)
+    if isinstance(part, range):
+        assert isinstance(source, HFSource)
+        return read_hf_source(source, root, stats, part)
     return read_source(source, root, seed, stats, progress)
 
 

@@ -1,7 +1,7 @@
 """The ``collect`` stage's reading on Ray Data (``engine.kind: ray``): the same records, read by many tasks.
 
-A source is split into *parts*, one Ray task each: every file of a ``files`` source, or the whole
-source (an HF dataset, a URL, the synthetic generator). A task runs the local engine's reader,
+A source is split into *parts*, one Ray task each: every file of a ``files`` source, row ranges
+of an HF split, or the whole source (a streamed HF dataset, a URL, the synthetic generator). A task runs the local engine's reader,
 :func:`lmpipe.data.collect.read_part`, so a record has the same text, meta, line numbers and errors
 on both engines (``ray.data.read_json`` / ``read_text`` would number and report lines their own
 way). The dataset keeps input order, and the driver stages the records exactly as the local
@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from lmpipe.data.config import Source
 from lmpipe.data.sources import SourceStats
 from lmpipe.engine import connect, current, task_errors
+
+if TYPE_CHECKING:
+    from lmpipe.data.collect import Part
 
 MAX_RETRIES = 3
 _BATCH = 4096
@@ -61,16 +64,17 @@ class _Rows:
         return table
 
 
-def read_parts(batch: pa.Table, source: Source, root: Path, seed: int) -> Iterator[pa.Table]:
-    """Ray task: the record rows of the parts named in ``batch`` (column ``part``: a file path, or
-    '' for the whole source), in batches of rows of :data:`ROW_SCHEMA`."""
+def read_parts(batch: pa.Table, source: Source, parts: list[Part], root: Path, seed: int) -> Iterator[pa.Table]:
+    """Ray task: the record rows of the ``parts`` whose indices ``batch`` holds (column ``part``),
+    in batches of rows of :data:`ROW_SCHEMA`."""
     from lmpipe.data.collect import encode_meta, read_part
 
-    for part in batch.column("part").to_pylist():
+    for index in batch.column("part").to_pylist():
+        part = parts[index]
         stats = SourceStats()
         rows = _Rows(stats)
         seen = (0, 0)
-        for text, meta in read_part(source, Path(part) if part else None, root, seed, stats):
+        for text, meta in read_part(source, part, root, seed, stats):
             if (len(stats.inputs), len(stats.datasets)) != seen:  # announced before the first record
                 seen = (len(stats.inputs), len(stats.datasets))
                 rows.add(None, None, _info(stats))
@@ -81,7 +85,7 @@ def read_parts(batch: pa.Table, source: Source, root: Path, seed: int) -> Iterat
         yield rows.flush()
 
 
-def encoded_records(source: Source, parts: list[Path | None], root: Path, seed: int,
+def encoded_records(source: Source, parts: list[Part], root: Path, seed: int,
                     stats: SourceStats) -> Generator[tuple[str, str], None, None]:
     """(text, encoded meta) of every record of ``source``'s ``parts``, in order, read on Ray;
     ``stats`` is kept as the local engine keeps it. Raises the DataError a task raised."""
@@ -90,10 +94,9 @@ def encoded_records(source: Source, parts: list[Path | None], root: Path, seed: 
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     ctx.raise_original_map_exception = True
-    items = [{"part": "" if part is None else str(part)} for part in parts]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_parts, batch_size=1, batch_format="pyarrow", fn_kwargs={"source": source, "root": root, "seed": seed},
-        max_retries=MAX_RETRIES)
+    dataset = ray.data.from_items([{"part": i} for i in range(len(parts))], override_num_blocks=len(parts)).map_batches(
+        read_parts, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"source": source, "parts": parts, "root": root, "seed": seed}, max_retries=MAX_RETRIES)
     finished = 0
     with task_errors():
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -369,12 +369,13 @@ def load_hf(path: str, root: Path, *, config_name: str | None = None, split: str
                         "offline, point `path` at local files)", path=f"hf dataset '{path}'") from None
 
 
-def hf_rows(dataset: Any, where: str) -> Iterator[DataRow]:
-    """The rows of a loaded dataset split in order, ``row`` their index in the split.
-    Raises DataError naming ``where`` and the row when reading fails."""
+def hf_rows(dataset: Any, where: str, start: int = 0) -> Iterator[DataRow]:
+    """The rows of a loaded dataset split in order, ``row`` their index in the split (``dataset``
+    being the split's rows from ``start`` on). Raises DataError naming ``where`` and the row when
+    reading fails."""
     import datasets
 
-    row = 0
+    row = start
     try:
         for batch in dataset.iter(batch_size=1000):
             names = list(batch)
@@ -472,8 +473,10 @@ def read_files_source(source: FilesSource, root: Path,
         yield from read_source_file(source, file, root, stats)
 
 
-def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generator[Record, None, None]:
-    """Rows of a Hugging Face dataset (hub or local), streamed when ``streaming`` is set."""
+def read_hf_source(source: HFSource, root: Path, stats: SourceStats,
+                   rows: range | None = None) -> Generator[Record, None, None]:
+    """Rows of a Hugging Face dataset (hub or local), streamed when ``streaming`` is set; with
+    ``rows``, only those rows of the split (not streaming)."""
     import datasets
 
     dataset, inputs = load_hf(source.path, root, config_name=source.config_name, split=source.split,
@@ -495,10 +498,12 @@ def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generato
         extra = [name for name, f in features.items()
                  if name != source.text_field and isinstance(f, datasets.Value | datasets.ClassLabel)]
         dataset = dataset.select_columns([source.text_field, *extra])
+    if rows is not None:
+        dataset = dataset.select(rows)
     base = {"dataset": source.path, "config": source.config_name, "split": source.split}
     if source.revision:
         base["revision"] = source.revision
-    for row in hf_rows(dataset, where):
+    for row in hf_rows(dataset, where, rows.start if rows is not None else 0):
         if source.text_field not in row.values:
             raise DataError(f"no column '{source.text_field}' (columns: {', '.join(row.values)}); set text_field",
                             path=where)
