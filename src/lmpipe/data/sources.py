@@ -120,7 +120,7 @@ def detect_format(path: Path | str, fmt: str) -> str:
 # ------------------------------------------------------------------------------------ data rows
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DataRow:
     """One row of an input and where it is: ``line``, the 1-based physical line of a text file
     (txt, jsonl, csv, tsv), and ``row``, the 0-based index of the record (parquet, json, csv, HF)."""
@@ -252,10 +252,12 @@ def _parquet_rows(path: Path, columns: Sequence[str] | None, required: Sequence[
             raise DataError(_missing(name, names, "column", setting), path=str(path))
     if parquet.metadata.num_rows == 0:
         raise DataError("parquet file has no rows (empty file)", path=str(path))
-    row = 0
+    row, where = 0, str(path)
     for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=list(columns) if columns else None):
-        for values in batch.to_pylist():
-            yield DataRow(values, str(path), row=row)
+        data = batch.to_pydict()
+        names = list(data)
+        for values in zip(*data.values(), strict=True):
+            yield DataRow(dict(zip(names, values, strict=True)), where, None, row)
             row += 1
 
 
@@ -390,7 +392,7 @@ def hf_rows(dataset: Any, where: str, start: int = 0) -> Iterator[DataRow]:
 
 
 def _scalar_fields(obj: dict[str, Any], text_field: str) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS) and v is not None}
+    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS)}
 
 
 def _is_text_type(dtype: pa.DataType) -> bool:
@@ -436,16 +438,22 @@ def read_file(path: Path, fmt: str, text_field: str, txt_split: str, where: str,
     rows = file_rows(path, fmt, columns=columns, required=() if fmt == "txt" else (text_field,),
                      txt_split=txt_split, setting="the source's text_field")
     skipped_before, produced = stats.skipped_empty, 0
+    by_line = fmt in ("jsonl", "json")
     for row in rows:
+        values = row.values
         if fmt == "txt":
-            text = row.values["text"]
-            yield (text.strip() if txt_split == "line" else text), {"path": where, **({"line": row.line} if row.line
-                                                                                    else {})}
-        elif (text := _text_of(row, text_field, stats)) is not None:
-            place = {"line": row.line} if fmt in ("jsonl", "json") and row.line else {"row": row.row}
-            yield text, {"path": where, **place, "fields": _scalar_fields(row.values, text_field)}
+            text = values["text"]
+            yield (text.strip() if txt_split == "line" else text), ({"path": where, "line": row.line} if row.line
+                                                                    else {"path": where})
         else:
-            continue
+            value = _text_of(row, text_field, stats)
+            if value is None:
+                continue
+            fields = _scalar_fields(values, text_field)
+            if by_line and row.line:
+                yield value, {"path": where, "line": row.line, "fields": fields}
+            else:
+                yield value, {"path": where, "row": row.row, "fields": fields}
         produced += 1
     if produced == 0 and stats.skipped_empty == skipped_before:
         raise DataError("file is empty (no text in it)", path=str(path))
