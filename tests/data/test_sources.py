@@ -13,19 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmpipe.data.config import FilesSource, HFSource, UrlSource
+from lmpipe.data.download import UrlPolicy, address_refusal, download, download_path, read_url_source
 from lmpipe.data.sources import (
     SourceStats,
-    UrlPolicy,
-    address_refusal,
-    download,
-    download_path,
     file_rows,
     files_rows,
     hf_rows,
     load_hf,
     read_files_source,
     read_hf_source,
-    read_url_source,
 )
 from lmpipe.errors import ChecksumError, DataError
 

@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from lmpipe.config import Paths
 from lmpipe.data.config import CollectConfig, FilesSource, HFSource, Source, SyntheticSource
+from lmpipe.data.download import read_url_source
 from lmpipe.data.shards import ShardWriter, doc_id, make_table
 from lmpipe.data.sources import (
     Record,
@@ -44,7 +45,6 @@ from lmpipe.data.sources import (
     read_files_source,
     read_hf_source,
     read_source_file,
-    read_url_source,
     source_files,
 )
 from lmpipe.data.synthetic import check_kinds, chinese_count, generate
