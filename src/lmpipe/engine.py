@@ -29,7 +29,7 @@ MAX_RETRIES = 3  # Ray re-runs a stage's task lost with its worker this often be
 
 
 class EngineConfig(Section):
-    """Where the data stages (clean, tokenize) run. Operational: outputs are identical on every engine."""
+    """Where the data stages (collect, clean, tokenize) run. Operational: outputs are identical on every engine."""
 
     kind: Literal["local", "ray"] = Field(
         "local", description="local: a process pool on this machine; ray: Ray Data tasks on a Ray cluster.")

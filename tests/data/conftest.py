@@ -1,4 +1,5 @@
-"""Fixtures for the data-stage tests: project paths in tmp_path and a real local HTTP server."""
+"""Fixtures for the data-stage tests: project paths in tmp_path, a real local HTTP server and a real
+local Ray cluster."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ import pytest
 
 from lmpipe.config import Paths
 from lmpipe.data.config import CollectConfig
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """One real local Ray cluster for the session (starting one costs seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from lmpipe.cli import main
 from lmpipe.config import Paths
+from lmpipe.data import collect, sources
 from lmpipe.data.collect import mixture_sizes, run
 from lmpipe.data.config import CollectConfig
 from lmpipe.data.shards import doc_id, read_documents
@@ -139,7 +140,7 @@ def test_bad_input_fails_and_writes_nothing(two_files: Paths, collect_config: Ma
 def test_failed_run_keeps_the_previous_output(two_files: Paths, collect_config: MakeConfig) -> None:
     run(collect_config(jsonl_source("a", "a.jsonl")), two_files)
     before = read_manifest(two_files.raw)
-    with pytest.raises(DataError, match="glob matched no files"):
+    with pytest.raises(DataError, match="no file matches 'missing/\\*.jsonl'"):
         run(collect_config(jsonl_source("a", "missing/*.jsonl")), two_files)
     assert read_manifest(two_files.raw) == before
 
@@ -166,4 +167,69 @@ def test_cli_runs_collect_and_reports_bad_input_in_one_line(tmp_path: Path, caps
                  'collect.sources=[{type: files, name: f, paths: ["nothing/*.txt"]}]'])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == "lmpipe collect: error: nothing/*.txt: glob matched no files (relative to " + str(tmp_path) + ")"
+    assert err == ("lmpipe collect: error: collect.sources.f.paths: no file matches 'nothing/*.txt' (paths are relative "
+                   f"to the project root {tmp_path})")
+
+
+def _not_on_the_driver(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("read in the driver process")
+
+
+def _raw_bytes(paths: Paths) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(paths.raw.iterdir())}
+
+
+def _collect_on(kind: str, cfg: CollectConfig, paths: Paths) -> tuple[dict[str, Any], dict[str, bytes]]:
+    from lmpipe import engine
+
+    with engine.use(engine.EngineConfig(kind=kind)):  # type: ignore[arg-type]
+        summary = run(cfg, paths)
+    return summary, _raw_bytes(paths)
+
+
+@pytest.mark.slow
+def test_ray_engine_collects_the_same_bytes_and_errors(paths: Paths, collect_config: MakeConfig,
+                                                       ray_cluster: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files (jsonl, txt, parquet, csv), a saved HF dataset (in row ranges) and the synthetic source
+    read as Ray tasks give data/raw and its manifest byte for byte, also where max_docs stops a source inside a
+    file with empty texts; a malformed line fails with the local engine's path:line error."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", paths.root / "hf-cache")
+    root = paths.root
+    (root / "web").mkdir()
+    for k in range(3):
+        rows = [{"text": f"page {k} line {i}" if i % 7 else "", "n": i} for i in range(40)]
+        (root / "web" / f"{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "books.txt").write_text("".join(f"Chapter {i}.\nIt went on.\n\n" for i in range(30)))
+    pq.write_table(pa.table({"text": [f"review {i}" for i in range(50)], "label": [i % 2 for i in range(50)]}),
+                   root / "reviews.parquet")
+    (root / "facts.csv").write_text("id,text\n" + "".join(f'{i},"fact, {i}"\n' for i in range(25)))
+    datasets.Dataset.from_dict({"text": [f"hub row {i}" for i in range(30)], "label": list(range(30))}) \
+        .save_to_disk(str(root / "saved"))
+    cfg = collect_config(
+        {"type": "files", "name": "web", "paths": ["web/*.jsonl"], "max_docs": 50},  # stops inside web/1.jsonl
+        {"type": "files", "name": "mixed", "paths": ["books.txt", "reviews.parquet", "facts.csv"]},
+        {"type": "hf", "name": "hub", "path": "saved"},
+        {"type": "synthetic", "name": "syn", "num_docs": 40},
+        shard_docs=64)
+    local_summary, local_files = _collect_on("local", cfg, paths)
+    assert local_summary["skipped_empty.web"] == 6 + 3 and local_summary["docs.mixed"] > 0
+    with monkeypatch.context() as driver:  # the driver reads nothing itself: Ray tasks read every source
+        for module, name in ((sources, "read_file"), (collect, "read_hf_source"), (collect, "generate")):
+            driver.setattr(module, name, _not_on_the_driver)
+        driver.setattr(collect, "HF_PART_ROWS", 8)  # the 30 hub rows in 4 tasks
+        ray_summary, ray_files = _collect_on("ray", cfg, paths)
+    assert ray_summary == local_summary
+    assert ray_files == local_files  # every shard and the manifest, byte for byte
+
+    (root / "web" / "1.jsonl").write_text('{"text": "fine"}\n{"text": "cut\n')
+    errors = []
+    for kind in ("local", "ray"):
+        with pytest.raises(DataError) as caught:
+            _collect_on(kind, collect_config({"type": "files", "name": "web", "paths": ["web/*.jsonl"]}), paths)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "web/1.jsonl:2: not valid JSON" in errors[0]
+    assert _raw_bytes(paths) == local_files  # a failed run leaves the previous output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmpipe.data.decontam import NgramIndex, index_eval_files, read_eval_texts, resolve_eval_files
+from lmpipe.data.decontam import NgramIndex, index_eval_files, read_eval_texts
+from lmpipe.data.sources import resolve_paths
 from lmpipe.data.textstats import EMPTY_NORM, tokenize
 from lmpipe.errors import DataError
 
@@ -67,7 +69,7 @@ def test_eval_files_in_every_format(tmp_path: Path) -> None:
     pq.write_table(pa.table({"question": [EVAL, None]}), tmp_path / "evals" / "c.parquet")
     (tmp_path / "evals" / "d.csv").write_text(f'id,question\n1,"{EVAL}"\n')
     (tmp_path / "evals" / "e.tsv").write_text(f"id\tquestion\n1\t{EVAL}\n")
-    files = resolve_eval_files(["evals/*.txt", "evals/*"], tmp_path)
+    files = resolve_paths(["evals/*.txt", "evals/*"], tmp_path)
     assert [f.name for f in files] == ["a.txt", "b.jsonl", "c.parquet", "d.csv", "e.tsv"]
     assert read_eval_texts(files[0], "question") == [EVAL, "second paragraph"]
     for path in files[1:]:
@@ -77,8 +79,8 @@ def test_eval_files_in_every_format(tmp_path: Path) -> None:
 
 
 def test_eval_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="'missing/\\*.jsonl' matches no file"):
-        resolve_eval_files(["missing/*.jsonl"], tmp_path)
+    with pytest.raises(DataError, match="clean.decontaminate.eval_files: no file matches 'missing/\\*.jsonl'"):
+        index_eval_files(["missing/*.jsonl"], tmp_path, "text", 13)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"other": 1}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'text'"):
@@ -90,5 +92,25 @@ def test_eval_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no column 'text'.*eval_text_field"):
         read_eval_texts(tmp_path / "x.csv", "text")
     (tmp_path / "x.docx").write_text("?")
-    with pytest.raises(DataError, match="unsupported eval file type '.docx'"):
+    with pytest.raises(DataError, match="cannot tell the format from the extension '.docx'"):
         read_eval_texts(tmp_path / "x.docx", "text")
+
+
+def test_eval_index_is_the_index_of_the_texts_the_files_hold(tmp_path: Path) -> None:
+    """Read through the shared rows reader, every format gives the n-gram set of the texts written
+    (values that are not strings count as their JSON); gzip and JSON lists read like the rest."""
+    other = "the quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat today"
+    (tmp_path / "a.txt").write_text(f"{EVAL}\r\n\r\n\n{other}\n", encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([{"q": other}, {"q": {"nested": EVAL}}]))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"q": EVAL.upper()}) + "\n")
+    index, used = index_eval_files(["*.txt", "*.json", "*.gz"], tmp_path, "q", 5)
+    expected = NgramIndex.from_texts([EVAL, other, other, json.dumps({"nested": EVAL}), EVAL.upper()], 5)
+    assert [p.name for p in used] == ["a.txt", "b.json", "c.jsonl.gz"]
+    assert index.table.tobytes() == expected.table.tobytes()
+    (tmp_path / "d.csv").write_text("q,id\nfine,1\nbroken\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: 1 fields, but the header has 2"):
+        index_eval_files(["d.csv"], tmp_path, "q", 5)
+    (tmp_path / "e.txt").write_bytes(b"caf\xe9 latin-1\n")
+    with pytest.raises(DataError, match=r"e\.txt:1: not valid UTF-8"):
+        index_eval_files(["e.txt"], tmp_path, "q", 5)

@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmpipe.data.config import FilesSource, HFSource, UrlSource
+from lmpipe.data.download import UrlPolicy, address_refusal, download, download_path, read_url_source
 from lmpipe.data.sources import (
     SourceStats,
-    UrlPolicy,
-    address_refusal,
-    download,
-    download_path,
+    file_rows,
+    files_rows,
+    hf_rows,
+    load_hf,
     read_files_source,
     read_hf_source,
-    read_url_source,
 )
 from lmpipe.errors import ChecksumError, DataError
 
@@ -147,12 +147,48 @@ def test_parquet_text_column_must_be_string(tmp_path: Path) -> None:
 
 def test_csv_row_with_wrong_field_count(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text("text,id\nfine,1\nbroken\n")
-    assert "a.csv:3: row has 1 fields, the header has 2" in _error(tmp_path, "a.csv")
+    assert "a.csv:3: 1 fields, but the header has 2" in _error(tmp_path, "a.csv")
+
+
+def test_one_reader_gives_every_format_the_same_rows(tmp_path: Path, hf_cache: Path) -> None:
+    """jsonl, json (a list), csv, parquet, gzip and a saved HF dataset give the same field dicts
+    (every field, not just text), each with its place: line for text formats, row index otherwise."""
+    import datasets
+
+    records = [{"text": "first", "label": "a"}, {"text": "second", "label": "b"}]
+    write_jsonl(tmp_path / "d.jsonl", records)
+    (tmp_path / "d.json").write_text(json.dumps(records, indent=1))
+    (tmp_path / "d.csv").write_text("text,label\nfirst,a\n\nsecond,b\n")
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as handle:
+        handle.write("\n".join(json.dumps(r) for r in records))
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    for name, places in [("d.jsonl", [(1, 0), (2, 1)]), ("d.json", [(None, 0), (None, 1)]),
+                         ("d.csv", [(2, 0), (4, 1)]), ("d.parquet", [(None, 0), (None, 1)]),
+                         ("z.jsonl.gz", [(1, 0), (2, 1)])]:
+        rows = list(file_rows(tmp_path / name, required=["text"]))
+        assert [r.values for r in rows] == records, name
+        assert [(r.line, r.row) for r in rows] == places, name
+    dataset, inputs = load_hf("saved", tmp_path)
+    assert [r.values for r in hf_rows(dataset, "hub")] == records and inputs == [tmp_path / "saved"]
+    assert [r.values["text"] for r in files_rows(["d.c*", "d.*"], tmp_path, "auto", required=["text"])
+            if r.where.endswith("d.csv")] == ["first", "second"]  # d.csv read once
+    assert str(rows[1].error("bad label")) == f"{tmp_path / 'z.jsonl.gz'}:2: bad label"
+    parquet_row = list(file_rows(tmp_path / "d.parquet", columns=["label"]))[1]
+    assert parquet_row.values == {"label": "b"}
+    assert str(parquet_row.error("bad label")) == f"{tmp_path / 'd.parquet'}: row 1: bad label"
+    with pytest.raises(DataError, match=r"d\.jsonl:1: no field 'body' \(fields: text, label\); set eval_field"):
+        list(file_rows(tmp_path / "d.jsonl", required=["body"], setting="eval_field"))
+    with pytest.raises(DataError, match=r"d\.parquet: no column 'body' \(columns: text, label\)"):
+        list(file_rows(tmp_path / "d.parquet", columns=["body"]))
+    (tmp_path / "bad.json").write_text('[{"text": "x"},\n 3]')
+    with pytest.raises(DataError, match=r"bad\.json: row 1: expected a JSON object, got int"):
+        list(file_rows(tmp_path / "bad.json"))
 
 
 def test_glob_matching_nothing_and_missing_file(tmp_path: Path) -> None:
-    assert "corpus/*.txt: glob matched no files" in _error(tmp_path, "corpus/*.txt")
-    assert "nope.txt: file not found" in _error(tmp_path, "nope.txt")
+    assert "no file matches 'corpus/*.txt'" in _error(tmp_path, "corpus/*.txt")
+    assert "'nope.txt' matches no file: file not found" in _error(tmp_path, "nope.txt")
 
 
 def test_unknown_extension_asks_for_format(tmp_path: Path) -> None:
@@ -212,7 +248,7 @@ def test_hf_missing_column_and_missing_files(tmp_path: Path, hf_cache: Path) -> 
     write_jsonl(tmp_path / "a.jsonl", [{"body": "x"}])
     with pytest.raises(DataError, match="no column 'text' \\(columns: body\\)"):
         hf_read(tmp_path, path="json", data_files="a.jsonl")
-    with pytest.raises(DataError, match="glob matched no files"):
+    with pytest.raises(DataError, match="no file matches 'missing/\\*.jsonl'"):
         hf_read(tmp_path, path="json", data_files="missing/*.jsonl")
 
 

@@ -36,9 +36,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from lmpipe.config import Paths
 from lmpipe.data.config import CollectConfig, FilesSource, HFSource, Source, SyntheticSource
+from lmpipe.data.download import read_url_source
 from lmpipe.data.shards import ShardWriter, doc_id, make_table
-from lmpipe.data.sources import Record, SourceStats, read_files_source, read_hf_source, read_url_source
+from lmpipe.data.sources import (
+    Record,
+    SourceStats,
+    load_hf,
+    read_files_source,
+    read_hf_source,
+    read_source_file,
+    source_files,
+)
 from lmpipe.data.synthetic import check_kinds, chinese_count, generate
+from lmpipe.engine import current
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_manifest
 from lmpipe.progress import Progress
@@ -79,6 +89,54 @@ def read_source(source: Source, root: Path, seed: int, stats: SourceStats,
     return read_url_source(source, root, stats, progress)
 
 
+HF_PART_ROWS = 100_000  # rows of a (not streamed) HF dataset split that one Ray task reads
+Part = Path | range | None
+
+
+def source_parts(source: Source, root: Path) -> list[Part]:
+    """The pieces of a source that are read independently (one Ray task each on the ``ray``
+    engine): each file of a ``files`` source, row ranges of an HF split that is not streamed (its
+    length is read here, where the split is loaded), else the whole source (None)."""
+    if isinstance(source, FilesSource):
+        return list(source_files(source, root))
+    if isinstance(source, HFSource) and not source.streaming:
+        dataset, _ = load_hf(source.path, root, config_name=source.config_name, split=source.split,
+                             revision=source.revision, data_files=source.data_files)
+        size = dataset.num_rows
+        return [range(start, min(start + HF_PART_ROWS, size)) for start in range(0, size, HF_PART_ROWS)] or [None]
+    return [None]
+
+
+def read_part(source: Source, part: Part, root: Path, seed: int, stats: SourceStats,
+              progress: Progress | None = None) -> Iterator[Record]:
+    """The records of one part of a source (:func:`source_parts`)."""
+    if isinstance(part, Path):
+        assert isinstance(source, FilesSource)
+        return read_source_file(source, part, root, stats)
+    if isinstance(part, range):
+        assert isinstance(source, HFSource)
+        return read_hf_source(source, root, stats, part)
+    return read_source(source, root, seed, stats, progress)
+
+
+def encode_meta(meta: dict[str, Any]) -> str:
+    """A record's meta as stored in data/raw: compact JSON, non-ASCII kept."""
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encoded_records(source: Source, root: Path, seed: int, stats: SourceStats,
+                     progress: Progress) -> Generator[tuple[str, str], None, None]:
+    """(text, encoded meta) of every record of ``source``, read on the configured engine."""
+    if current().kind == "ray":
+        from lmpipe.data import ray_collect
+
+        yield from ray_collect.encoded_records(source, source_parts(source, root), root, seed, stats)
+        return
+    with contextlib.closing(read_source(source, root, seed, stats, progress)) as records:
+        for text, meta in records:
+            yield text, encode_meta(meta)
+
+
 def _expected_docs(source: Source) -> int | None:
     if isinstance(source, SyntheticSource):
         total = source.num_docs + round(source.noise_fraction * source.num_docs) \
@@ -105,10 +163,10 @@ def stage_source(source: Source, root: Path, seed: int, path: Path, progress: Pr
             metas.clear()
             progress.update(task, completed=count)
 
-        with contextlib.closing(read_source(source, root, seed, stats, progress)) as records:
+        with contextlib.closing(_encoded_records(source, root, seed, stats, progress)) as records:
             for text, meta in records:
                 texts.append(text)
-                metas.append(json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
+                metas.append(meta)
                 count += 1
                 if len(texts) >= _BATCH:
                     flush()

@@ -56,7 +56,7 @@ class FilesSource(_SourceBase):
 class UrlSource(_SourceBase):
     """A file downloaded over HTTP(S), verified against its sha256.
 
-    What a download may do is bounded (``lmpipe.data.sources.UrlPolicy``): http(s) only, at most
+    What a download may do is bounded (``lmpipe.data.download.UrlPolicy``): http(s) only, at most
     ``max_bytes``, done within ``deadline_s``, at most ``max_redirects`` redirects, and the URL and
     every redirect must resolve to public addresses unless ``allow_networks`` names the range.
     """

@@ -17,7 +17,6 @@ overlap val/test::
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -26,17 +25,13 @@ from pathlib import Path
 import numba
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from lmpipe.data.sources import detect_format, file_rows, resolve_paths
 from lmpipe.data.textstats import NGRAM_BASE, TokenizedBatch, gather_words, mix64, tokenize
-from lmpipe.errors import DataError
-from lmpipe.io import jsonl_objects
 
 log = logging.getLogger(__name__)
 
 _BATCH_DOCS = 2_000
-EVAL_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 
 
 @numba.njit(cache=True, nogil=True)
@@ -154,60 +149,26 @@ class NgramIndex:
 # -------------------------------------------------------------------------------- eval file input
 
 
-def resolve_eval_files(patterns: list[str], root: Path) -> list[Path]:
-    """Expand globs (relative to the project root) into a sorted, de-duplicated file list.
-
-    Raises DataError naming a pattern that matches nothing.
-    """
-    files: list[Path] = []
-    for pattern in patterns:
-        full = pattern if Path(pattern).is_absolute() else str(root / pattern)
-        matches = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
-        if not matches:
-            raise DataError(f"clean.decontaminate.eval_files: '{pattern}' matches no file "
-                            f"(paths are relative to the project root {root})")
-        files.extend(matches)
-    return sorted(set(files))
-
-
 def read_eval_texts(path: Path, text_field: str) -> list[str]:
-    """Texts of one eval file: txt paragraphs, or the ``text_field`` of jsonl/parquet/csv/tsv rows."""
-    kind = EVAL_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"unsupported eval file type '{path.suffix}' (use {', '.join(EVAL_FORMATS)})", path=str(path))
-    if kind == "txt":
-        text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-        return [p.strip() for p in text.split("\n\n") if p.strip()]
-    if kind == "jsonl":
-        return _read_jsonl(path, text_field)
-    try:
-        if kind == "parquet":
-            table = pq.read_table(path)
-        else:
-            options = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
-            table = pacsv.read_csv(path, parse_options=options)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"cannot read {kind} file: {err}", path=str(path)) from None
-    if text_field not in table.column_names:
-        raise DataError(f"no column '{text_field}' (columns: {', '.join(table.column_names)}); "
-                        "set clean.decontaminate.eval_text_field", path=str(path))
-    return [str(v) for v in table.column(text_field).to_pylist() if v is not None]
+    """Texts of one eval file (:func:`lmpipe.data.sources.file_rows`): txt paragraphs, or the
+    ``text_field`` of jsonl/json/parquet/csv/tsv rows (a non-string value as its JSON, nulls skipped).
 
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    Raises DataError naming the file and line (or row) for a malformed file or a missing field.
+    """
+    fmt = detect_format(path, "auto")
+    field = "text" if fmt == "txt" else text_field
     texts: list[str] = []
-    for line_no, row in jsonl_objects(path):
-        if text_field not in row:
-            raise DataError(f"no field '{text_field}'; set clean.decontaminate.eval_text_field",
-                            path=str(path), line=line_no)
-        value = row[text_field]
-        texts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+    for row in file_rows(path, fmt, columns=[field] if fmt == "parquet" else None,
+                         required=() if fmt == "txt" else (field,), setting="clean.decontaminate.eval_text_field"):
+        value = row.values[field]
+        if value is not None:
+            texts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     return texts
 
 
 def index_eval_files(patterns: list[str], root: Path, text_field: str, n: int) -> tuple[NgramIndex, list[Path]]:
     """Build the n-gram index of every configured eval file; return it with the files read."""
-    files = resolve_eval_files(patterns, root)
+    files = resolve_paths(patterns, root, "clean.decontaminate.eval_files")
     texts: list[str] = []
     for path in files:
         texts.extend(read_eval_texts(path, text_field))

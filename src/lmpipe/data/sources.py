@@ -1,34 +1,29 @@
-"""Readers for the sources of ``collect``: local files, Hugging Face datasets and URLs.
+"""The data-rows reader (local files, globs, Hugging Face datasets) and the sources of ``collect``.
 
-Every reader is a generator of ``(text, meta)`` records, read in a streaming fashion so a large
-corpus never sits in memory. ``meta`` says where the record came from (file and line or row, hub
-name and split, URL) and carries the record's other scalar fields (labels, ids) under ``fields``,
-so later stages (a classifier fine-tune, say) can use them.
+:func:`file_rows`, :func:`files_rows` and :func:`hf_rows` yield :class:`DataRow` objects, a
+record's fields plus where it is, so every stage that reads user data (collect, finetune,
+evaluate's eval files, decontamination) parses each format one way and reports bad input with
+the same path:line (or path and row). :func:`resolve_paths` is the one glob expansion.
 
-Bad input raises :class:`~lmpipe.errors.DataError` naming the file and line/row; empty texts in
-structured files are skipped and counted in :class:`SourceStats` instead. URLs are downloaded
-into ``data/downloads/`` (resumable, verified against their sha256, within the limits of
-:class:`UrlPolicy`) and then parsed like files.
-The ``synthetic`` source lives in :mod:`lmpipe.data.synthetic`.
+On top of it, the ``files`` and ``hf`` sources of ``collect`` are generators of ``(text, meta)``
+records, read in a streaming fashion so a large corpus never sits in memory. ``meta`` says where
+the record came from (file and line or row, hub name and split) and carries the record's other
+scalar fields (labels, ids) under ``fields``, so later stages (a classifier fine-tune, say) can
+use them. Bad input raises :class:`~lmpipe.errors.DataError` naming the file and line/row; empty
+texts in structured files are skipped and counted in :class:`SourceStats` instead. The ``url``
+source lives in :mod:`lmpipe.data.download`, the ``synthetic`` one in :mod:`lmpipe.data.synthetic`.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-import dataclasses
 import glob
 import gzip
-import http.client
-import ipaddress
+import json
 import logging
 import os
-import socket
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,18 +31,16 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmpipe import __version__
-from lmpipe.data.config import FilesSource, HFSource, UrlSource
-from lmpipe.errors import ChecksumError, DataError
-from lmpipe.io import jsonl_objects, sha256_file
-from lmpipe.progress import Progress
+from lmpipe.data.config import FilesSource, HFSource
+from lmpipe.errors import DataError
+from lmpipe.io import jsonl_objects
 
 log = logging.getLogger(__name__)
 
 Record = tuple[str, dict[str, Any]]
 
 # extension (after stripping .gz) -> format
-EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl",
+EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
               ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 _SCALARS = (str, int, float, bool)
 _BATCH_ROWS = 4096
@@ -74,24 +67,29 @@ def display_path(path: Path, root: Path) -> str:
         return str(path)
 
 
-def resolve_paths(patterns: list[str], root: Path) -> list[Path]:
-    """Expand files and glob patterns (relative to ``root``) into a sorted, de-duplicated list.
+def resolve_paths(patterns: Sequence[str], root: Path, key: str | None = None) -> list[Path]:
+    """Expand files and glob patterns (relative to ``root``) into a list: each pattern's matches
+    sorted, in pattern order, a file listed twice kept at its first place.
 
-    Raises DataError for a plain path that does not exist or a glob that matches no file.
+    Raises DataError (naming the params ``key`` that lists the patterns, when given) for a glob
+    that matches no file and a plain path that is not a file.
     """
     found: list[Path] = []
+    where = f"{key}: " if key else ""
+    relative = f"paths are relative to the project root {root}"
     for pattern in patterns:
         full = Path(pattern) if Path(pattern).is_absolute() else root / pattern
         if glob.has_magic(pattern):
             matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
             if not matches:
-                raise DataError(f"glob matched no files (relative to {root})", path=pattern)
+                raise DataError(f"{where}no file matches {pattern!r} ({relative})")
             found.extend(matches)
         elif full.is_file():
             found.append(full)
+        elif full.is_dir():
+            raise DataError(f"{where}{pattern!r} is a directory, not a file (use a glob such as dir/*.txt; {relative})")
         else:
-            what = "is a directory, not a file (use a glob such as dir/*.txt)" if full.is_dir() else "file not found"
-            raise DataError(f"{what} (relative to {root})", path=pattern)
+            raise DataError(f"{where}{pattern!r} matches no file: file not found ({relative})")
     return list(dict.fromkeys(found))  # de-duplicated, first occurrence wins
 
 
@@ -101,12 +99,29 @@ def detect_format(path: Path | str, fmt: str) -> str:
         return fmt
     ext = os.path.splitext(str(path).lower().removesuffix(".gz"))[1]
     if ext not in EXTENSIONS:
-        raise DataError(f"cannot tell the format from the extension '{ext or '(none)'}'; set the source's "
-                        f"`format` ({', '.join(sorted(set(EXTENSIONS.values())))})", path=str(path))
+        raise DataError(f"cannot tell the format from the extension '{ext or '(none)'}'; rename the file or set "
+                        f"its source's `format` ({', '.join(sorted(set(EXTENSIONS.values())))})", path=str(path))
     return EXTENSIONS[ext]
 
 
-# ---------------------------------------------------------------------------------- file readers
+# ------------------------------------------------------------------------------------ data rows
+
+
+@dataclass(slots=True)
+class DataRow:
+    """One row of an input and where it is: ``line``, the 1-based physical line of a text file
+    (txt, jsonl, csv, tsv), and ``row``, the 0-based index of the record (parquet, json, csv, HF)."""
+
+    values: dict[str, Any]
+    where: str
+    line: int | None = None
+    row: int | None = None
+
+    def error(self, message: str) -> DataError:
+        """``message`` as a DataError at ``where:line``, else at ``where`` naming the row."""
+        if self.line is not None:
+            return DataError(message, path=self.where, line=self.line)
+        return DataError(f"row {self.row}: {message}", path=self.where)
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -140,21 +155,19 @@ def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"not a readable gzip file: {err}", path=str(path)) from None
 
 
-def _scalar_fields(obj: dict[str, Any], text_field: str) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS)}
-
-
-def iter_txt(path: Path, split: str, where: str) -> Iterator[Record]:
-    """Plain text: the whole file, each blank-line separated paragraph, or each line is a document."""
+def _txt_rows(path: Path, split: str) -> Iterator[DataRow]:
+    """Plain text as ``{"text": ...}`` rows: the whole file, each blank-line separated paragraph
+    (stripped), or each non-blank line without its line ending."""
+    where = str(path)
     if split == "file":
         text = "".join(line for _, line in decoded_lines(path)).replace("\r\n", "\n")
         if text.strip():
-            yield text, {"path": where}
+            yield DataRow({"text": text}, where)
         return
     if split == "line":
         for lineno, line in decoded_lines(path):
             if line.strip():
-                yield line.strip(), {"path": where, "line": lineno}
+                yield DataRow({"text": line.rstrip("\r\n")}, where, line=lineno)
         return
     start, lines = 0, list[str]()
     for lineno, line in decoded_lines(path):
@@ -163,28 +176,210 @@ def iter_txt(path: Path, split: str, where: str) -> Iterator[Record]:
                 start = lineno
             lines.append(line.rstrip("\r\n"))
         elif lines:
-            yield "\n".join(lines).strip(), {"path": where, "line": start}
+            yield DataRow({"text": "\n".join(lines).strip()}, where, line=start)
             lines = []
     if lines:
-        yield "\n".join(lines).strip(), {"path": where, "line": start}
+        yield DataRow({"text": "\n".join(lines).strip()}, where, line=start)
 
 
-def iter_jsonl(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
-    """JSON Lines: one object per line, the text in ``text_field``; blank lines are ignored."""
-    for lineno, obj in jsonl_objects(path, decoded_lines(path)):
-        if text_field not in obj:
-            raise DataError(
-                f"no field '{text_field}' (fields: {', '.join(obj) or 'none'}); set the source's text_field",
-                path=str(path), line=lineno,
-            )
-        value = obj[text_field]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            stats.skipped_empty += 1
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"field '{text_field}' is a {type(value).__name__}, expected a string",
-                            path=str(path), line=lineno)
-        yield value, {"path": where, "line": lineno, "fields": _scalar_fields(obj, text_field)}
+def _missing(name: str, names: Sequence[str], what: str, setting: str) -> str:
+    return f"no {what} '{name}' ({what}s: {', '.join(map(str, names)) or 'none'}); set {setting}"
+
+
+def _jsonl_rows(path: Path, required: Sequence[str], setting: str) -> Iterator[DataRow]:
+    """JSON Lines: one object per line; blank lines are ignored."""
+    for row, (lineno, obj) in enumerate(jsonl_objects(path, decoded_lines(path))):
+        for name in required:
+            if name not in obj:
+                raise DataError(_missing(name, list(obj), "field", setting), path=str(path), line=lineno)
+        yield DataRow(obj, str(path), line=lineno, row=row)
+
+
+def _json_rows(path: Path, required: Sequence[str], setting: str) -> Iterator[DataRow]:
+    """One JSON document: a list of objects or ``{"data": [...]}``. A file of several top-level
+    objects is read as JSON Lines, as the ``datasets`` json builder reads it."""
+    try:
+        data = json.loads("".join(line for _, line in decoded_lines(path)))
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            yield from _jsonl_rows(path, required, setting)
+            return
+        raise DataError(f"not valid JSON: {err.msg} at column {err.colno}", path=str(path), line=err.lineno) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    elif isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError("expected a JSON list of objects (or {\"data\": [...]})", path=str(path))
+    for row, obj in enumerate(data):
+        record = DataRow(obj, str(path), row=row)
+        if not isinstance(obj, dict):
+            raise record.error(f"expected a JSON object, got {type(obj).__name__}")
+        for name in required:
+            if name not in obj:
+                raise record.error(_missing(name, list(obj), "field", setting))
+        yield record
+
+
+def parquet_file(path: Path) -> pq.ParquetFile:
+    """``path`` opened as parquet. Raises DataError for a file that is not one."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
+
+
+def _parquet_rows(path: Path, columns: Sequence[str] | None, required: Sequence[str],
+                  setting: str) -> Iterator[DataRow]:
+    """Parquet read in row batches of ``columns`` (None: all)."""
+    parquet = parquet_file(path)
+    names = parquet.schema_arrow.names
+    for name in [*required, *(columns or ())]:
+        if name not in names:
+            raise DataError(_missing(name, names, "column", setting), path=str(path))
+    if parquet.metadata.num_rows == 0:
+        raise DataError("parquet file has no rows (empty file)", path=str(path))
+    row, where = 0, str(path)
+    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=list(columns) if columns else None):
+        data = batch.to_pydict()
+        names = list(data)
+        for values in zip(*data.values(), strict=True):
+            yield DataRow(dict(zip(names, values, strict=True)), where, None, row)
+            row += 1
+
+
+def _delimited_rows(path: Path, delimiter: str, required: Sequence[str], setting: str) -> Iterator[DataRow]:
+    """CSV/TSV with a header row naming the columns; blank lines are skipped. TSV fields are not
+    quoted (GLUE and most NLP releases): a '"' in a TSV file is part of the text."""
+    lines = (line for _, line in decoded_lines(path))
+    reader = (csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if delimiter == "\t"
+              else csv.reader(lines, delimiter=delimiter))
+    # Default limit is 128 KiB per field; whole documents in one cell are routinely larger.
+    csv.field_size_limit(1 << 30)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError("file is empty (no header row)", path=str(path))
+        for name in required:
+            if name not in header:
+                raise DataError(_missing(name, header, "column", setting), path=str(path), line=1)
+        row = 0
+        for values in reader:
+            if not values or (len(values) == 1 < len(header) and not values[0].strip()):
+                continue  # a blank line (a one-column file's blank cell is a row with an empty value)
+            if len(values) != len(header):
+                raise DataError(f"{len(values)} fields, but the header has {len(header)} ({', '.join(header)})",
+                                path=str(path), line=reader.line_num)
+            yield DataRow(dict(zip(header, values, strict=True)), str(path), line=reader.line_num, row=row)
+            row += 1
+    except csv.Error as err:
+        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {err}",
+                        path=str(path), line=reader.line_num) from None
+    if row == 0:
+        raise DataError("has a header row but no data rows (empty file)", path=str(path))
+
+
+def file_rows(path: Path, fmt: str = "auto", *, columns: Sequence[str] | None = None, required: Sequence[str] = (),
+              txt_split: str = "paragraph", setting: str = "text_field") -> Iterator[DataRow]:
+    """The rows of one local file (txt, jsonl, json, parquet, csv, tsv; any of them gzipped).
+
+    ``fmt`` 'auto' picks the format by extension. A txt file gives ``{"text": ...}`` rows split by
+    ``txt_split`` (file, paragraph, line); the other formats give each record's fields, for parquet
+    only ``columns`` (None: all). Every row must have the ``required`` fields. Raises DataError
+    naming the file and line (or row) for an empty, unreadable or malformed file and for a missing
+    field, whose message tells to set ``setting``.
+    """
+    fmt = detect_format(path, fmt)
+    if not path.is_file():
+        raise DataError("file not found (paths are relative to the project root)", path=str(path))
+    if path.stat().st_size == 0:
+        raise DataError("file is empty (0 bytes); remove it or fix the paths", path=str(path))
+    if fmt == "txt":
+        return _txt_rows(path, txt_split)
+    if fmt == "jsonl":
+        return _jsonl_rows(path, required, setting)
+    if fmt == "json":
+        return _json_rows(path, required, setting)
+    if fmt == "parquet":
+        return _parquet_rows(path, columns, required, setting)
+    return _delimited_rows(path, "\t" if fmt == "tsv" else ",", required, setting)
+
+
+def files_rows(patterns: Sequence[str], root: Path, fmt: str = "auto", **options: Any) -> Iterator[DataRow]:
+    """The rows of every file ``patterns`` name (see :func:`resolve_paths`, :func:`file_rows`).
+    Every file's format is known before the first is read."""
+    files = resolve_paths(patterns, root)
+    for file in files:
+        detect_format(file, fmt)
+    for file in files:
+        yield from file_rows(file, fmt, **options)
+
+
+# ---------------------------------------------------------------------------------- hf datasets
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def load_hf(path: str, root: Path, *, config_name: str | None = None, split: str = "train",
+            revision: str | None = None, data_files: str | list[str] | None = None,
+            streaming: bool = False) -> tuple[Any, list[Path]]:
+    """A Hugging Face dataset split and the local files it was read from.
+
+    ``path`` is a directory written by ``save_to_disk``, a local dataset directory or a hub name;
+    ``data_files`` (globs relative to ``root``, or URLs) feed builder datasets ('json', 'csv').
+    Raises DataError naming the dataset when it cannot be loaded or has no such split.
+    """
+    import datasets
+
+    local = Path(path) if Path(path).is_absolute() else root / path
+    inputs: list[Path] = []
+    try:
+        if local.is_dir() and _is_saved_dataset(local):
+            inputs.append(local)
+            loaded = datasets.load_from_disk(str(local))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"no split '{split}' (splits: {', '.join(loaded)})", path=str(local))
+                loaded = loaded[split]
+            return (loaded.to_iterable_dataset() if streaming else loaded), inputs
+        if data_files is not None:
+            listed = [data_files] if isinstance(data_files, str) else list(data_files)
+            inputs.extend(resolve_paths([f for f in listed if "://" not in f], root))
+            data_files = [f if "://" in f or Path(f).is_absolute() else str(root / f) for f in listed]
+        dataset = datasets.load_dataset(str(local) if local.exists() else path, name=config_name, split=split,
+                                        revision=revision, data_files=data_files, streaming=streaming)
+        return dataset, inputs
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load split '{split}': {first} (check path/config_name/split; "
+                        "offline, point `path` at local files)", path=f"hf dataset '{path}'") from None
+
+
+def hf_rows(dataset: Any, where: str, start: int = 0) -> Iterator[DataRow]:
+    """The rows of a loaded dataset split in order, ``row`` their index in the split (``dataset``
+    being the split's rows from ``start`` on). Raises DataError naming ``where`` and the row when
+    reading fails."""
+    import datasets
+
+    row = start
+    try:
+        for batch in dataset.iter(batch_size=1000):
+            names = list(batch)
+            for values in zip(*batch.values(), strict=True):
+                yield DataRow(dict(zip(names, values, strict=True)), where, row=row)
+                row += 1
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
+        raise DataError(f"reading failed at row {row}: {err}", path=where) from None
+
+
+# ------------------------------------------------------------------- collect's (text, meta) records
+
+
+def _scalar_fields(obj: dict[str, Any], text_field: str) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != text_field and isinstance(v, _SCALARS)}
 
 
 def _is_text_type(dtype: pa.DataType) -> bool:
@@ -198,146 +393,91 @@ def _is_scalar_type(dtype: pa.DataType) -> bool:
                                                                    pa.types.is_boolean))
 
 
-def iter_parquet(path: Path, text_field: str, where: str, stats: SourceStats) -> Iterator[Record]:
-    """Parquet read in row batches; ``text_field`` must be a string column. ``row`` is 0-based."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
-    schema = parquet.schema_arrow
+def _parquet_columns(path: Path, text_field: str) -> list[str]:
+    """The text column (which must be a string column) and the scalar columns of a parquet file."""
+    schema = parquet_file(path).schema_arrow
     if text_field not in schema.names:
-        raise DataError(f"no column '{text_field}' (columns: {', '.join(schema.names)}); set the source's text_field",
-                        path=str(path))
+        raise DataError(_missing(text_field, schema.names, "column", "the source's text_field"), path=str(path))
     if not _is_text_type(schema.field(text_field).type):
         raise DataError(f"column '{text_field}' has type {schema.field(text_field).type}, expected string",
                         path=str(path))
-    if parquet.metadata.num_rows == 0:
-        raise DataError("parquet file has no rows (empty file)", path=str(path))
-    extra = [f.name for f in schema if f.name != text_field and _is_scalar_type(f.type)]
-    row = 0
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field, *extra]):
-        data = batch.to_pydict()
-        for i, text in enumerate(data[text_field]):
-            if text is None or not text.strip():
-                stats.skipped_empty += 1
-            else:
-                fields = {name: data[name][i] for name in extra if data[name][i] is not None}
-                yield text, {"path": where, "row": row + i, "fields": fields}
-        row += batch.num_rows
+    return [text_field, *(f.name for f in schema if f.name != text_field and _is_scalar_type(f.type))]
 
 
-def iter_csv(path: Path, text_field: str, where: str, stats: SourceStats, delimiter: str) -> Iterator[Record]:
-    """CSV/TSV with a header row; ``text_field`` names the text column. ``row`` is 0-based."""
-    lines = (line for _, line in decoded_lines(path))
-    reader = csv.reader(lines, delimiter=delimiter)
-    # Default limit is 128 KiB per field; whole documents in one cell are routinely larger.
-    csv.field_size_limit(1 << 30)
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DataError("file is empty (no header row)", path=str(path))
-        if text_field not in header:
-            raise DataError(f"no column '{text_field}' (columns: {', '.join(header)}); set the source's text_field",
-                            path=str(path), line=1)
-        col = header.index(text_field)
-        row = 0
-        for values in reader:
-            if not values:
-                continue
-            if len(values) != len(header):
-                raise DataError(f"row has {len(values)} fields, the header has {len(header)}",
-                                path=str(path), line=reader.line_num)
-            text = values[col]
-            if not text.strip():
-                stats.skipped_empty += 1
-            else:
-                fields = {name: value for name, value in zip(header, values, strict=True) if name != text_field}
-                yield text, {"path": where, "row": row, "fields": fields}
-            row += 1
-    except csv.Error as err:
-        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {err}",
-                        path=str(path), line=reader.line_num) from None
-    if row == 0:
-        raise DataError("has a header row but no data rows (empty file)", path=str(path))
+def _text_of(row: DataRow, text_field: str, stats: SourceStats) -> str | None:
+    """The text of a row, None (counted) when it is null or blank; DataError when it is no string."""
+    value = row.values.get(text_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        stats.skipped_empty += 1
+        return None
+    if not isinstance(value, str):
+        raise row.error(f"field '{text_field}' is a {type(value).__name__}, expected a string")
+    return value
 
 
 def read_file(path: Path, fmt: str, text_field: str, txt_split: str, where: str,
               stats: SourceStats) -> Iterator[Record]:
-    """Parse one local file in ``fmt`` (or by extension for 'auto'). Raises DataError on bad input."""
+    """The (text, meta) records of one local file in ``fmt`` (or by extension for 'auto'): meta
+    has ``path`` (``where``), the ``line`` (txt, jsonl) or ``row`` (parquet, csv) and the record's
+    other scalar ``fields``. Raises DataError on bad input or a file without any text."""
     fmt = detect_format(path, fmt)
-    if path.stat().st_size == 0:
-        raise DataError("file is empty (0 bytes); remove it or fix the source's paths", path=str(path))
-    produced = 0
-    if fmt == "txt":
-        records = iter_txt(path, txt_split, where)
-    elif fmt == "jsonl":
-        records = iter_jsonl(path, text_field, where, stats)
-    elif fmt == "parquet":
-        records = iter_parquet(path, text_field, where, stats)
-    else:
-        records = iter_csv(path, text_field, where, stats, "\t" if fmt == "tsv" else ",")
-    skipped_before = stats.skipped_empty
-    for record in records:
+    columns = _parquet_columns(path, text_field) if fmt == "parquet" else None
+    rows = file_rows(path, fmt, columns=columns, required=() if fmt == "txt" else (text_field,),
+                     txt_split=txt_split, setting="the source's text_field")
+    skipped_before, produced = stats.skipped_empty, 0
+    by_line = fmt in ("jsonl", "json")
+    for row in rows:
+        values = row.values
+        if fmt == "txt":
+            text = values["text"]
+            yield (text.strip() if txt_split == "line" else text), ({"path": where, "line": row.line} if row.line
+                                                                    else {"path": where})
+        else:
+            value = _text_of(row, text_field, stats)
+            if value is None:
+                continue
+            fields = _scalar_fields(values, text_field)
+            if by_line and row.line:
+                yield value, {"path": where, "line": row.line, "fields": fields}
+            else:
+                yield value, {"path": where, "row": row.row, "fields": fields}
         produced += 1
-        yield record
     if produced == 0 and stats.skipped_empty == skipped_before:
         raise DataError("file is empty (no text in it)", path=str(path))
+
+
+def source_files(source: FilesSource, root: Path) -> list[Path]:
+    """The files of a ``files`` source, in sorted path order per pattern, every format known."""
+    files = resolve_paths(source.paths, root, f"collect.sources.{source.name}.paths")
+    for file in files:
+        detect_format(file, source.format)  # fail on an unknown extension before reading anything
+    return files
+
+
+def read_source_file(source: FilesSource, file: Path, root: Path, stats: SourceStats) -> Iterator[Record]:
+    """The records of one file of a ``files`` source (:func:`read_file`), noted in ``stats.inputs``."""
+    where = display_path(file, root)
+    stats.inputs[f"{source.name}:{where}"] = file
+    return read_file(file, source.format, source.text_field, source.txt_split, where, stats)
 
 
 def read_files_source(source: FilesSource, root: Path,
                       stats: SourceStats) -> Generator[Record, None, None]:
     """All files of a ``files`` source, in sorted path order per pattern."""
-    files = resolve_paths(source.paths, root)
-    for file in files:
-        detect_format(file, source.format)  # fail on an unknown extension before reading anything
-    for file in files:
-        where = display_path(file, root)
-        stats.inputs[f"{source.name}:{where}"] = file
-        yield from read_file(file, source.format, source.text_field, source.txt_split, where, stats)
+    for file in source_files(source, root):
+        yield from read_source_file(source, file, root, stats)
 
 
-# ------------------------------------------------------------------------------------ hf datasets
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def _load_hf(source: HFSource, root: Path, stats: SourceStats) -> Any:
+def read_hf_source(source: HFSource, root: Path, stats: SourceStats,
+                   rows: range | None = None) -> Generator[Record, None, None]:
+    """Rows of a Hugging Face dataset (hub or local), streamed when ``streaming`` is set; with
+    ``rows``, only those rows of the split (not streaming)."""
     import datasets
 
-    local = Path(source.path) if Path(source.path).is_absolute() else root / source.path
-    try:
-        if local.is_dir() and _is_saved_dataset(local):
-            stats.inputs[f"{source.name}:{display_path(local, root)}"] = local
-            loaded = datasets.load_from_disk(str(local))
-            if isinstance(loaded, datasets.DatasetDict):
-                if source.split not in loaded:
-                    raise DataError(f"no split '{source.split}' (splits: {', '.join(loaded)})", path=str(local))
-                loaded = loaded[source.split]
-            return loaded.to_iterable_dataset() if source.streaming else loaded
-        data_files = source.data_files
-        if data_files is not None:
-            listed = [data_files] if isinstance(data_files, str) else list(data_files)
-            absolute = [f if "://" in f or Path(f).is_absolute() else str(root / f) for f in listed]
-            for file in resolve_paths([f for f in listed if "://" not in f], root):
-                stats.inputs[f"{source.name}:{display_path(file, root)}"] = file
-            data_files = absolute
-        path = str(local) if local.exists() else source.path
-        return datasets.load_dataset(path, name=source.config_name, split=source.split, revision=source.revision,
-                                     data_files=data_files, streaming=source.streaming)
-    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not load split '{source.split}': {first} (check path/config_name/split; "
-                        "offline, point `path` at local files)", path=f"hf dataset '{source.path}'") from None
-
-
-def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generator[Record, None, None]:
-    """Rows of a Hugging Face dataset (hub or local), streamed when ``streaming`` is set."""
-    import datasets
-
-    dataset = _load_hf(source, root, stats)
+    dataset, inputs = load_hf(source.path, root, config_name=source.config_name, split=source.split,
+                              revision=source.revision, data_files=source.data_files, streaming=source.streaming)
+    for file in inputs:
+        stats.inputs[f"{source.name}:{display_path(file, root)}"] = file
     where = f"hf dataset '{source.path}'"
     stats.datasets[source.name] = {"path": source.path, "config": source.config_name, "split": source.split,
                                    "revision": source.revision,
@@ -353,338 +493,14 @@ def read_hf_source(source: HFSource, root: Path, stats: SourceStats) -> Generato
         extra = [name for name, f in features.items()
                  if name != source.text_field and isinstance(f, datasets.Value | datasets.ClassLabel)]
         dataset = dataset.select_columns([source.text_field, *extra])
+    if rows is not None:
+        dataset = dataset.select(rows)
     base = {"dataset": source.path, "config": source.config_name, "split": source.split}
     if source.revision:
         base["revision"] = source.revision
-    row = 0
-    try:
-        for batch in dataset.iter(batch_size=1000):
-            if source.text_field not in batch:
-                raise DataError(f"no column '{source.text_field}' (columns: {', '.join(batch)}); set text_field",
-                                path=where)
-            texts = batch[source.text_field]
-            for i, text in enumerate(texts):
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"row {row + i}: '{source.text_field}' is a {type(text).__name__}, "
-                                    "expected a string", path=where)
-                if text is None or not text.strip():
-                    stats.skipped_empty += 1
-                    continue
-                fields = {k: v[i] for k, v in batch.items() if k != source.text_field and isinstance(v[i], _SCALARS)}
-                yield text, {**base, "row": row + i, "fields": fields}
-            row += len(texts)
-    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
-        raise DataError(f"reading failed at row {row}: {err}", path=where) from None
-
-
-# ------------------------------------------------------------------------------------------- urls
-
-DOWNLOADS = Path("data") / "downloads"
-# HTTP client errors that another attempt cannot fix (408 Request Timeout and 429 Too Many
-# Requests are transient and retried like server errors).
-_TRANSIENT_4XX = {408, 429}
-
-
-def download_path(source: UrlSource, root: Path) -> Path:
-    """Where a URL source is kept: ``data/downloads/<sha256 prefix>-<file name>``.
-
-    Keyed by the expected checksum, so a verified download is reused by later runs and a new
-    ``sha256`` in params.yaml fetches the new file.
-    """
-    name = os.path.basename(urllib.parse.urlparse(source.url).path) or "download"
-    return root / DOWNLOADS / f"{source.sha256[:16]}-{name}"
-
-
-@dataclass(frozen=True)
-class UrlPolicy:
-    """What a download may do (the ``url`` source's limits; see ``UrlSource`` for their meaning).
-
-    ``allow_networks`` holds CIDR ranges a connection may reach although they are not public
-    (loopback, link-local, private, reserved, multicast); every other address is refused.
-    """
-
-    max_bytes: int | None = None
-    deadline_s: float | None = None
-    max_redirects: int = 5
-    allow_networks: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, source: UrlSource) -> UrlPolicy:
-        return cls(max_bytes=source.max_bytes, deadline_s=source.deadline_s, max_redirects=source.max_redirects,
-                   allow_networks=tuple(source.allow_networks))
-
-
-class _Refused(Exception):
-    """A download the policy forbids: never retried."""
-
-
-# most specific first: 127.0.0.1 and 0.0.0.0 also count as "private" in the ipaddress module
-_NOT_PUBLIC = (("is_unspecified", "unspecified"), ("is_loopback", "loopback"), ("is_link_local", "link-local"),
-               ("is_multicast", "multicast"), ("is_private", "private"), ("is_reserved", "reserved"))
-
-
-def address_refusal(address: str, allow_networks: tuple[str, ...] = ()) -> str | None:
-    """Why a connection to ``address`` (an IP) is refused ("a loopback address"), or None if allowed."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    if any(ip in ipaddress.ip_network(net, strict=False) for net in allow_networks):
-        return None
-    kind = next((what for attr, what in _NOT_PUBLIC if getattr(ip, attr)), None)
-    if kind is None and not ip.is_global:
-        kind = "non-public"
-    return f"a {kind} address" if kind else None
-
-
-def _vetted_socket(host: str, port: int, timeout: Any, source_address: Any,
-                   allow_networks: tuple[str, ...]) -> socket.socket:
-    """Resolve ``host`` once, refuse it if any address is not allowed, connect to a checked address.
-
-    Connecting to the very addresses that were checked (not resolving again) means a DNS answer
-    that changes between check and connect cannot redirect the connection inside the network.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise OSError(f"cannot resolve {host}: {err}") from None
-    for *_, sockaddr in infos:
-        why = address_refusal(str(sockaddr[0]), allow_networks)
-        if why:
-            raise _Refused(f"{host} resolves to {sockaddr[0]}, {why}; list its range in the source's "
-                           "allow_networks to allow it")
-    error: OSError | None = None
-    for family, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
-                sock.settimeout(timeout)
-            if source_address:
-                sock.bind(source_address)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as err:
-            sock.close()
-            error = err
-    raise error or OSError(f"cannot connect to {host}")
-
-
-class _VettedHTTPConnection(http.client.HTTPConnection):
-    allow_networks: tuple[str, ...] = ()  # set per connection by _connection
-
-    def connect(self) -> None:
-        self.sock = _vetted_socket(self.host, self.port, self.timeout, getattr(self, "source_address", None),
-                                   self.allow_networks)
-
-
-class _VettedHTTPSConnection(http.client.HTTPSConnection, _VettedHTTPConnection):
-    """TLS over a vetted socket: ``HTTPSConnection.connect`` wraps what ``_VettedHTTPConnection`` opened."""
-
-
-def _connection(cls: type[_VettedHTTPConnection], allow_networks: tuple[str, ...]) -> Any:
-    """A constructor of ``cls`` connections that may reach ``allow_networks``, for ``do_open``."""
-
-    def make(*args: Any, **kwargs: Any) -> _VettedHTTPConnection:
-        connection = cls(*args, **kwargs)
-        connection.allow_networks = allow_networks
-        return connection
-
-    return make
-
-
-class _VettedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, allow_networks: tuple[str, ...]) -> None:
-        super().__init__()
-        self.allow_networks = allow_networks
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_connection(_VettedHTTPConnection, self.allow_networks), req)
-
-
-class _VettedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, allow_networks: tuple[str, ...]) -> None:
-        super().__init__()
-        self.allow_networks = allow_networks
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_connection(_VettedHTTPSConnection, self.allow_networks), req,
-                            context=self._context)  # type: ignore[attr-defined]
-
-
-def _opener(policy: UrlPolicy) -> urllib.request.OpenerDirector:
-    """http(s) only, no proxies (the address check must see the real destination), no automatic
-    redirects (:func:`_open` follows them one by one, checking each)."""
-    opener = urllib.request.OpenerDirector()
-    for handler in (_VettedHTTPHandler(policy.allow_networks), _VettedHTTPSHandler(policy.allow_networks),
-                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
-                    urllib.request.UnknownHandler()):
-        opener.add_handler(handler)
-    return opener
-
-
-_REDIRECTS = {301, 302, 303, 307, 308}
-
-
-def _check_scheme(url: str) -> None:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise _Refused(f"{url}: only http:// and https:// URLs are downloaded")
-
-
-def _remaining(timeout_s: float, deadline: float | None) -> float:
-    if deadline is None:
-        return timeout_s
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _DeadlinePassed()
-    return min(timeout_s, left)
-
-
-class _DeadlinePassed(Exception):
-    """The download's overall deadline passed: not retried (the ``.part`` file is kept for a resume)."""
-
-
-def _open(url: str, headers: dict[str, str], timeout_s: float, policy: UrlPolicy,
-          deadline: float | None) -> http.client.HTTPResponse:
-    """Open ``url``, following at most ``policy.max_redirects`` redirects, each to an http(s) URL
-    whose host passes the address check."""
-    opener, current = _opener(policy), url
-    for _ in range(policy.max_redirects + 1):
-        _check_scheme(current)
-        try:
-            response: http.client.HTTPResponse = opener.open(
-                urllib.request.Request(current, headers=headers), timeout=_remaining(timeout_s, deadline))
-            return response
-        except urllib.error.HTTPError as err:
-            location = err.headers.get("Location") if err.code in _REDIRECTS else None
-            if not location:
-                raise
-            err.close()
-            log.info("%s redirects (%d) to %s", current, err.code, location)
-            current = urllib.parse.urljoin(current, location)
-    raise _Refused(f"more than {policy.max_redirects} redirect(s) (the last to {current}); raise the source's "
-                   "max_redirects if this is expected")
-
-
-def _fetch(url: str, part: Path, timeout_s: float, progress: Progress | None, policy: UrlPolicy,
-           deadline: float | None) -> None:
-    """Append the rest of ``url`` to ``part`` (HTTP Range from its current size) within the policy."""
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": f"lmpipe/{__version__}"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    with _open(url, headers, timeout_s, policy, deadline) as response:
-        content_range = response.headers.get("Content-Range", "")
-        if offset and getattr(response, "status", 200) == 206 and content_range.startswith(f"bytes {offset}-"):
-            mode = "ab"
-            log.info("resuming %s at byte %d", url, offset)
-        else:  # the server ignored the Range header and sends the whole file
-            mode, offset = "wb", 0
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        cap = policy.max_bytes
-        if cap is not None and total is not None and total > cap:
-            raise _Refused(f"the file has {total} bytes, more than max_bytes={cap}")
-        task = progress.add_task(f"download {part.name}", total=total, completed=offset) if progress else None
-        size = offset
-        with open(part, mode) as handle:
-            # read1: whatever one socket read brings, so a server that trickles bytes cannot hold
-            # the loop past the deadline for longer than one read's timeout
-            while chunk := response.read1(1 << 20):
-                size += len(chunk)
-                if cap is not None and size > cap:
-                    raise _Refused(f"more than max_bytes={cap} bytes received")
-                handle.write(chunk)
-                if progress is not None and task is not None:
-                    progress.advance(task, len(chunk))
-                if deadline is not None and time.monotonic() > deadline:
-                    raise _DeadlinePassed()
-        if progress is not None and task is not None:
-            progress.remove_task(task)
-    size = part.stat().st_size
-    if total is not None and size < total:
-        raise http.client.IncompleteRead(b"", total - size)
-
-
-def download(url: str, dest: Path, sha256: str, *, retries: int = 4, timeout_s: float = 60.0,
-             backoff_s: float = 1.0, policy: UrlPolicy | None = None, progress: Progress | None = None) -> Path:
-    """Download ``url`` to ``dest`` and verify its sha256; return ``dest``.
-
-    Reads/writes ``dest`` and ``dest.part``: bytes arrive in the ``.part`` file, which a later
-    attempt (or run) resumes with an HTTP Range request; only a verified file is renamed to
-    ``dest``, and an existing verified ``dest`` is reused without network. Network errors and
-    5xx/408/429 responses are retried ``retries`` times with exponential backoff
-    (``backoff_s * 2**k``), all within ``policy.deadline_s``.
-
-    Raises ChecksumError when the file does not match (the ``.part`` is deleted), DataError for
-    other HTTP errors (4xx at once, the rest after the retries) and, at once, for what ``policy``
-    forbids: a scheme other than http(s), an address that is not public (unless allowed), too many
-    redirects, a file over ``max_bytes`` (its ``.part`` deleted), the deadline passed.
-    """
-    policy = policy or UrlPolicy()
-    deadline = time.monotonic() + policy.deadline_s if policy.deadline_s is not None else None
-    try:
-        _check_scheme(url)
-    except _Refused as err:
-        raise DataError(f"download refused: {err}", path=url) from None
-    if dest.is_file():
-        if sha256_file(dest) == sha256:
-            log.info("using verified download %s", dest)
-            return dest
-        dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    resumed = part.exists() and part.stat().st_size > 0
-    error = ""
-    for attempt in range(retries + 1):
-        try:
-            if attempt:
-                delay = backoff_s * 2 ** (attempt - 1)
-                log.warning("download of %s failed (%s); retry %d/%d in %.1fs", url, error, attempt, retries, delay)
-                time.sleep(min(delay, _remaining(delay, deadline)))
-            _fetch(url, part, timeout_s, progress, policy, deadline)
-            break
-        except _Refused as err:
-            if part.exists() and "max_bytes" in str(err):
-                part.unlink()
-            raise DataError(f"download refused: {err}", path=url) from None
-        except _DeadlinePassed:
-            raise DataError(f"download did not finish within deadline_s={policy.deadline_s:g} "
-                            f"({'last error: ' + error if error else 'still receiving'}); the partial "
-                            "file is kept and resumed by the next run", path=url) from None
-        except urllib.error.HTTPError as err:
-            if err.code == 416 and part.exists():  # Range not satisfiable: the .part is already whole
-                break
-            error = f"HTTP {err.code} {err.reason}"
-            if 400 <= err.code < 500 and err.code not in _TRANSIENT_4XX:
-                raise DataError(f"download failed: {error}; check the URL", path=url) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            error = str(getattr(err, "reason", None) or err) or type(err).__name__
-    else:
-        raise DataError(f"download failed after {retries + 1} attempt(s): {error}", path=url)
-    actual = sha256_file(part)
-    if actual != sha256:
-        part.unlink()
-        if resumed:  # a stale partial file from another version: start over once
-            log.warning("resumed download of %s does not match its sha256; downloading it again", url)
-            left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-            return download(url, dest, sha256, retries=retries, timeout_s=timeout_s, backoff_s=backoff_s,
-                            policy=dataclasses.replace(policy, deadline_s=left), progress=progress)
-        raise ChecksumError(
-            f"sha256 mismatch: expected {sha256}, got {actual}; the download was deleted "
-            "(update the source's sha256 if the file changed upstream)",
-            path=url,
-        )
-    os.replace(part, dest)
-    return dest
-
-
-def read_url_source(source: UrlSource, root: Path, stats: SourceStats,
-                    progress: Progress | None = None) -> Generator[Record, None, None]:
-    """Download a ``url`` source (see :func:`download`) and parse it like a local file."""
-    fmt = detect_format(urllib.parse.urlparse(source.url).path, source.format)
-    dest = download(source.url, download_path(source, root), source.sha256, retries=source.retries,
-                    timeout_s=source.timeout_s, policy=UrlPolicy.of(source), progress=progress)
-    stats.inputs[f"{source.name}:{source.url}"] = dest
-    for text, meta in read_file(dest, fmt, source.text_field, source.txt_split, display_path(dest, root), stats):
-        meta.pop("path", None)
-        yield text, {"url": source.url, **meta}
+    for row in hf_rows(dataset, where, rows.start if rows is not None else 0):
+        if source.text_field not in row.values:
+            raise DataError(f"no column '{source.text_field}' (columns: {', '.join(row.values)}); set text_field",
+                            path=where)
+        if (text := _text_of(row, source.text_field, stats)) is not None:
+            yield text, {**base, "row": row.row, "fields": _scalar_fields(row.values, source.text_field)}

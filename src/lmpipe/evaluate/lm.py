@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmpipe.data.sources import file_rows
 from lmpipe.errors import DataError, FingerprintMismatch
-from lmpipe.io import jsonl_objects
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
 from lmpipe.model.io import load_model, read_model_config
 
@@ -227,7 +227,8 @@ def split_groups(split_dir: Path, tokens: np.ndarray, eos_id: int) -> TokenGroup
 
 
 def read_documents(path: Path, fmt: str, text_field: str) -> list[str]:
-    """Documents of an eval file: non-empty lines (text) or a field of each JSON line (jsonl).
+    """Documents of an eval file (:func:`lmpipe.data.sources.file_rows`): each non-blank line
+    without its line ending (text), or a field of each JSON line (jsonl); empty texts are skipped.
 
     Raises DataError naming the file and line for a missing file, bad JSON or a missing field.
     """
@@ -235,13 +236,12 @@ def read_documents(path: Path, fmt: str, text_field: str) -> list[str]:
         raise DataError("eval file not found (paths are relative to the project root)", path=str(path))
     docs = []
     if fmt == "text":
-        with open(path, encoding="utf-8") as handle:
-            docs = [line.rstrip("\n") for line in handle if line.strip()]
+        docs = [row.values["text"] for row in file_rows(path, "txt", txt_split="line")]
     else:
-        for line_no, value in jsonl_objects(path):
-            text = value.get(text_field)
+        for row in file_rows(path, fmt):
+            text = row.values.get(text_field)
             if not isinstance(text, str):
-                raise DataError(f"no text field {text_field!r} (set text_field)", path=str(path), line=line_no)
+                raise row.error(f"no text field {text_field!r} (set text_field)")
             if text:
                 docs.append(text)
     if not docs:

@@ -1,9 +1,9 @@
 """Rows in, micro-batches out: the data side of the ``finetune`` stage, shared by every task type.
 
 Reading: :func:`read_rows` yields the rows of a data source (``split`` document shards, local
-``files``, or an ``hf`` dataset) as :class:`Row` objects that remember where they came from, so a
-bad value becomes a one-line ``DataError`` naming the file and line (text files) or row (parquet,
-datasets). The task modules (:mod:`lmpipe.train.sft`, :mod:`lmpipe.train.classify`) turn rows
+``files``, or an ``hf`` dataset, read by :mod:`lmpipe.data.sources`) as :class:`Row` objects that
+remember where they came from, so a bad value becomes a one-line ``DataError`` naming the file and
+line (text files) or 1-based row (parquet, json, datasets). The task modules (:mod:`lmpipe.train.sft`, :mod:`lmpipe.train.classify`) turn rows
 into tokenized examples.
 
 Batching: as in pretraining, batches are a pure function of (seed, step). Sample k of the run is
@@ -14,10 +14,7 @@ run resumed at step s therefore sees exactly the batches an uninterrupted run wo
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +27,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lmpipe.config import Paths
 from lmpipe.data.shards import iter_shards
+from lmpipe.data.sources import files_rows, hf_rows, load_hf
 from lmpipe.errors import DataError
-from lmpipe.io import jsonl_objects
 from lmpipe.train.data import BatchPlan
 from lmpipe.train.finetune_config import DataSource, FilesData, HFData, SplitData
 
 Batch = dict[str, torch.Tensor]
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-           ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -130,101 +125,16 @@ def _split_rows(source: SplitData, directory: Path) -> Iterator[Row]:
             yield Row(values, str(path), idx + 1, columns=source.columns)
 
 
-def _expand(patterns: Sequence[str], root: Path) -> list[Path]:
-    files: list[Path] = []
-    for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else str(root / pattern)
-        matches = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
-        if not matches:
-            raise DataError(f"no file matches {pattern!r} (paths are relative to the project root {root})")
-        files.extend(matches)
-    return files
-
-
 def _file_rows(source: FilesData, root: Path) -> Iterator[Row]:
-    for path in _expand(source.paths, root):
-        fmt = source.format if source.format != "auto" else FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"cannot tell the format from the extension; set format: ({', '.join(sorted(set(FORMATS.values())))})",
-                            path=str(path))
-        yield from _READERS[fmt](path, source.columns)
-
-
-def _jsonl_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
-    for row, (line_no, values) in enumerate(jsonl_objects(path), start=1):
-        yield Row(values, str(path), row, line_no, columns)
-
-
-def _json_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"not valid JSON: {err.msg}", path=str(path), line=err.lineno) from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError("expected a JSON list of objects (or {\"data\": [...]})", path=str(path))
-    for idx, values in enumerate(data, start=1):
-        if not isinstance(values, dict):
-            raise DataError(f"row {idx}: expected a JSON object, got {type(values).__name__}", path=str(path))
-        yield Row(values, str(path), idx, None, columns)
-
-
-def _delimited_rows(path: Path, columns: dict[str, str], delimiter: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        # TSV corpora (GLUE and most NLP releases) do not quote fields: a '"' is part of the text.
-        reader = (csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if delimiter == "\t"
-                  else csv.reader(handle, delimiter=delimiter))
-        header = next(reader, None)
-        if header is None:
-            raise DataError("empty file: expected a header row naming the columns", path=str(path), line=1)
-        row = 0
-        for record in reader:
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue
-            if len(record) != len(header):
-                raise DataError(f"{len(record)} fields, but the header has {len(header)} ({', '.join(header)})",
-                                path=str(path), line=reader.line_num)
-            row += 1
-            yield Row(dict(zip(header, record, strict=True)), str(path), row, reader.line_num, columns)
-
-
-def _parquet_rows(path: Path, columns: dict[str, str]) -> Iterator[Row]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"not a readable parquet file: {err}", path=str(path)) from None
-    for idx, values in enumerate(table.to_pylist(), start=1):
-        yield Row(values, str(path), idx, None, columns)
-
-
-_READERS: dict[str, Callable[[Path, dict[str, str]], Iterator[Row]]] = {
-    "jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows,
-    "csv": lambda p, c: _delimited_rows(p, c, ","), "tsv": lambda p, c: _delimited_rows(p, c, "\t"),
-}
+    for row in files_rows(source.paths, root, source.format):
+        yield Row(row.values, row.where, (row.row or 0) + 1, row.line, source.columns)
 
 
 def _hf_rows(source: HFData, root: Path) -> Iterator[Row]:
-    import datasets
-
-    data_files: Any = source.data_files
-    if data_files is not None:  # builder datasets ('json', 'csv') read files relative to the project root
-        files = [data_files] if isinstance(data_files, str) else data_files
-        data_files = [str(p) for p in _expand(files, root)]
-    path = source.path
-    if (root / path).is_dir():
-        path = str(root / path)
-    where = f"hf:{source.path}[{source.split}]"
-    try:
-        dataset = datasets.load_dataset(path, name=source.config_name, split=source.split,
-                                        revision=source.revision, data_files=data_files)
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as err:
-        raise DataError(f"cannot load the dataset: {str(err).splitlines()[0]}", path=where) from None
-    for idx, values in enumerate(dataset, start=1):
-        yield Row(dict(values), where, idx, None, source.columns)
+    dataset, _ = load_hf(source.path, root, config_name=source.config_name, split=source.split,
+                         revision=source.revision, data_files=source.data_files)
+    for row in hf_rows(dataset, f"hf:{source.path}[{source.split}]"):
+        yield Row(row.values, row.where, (row.row or 0) + 1, None, source.columns)
 
 
 # ----------------------------------------------------------------------------------- batching
