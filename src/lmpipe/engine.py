@@ -6,6 +6,16 @@ and switching ``kind`` or ``address`` leaves every output byte and manifest as i
 
 The CLI (:func:`lmpipe.cli.run_stage`) installs the loaded section with :func:`use` around a stage;
 a stage asks :func:`current` which engine to run on. :func:`connect` joins or starts Ray.
+
+Faults. Every Ray task of the data stages is submitted with ``max_retries=MAX_RETRIES`` (3): Ray
+re-runs a task whose worker process or node died (a killed or OOM-killed worker, a preempted
+node), which is what a long run on many machines meets, and the tasks are pure functions of
+their input shard, so a re-run gives the same result. Application errors are never retried
+(``retry_exceptions`` stays off): a DataError in a task is a fact about the data and comes back to
+the driver at once, as itself (:func:`raise_user_error`). When a task has died more than
+``MAX_RETRIES`` times the stage fails; its output is built in :func:`lmpipe.io.atomic_dir`, so it
+fails without a partial output and the previous output and manifest stay as they were. Actors
+are not used, so no actor restarts are configured.
 """
 
 from __future__ import annotations
@@ -20,11 +30,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmpipe.config import Section
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+MAX_RETRIES = 3  # Ray re-runs a task lost with its worker this often before the stage fails
 
 
 class EngineConfig(Section):
@@ -113,3 +124,35 @@ def connect(cfg: EngineConfig) -> Any:
             from None
     log.info("engine: Ray %s with %s CPUs", cfg.address or "on this machine", ray.cluster_resources().get("CPU"))
     return ray
+
+
+def ray_exceptions() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+
+    return (RayError,)
+
+
+def user_error(err: BaseException) -> LmpipeError | None:
+    """The lmpipe error a Ray task raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, LmpipeError) and not isinstance(item, ray_exceptions()):
+            return item
+        todo += [getattr(item, "cause", None), item.__cause__, item.__context__]
+    return None
+
+
+def raise_user_error(err: BaseException) -> None:
+    """Re-raise a Ray task's failure: the lmpipe error it carries, as the local engine gives it
+    (one line), else ``err`` itself."""
+    cause = user_error(err) if isinstance(err, ray_exceptions()) else None
+    if cause is None:
+        raise err
+    # Ray appends its retry advice to the message: keep the one line the local engine gives
+    cause.args = (str(cause).splitlines()[0],)
+    raise cause from None

@@ -54,13 +54,12 @@ from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, band_hashes
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform, shard_files
-from lmpipe.engine import EngineConfig, connect, current
-from lmpipe.errors import DataError, LmpipeError
+from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, raise_user_error, ray_exceptions
+from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json, write_manifest
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIES = 3  # Ray re-runs a task lost with its worker this often before the stage fails
 ROW_BITS = 32
 
 DOC_SCHEMA = pa.schema([
@@ -311,27 +310,6 @@ def _kept(batch: pa.Table, drop: list[Any]) -> pa.Table:
     return batch.append_column("chunk", pc.shift_right(batch.column("order"), ROW_BITS))
 
 
-def _user_error(err: BaseException) -> LmpipeError | None:
-    """The lmpipe error a Ray task raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [err]
-    while todo:
-        item = todo.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, LmpipeError) and not isinstance(item, ray_exceptions()):
-            return item
-        todo += [getattr(item, "cause", None), item.__cause__, item.__context__]
-    return None
-
-
-def ray_exceptions() -> tuple[type[BaseException], ...]:
-    from ray.exceptions import RayError
-
-    return (RayError,)
-
-
 def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> dict[str, Any]:
     """Clean ``paths.raw`` into ``paths.clean`` on Ray; the same output and summary keys as
     :func:`lmpipe.data.clean.run` (``workers`` is the cluster's CPU count).
@@ -343,12 +321,8 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
     try:
         return _run(ray, cfg, paths)
     except ray_exceptions() as err:
-        cause = _user_error(err)
-        if cause is None:
-            raise
-        # Ray appends its retry advice to the message: keep the one line the local engine gives
-        cause.args = (str(cause).splitlines()[0],)
-        raise cause from None
+        raise_user_error(err)
+        raise
 
 
 def clean_locally(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
