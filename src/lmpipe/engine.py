@@ -12,7 +12,7 @@ re-runs a task whose worker process or node died (a killed or OOM-killed worker,
 node), which is what a long run on many machines meets, and the tasks are pure functions of
 their input shard, so a re-run gives the same result. Application errors are never retried
 (``retry_exceptions`` stays off): a DataError in a task is a fact about the data and comes back to
-the driver at once, as itself (:func:`raise_user_error`). When a task has died more than
+the driver at once, as itself (:func:`raise_task_error`). When a task has died more than
 ``MAX_RETRIES`` times the stage fails; its output is built in :func:`lmpipe.io.atomic_dir`, so it
 fails without a partial output and the previous output and manifest stay as they were. Actors
 are not used, so no actor restarts are configured.
@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmpipe.config import Section
-from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.errors import ConfigError, EngineError, LmpipeError
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,17 @@ def user_error(err: BaseException) -> LmpipeError | None:
     return None
 
 
-def raise_user_error(err: BaseException) -> None:
-    """Re-raise a Ray task's failure: the lmpipe error it carries, as the local engine gives it
-    (one line), else ``err`` itself."""
-    cause = user_error(err) if isinstance(err, ray_exceptions()) else None
-    if cause is None:
+def raise_task_error(err: BaseException, stage: str) -> None:
+    """Re-raise a Ray failure of ``stage`` as one line: the lmpipe error a task raised, as the
+    local engine gives it, or EngineError for a task that lost its worker or node more than
+    ``MAX_RETRIES`` times (or any other Ray failure). Anything that is not Ray's is re-raised."""
+    if not isinstance(err, ray_exceptions()):
         raise err
-    # Ray appends its retry advice to the message: keep the one line the local engine gives
-    cause.args = (str(cause).splitlines()[0],)
-    raise cause from None
+    cause = user_error(err)
+    if cause is not None:
+        # Ray appends its retry advice to the message: keep the one line the local engine gives
+        cause.args = (str(cause).splitlines()[0],)
+        raise cause from None
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    raise EngineError(f"{stage} on Ray failed, its outputs left as they were: {type(err).__name__}: {first} "
+                      f"(Ray retried the task {MAX_RETRIES} times)") from err

@@ -3,15 +3,18 @@ distributed near-dedup resolution against the local streaming index; the engine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +27,7 @@ from lmpipe.data import clean, ray_clean
 from lmpipe.data.dedup import NearDuplicateIndex, band_hashes
 from lmpipe.data.shards import read_documents
 from lmpipe.data.synthetic import generate
-from lmpipe.errors import ConfigError, DataError
+from lmpipe.errors import ConfigError, DataError, LmpipeError
 from lmpipe.io import read_manifest
 
 
@@ -191,3 +194,41 @@ def test_engine_is_no_stages_dvc_param(repo_root: Path) -> None:
               for p in (entry if isinstance(entry, dict) else {entry: None})]
     assert ("clean", "clean") in listed
     assert not [item for item in listed if str(item[1]).split(".")[0] == "engine"]
+
+
+def _kill_tasks(name: str, stop: threading.Event, killed: list[int]) -> None:
+    """Kill (SIGKILL) every Ray worker process while it runs a task of ``name``, as a crashed or
+    OOM-killed worker would die, until ``stop`` is set."""
+    while not stop.is_set():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if cmdline.startswith("ray::") and name in cmdline and proc.info["pid"] not in killed:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                    killed.append(proc.info["pid"])
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_worker_lost_mid_stage_fails_without_partial_output(tmp_path: Path, ray_cluster: object) -> None:
+    """Every attempt of a filter task loses its worker: after Ray's retries the stage fails with one
+    line, and the previous data/clean and its manifest are untouched."""
+    paths = Paths(tmp_path)
+    write_raw(paths, _corpus()[:60], shard_docs=30)
+    cfg = config(workers=1, shard_docs=60)
+    clean.run(cfg, paths)  # the previous output, from the local engine
+    before = {p.name: p.read_bytes() for p in paths.clean.iterdir()}
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_tasks, args=("filter_chunks", stop, killed), daemon=True)
+    killer.start()
+    try:
+        with engine.use(engine.EngineConfig(kind="ray")), pytest.raises(LmpipeError) as err:
+            clean.run(cfg, paths)
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) > engine.MAX_RETRIES  # the first attempt and every retry
+    message = str(err.value)
+    assert "\n" not in message and "worker" in message and "clean" in message, message
+    assert {p.name: p.read_bytes() for p in paths.clean.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.joinpath("data").iterdir()) == ["clean", "raw"]  # no temporary left

@@ -54,7 +54,7 @@ from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
 from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, band_hashes
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform, shard_files
-from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, raise_user_error, ray_exceptions
+from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, raise_task_error, ray_exceptions
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json, write_manifest
 
@@ -321,7 +321,7 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
     try:
         return _run(ray, cfg, paths)
     except ray_exceptions() as err:
-        raise_user_error(err)
+        raise_task_error(err, "clean")
         raise
 
 

@@ -600,7 +600,7 @@ def judge_directory(spec: SuiteSpec, directory: Path, size: int, docs: Any) -> t
 
 
 def _judge_on_ray(spec: SuiteSpec, files: list[Path], size: int) -> Partial:
-    from lmpipe.engine import MAX_RETRIES, connect, current, raise_user_error
+    from lmpipe.engine import MAX_RETRIES, connect, current, raise_task_error
 
     ray = connect(current())
     task = ray.remote(max_retries=MAX_RETRIES)(judge_shard)
@@ -610,7 +610,7 @@ def _judge_on_ray(spec: SuiteSpec, files: list[Path], size: int) -> Partial:
         for part in ray.get(refs):  # in shard order: the examples come in corpus order
             partial.extend(part)
     except Exception as err:
-        raise_user_error(err)
+        raise_task_error(err, "validate")
     return partial
 
 
