@@ -194,3 +194,30 @@ def test_synthetic_corpus_noise_is_removed_and_good_docs_kept(tmp_path: Path) ->
     shutil.copytree(paths.clean, again.raw)
     assert clean.run(config(), again)["docs_out"] == summary["docs_out"]
     assert read_documents(again.clean).column("text").to_pylist() == out
+
+
+def test_spilled_near_dedup_keeps_the_in_memory_documents(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A corpus past near_dedup.memory_mb spills its LSH bands to disk: the same kept documents,
+    report and output files as the in-memory index, and no spill left behind."""
+    texts = [t for t, _ in generate(1000, noise_fraction=0.1, seed=5)]
+    story = " ".join(GOOD)
+    near = [story, story.replace("at seven", "at eight"), GOOD[1], GOOD[1].replace("Monday", "Tuesday"),
+            story.replace("at seven", "at nine").replace("three minutes", "two minutes")]
+    texts = texts[:300] + near[:2] + texts[300:700] + near[2:] + texts[700:]
+    outputs = []
+    for name, budget in (("memory", 4096), ("spill", 1)):  # 1 MB: ~1,000 documents' index does not fit
+        paths = Paths(tmp_path / name)
+        write_raw(paths, texts, shard_docs=400)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lmpipe.data.clean"):
+            summary = clean.run(config(workers=1, shard_docs=300, near_dedup={"memory_mb": budget}), paths)
+        assert ("spilling" in caplog.text) == (name == "spill")
+        files = read_manifest(paths.clean)["files"]
+        outputs.append((read_documents(paths.clean).to_pylist(), json.loads((paths.clean / "clean_report.json")
+                                                                            .read_text()), files, summary))
+        assert sorted(p.name for p in (tmp_path / name / "data").iterdir()) == ["clean", "raw"]
+    (mem_docs, mem_report, mem_files, mem_sum), (sp_docs, sp_report, sp_files, sp_sum) = outputs
+    assert mem_sum["removed.near_dedup"] >= 2
+    assert sp_docs == mem_docs
+    assert sp_report == mem_report
+    assert sp_files == mem_files

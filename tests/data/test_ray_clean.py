@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from test_clean import GOOD, config, write_raw
+from test_dedup import near_signatures
 
 from lmpipe import engine
 from lmpipe.config import Paths, load_params
@@ -55,26 +56,8 @@ def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 
 
 def test_distributed_near_dedup_matches_the_streaming_index() -> None:
     """Band shuffle + verified pairs + keep-first resolution == the local index, removals and references."""
-    rng = np.random.default_rng(0)
     num_perm = 128
-    base = rng.integers(0, 2**32, size=(60, num_perm), dtype=np.uint32)
-    sigs = [base]
-    for level in (0.05, 0.12, 0.2, 0.3):  # copies at falling similarity: some pass 0.8, some do not
-        copy = base[rng.choice(60, 30)].copy()
-        flip = rng.random(copy.shape) < level
-        copy[flip] = rng.integers(0, 2**32, size=int(flip.sum()), dtype=np.uint32)
-        sigs.append(copy)
-    # a chain: b is near a, c is near b but not near a, so c stays (a kept, b removed)
-    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
-    b, c = a.copy(), a.copy()
-    b[:20] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
-    c[:40] = b[:40]
-    c[:20] = b[:20]
-    c[20:40] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
-    sigs.append(np.stack([a, b, c]))
-    all_sigs = np.concatenate(sigs)
-    all_sigs = all_sigs[rng.permutation(len(all_sigs))]
-
+    all_sigs = near_signatures(num_perm)
     local = NearDuplicateIndex(0.8, num_perm)
     expected = local.add(all_sigs)
     removed, dup_of = ray_clean.resolve_near(_edges_by_bucket(all_sigs, NearDuplicateIndex(0.8, num_perm)))

@@ -289,6 +289,10 @@ class NearDedupRule(Section):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     shingle_size: int = Field(5, ge=1, description="Word n-gram size of the shingles.")
     seed: int = Field(1, description="Seed of the hash permutations.")
+    memory_mb: int = Field(
+        4096, gt=0, description="Memory budget of the local engine's near-dedup index. A corpus whose index could "
+        "outgrow it (estimated from the raw document count) spills its LSH bands to disk partitions next to "
+        "data/clean, resolved one at a time: the same documents kept, a second pass over the survivors.")
 
 
 class DecontaminateRule(Section):
