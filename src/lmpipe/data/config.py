@@ -341,7 +341,7 @@ class ValidateConfig(Section):
     min_language_fraction: float = Field(0.99, ge=0, le=1, description="Fraction of clean docs whose language is in `languages`.")
     min_docs: int = Field(100, ge=1, description="Clean data must have at least this many documents.")
     sample_docs: int = Field(
-        10_000, ge=1, description="Most rows of any frame given to Great Expectations: the corpus is judged in "
+        50_000, ge=1, description="Most rows of any frame given to Great Expectations: the corpus is judged in "
         "streamed batches of this many documents (verdicts from their aggregates), and the Data Docs show a "
         "deterministic sample of this many.")
 
