@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,6 @@ from lmpipe.data.shards import read_documents
 from lmpipe.data.synthetic import generate
 from lmpipe.errors import ConfigError, DataError, LmpipeError
 from lmpipe.io import read_manifest
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[object]:
-    """One real local Ray cluster for the session (starting one costs seconds)."""
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 << 25) -> pa.Table:
@@ -158,10 +148,11 @@ def test_engine_section_is_validated(tmp_path: Path) -> None:
             load_params(params, sections=["engine"])
 
 
-def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["clean", "validate"])
+def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path, stage: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "lmpipe.cli", "clean", "-S", "engine.kind=ray",
+    proc = subprocess.run([sys.executable, "-m", "lmpipe.cli", stage, "-S", "engine.kind=ray",
                            "-S", "engine.address=127.0.0.1:9", "-S", "tracking.enabled=false"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert time.monotonic() - started < 30

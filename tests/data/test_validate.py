@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_ray_clean import ray_cluster  # noqa: F401  (the session's real local Ray)
 
 from lmpipe import engine
 from lmpipe.config import Paths

@@ -624,9 +624,12 @@ def run(cfg: ValidateConfig, paths: Paths) -> dict[str, Any]:
     DataError for missing or unreadable shards, ValidationFailed when a suite fails.
     """
     from lmpipe import tracking
+    from lmpipe.engine import connect, current
 
     started = time.perf_counter()
     specs = {name: load_suite(name, cfg, paths) for name in SUITES}  # config errors before any work
+    if current().kind == "ray":
+        connect(current())  # an unreachable engine.address fails here, in seconds
     for directory in (paths.raw, paths.clean):
         shard_files(directory)  # a missing directory fails before any work
     docs_dir = paths.reports / "validation"
