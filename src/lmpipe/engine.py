@@ -39,7 +39,7 @@ MAX_RETRIES = 3  # Ray re-runs a task lost with its worker this often before the
 
 
 class EngineConfig(Section):
-    """Where the data stages (clean) run. Operational: outputs are identical on every engine."""
+    """Where the data stages (clean, validate) run. Operational: outputs are identical on every engine."""
 
     kind: Literal["local", "ray"] = Field(
         "local", description="local: a process pool on this machine; ray: Ray Data tasks on a Ray cluster.")

@@ -14,8 +14,14 @@ visited in input order and a document is a duplicate when it matches an earlier 
 otherwise it is kept. The first document of each cluster therefore always survives.
 
 Hashing is multiply-add-shift universal hashing (Dietzfelbinger et al. 1997) over 64-bit shingle
-hashes, keeping the high 32 bits: a signature costs ``4 * num_perm`` bytes, which is all the stage
-keeps in memory per document for the corpus-wide pass.
+hashes, keeping the high 32 bits: a signature costs ``4 * num_perm`` bytes.
+
+Memory: :class:`NearDuplicateIndex` keeps each kept document's signature and its place in every
+band's bucket chain (:func:`index_bytes`, about 1 KB at 128 permutations). Past a budget the local
+stage uses :class:`SpilledNearDuplicateIndex` instead: the band rows go to disk partitions by band
+hash and are resolved one partition at a time into verified pairs (:func:`bucket_pairs`), and the
+pairs into verdicts by the same keep-first rule (:func:`resolve_near`), the path the Ray engine
+takes with a shuffle in place of the partitions. Both give the index's removals and references.
 """
 
 from __future__ import annotations
