@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -257,3 +258,17 @@ def test_ray_engine_gives_the_local_verdicts(project: Paths) -> None:
             run(cfg, project)
         results.append((str(err.value), read_metrics(project)["suites"]))
     assert results[0] == results[1]
+
+
+def test_uniqueness_hashes_spill_to_partitions(tmp_path: Path) -> None:
+    """Duplicates counted one on-disk partition at a time, across batches: as over all values at once."""
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 400, 300).astype(np.uint64) for _ in range(4)]
+    spill = validate.HashSpill(tmp_path, partitions=3)
+    for hashes in batches:
+        spill.add(validate.Partial(hashes={2: [hashes[:100], hashes[100:]]}))
+    assert len(list(tmp_path.glob("unique-2-*.u64"))) == 3
+    values, counts = np.unique(np.concatenate(batches), return_counts=True)
+    rows, examples = spill.duplicated(2)
+    assert rows == counts[counts > 1].sum() and 0 < rows < 1200
+    assert len(examples) == 20 and set(examples.tolist()) <= set(values[counts > 1].tolist())

@@ -15,7 +15,8 @@ Expectations see the four shard columns plus three derived ones (:func:`derived_
 Memory does not grow with the corpus. The shards are streamed (pyarrow, ``validate.sample_docs``
 rows at a time) and GE runs on each batch; the verdict of each expectation is then computed from
 the batches' aggregates (:func:`merge`): unexpected and element counts for row-wise expectations,
-row counts, weighted means, minima and maxima, and for uniqueness one 64-bit hash per value. So
+row counts, weighted means, minima and maxima, and for uniqueness one 64-bit hash per value,
+written to disk partitions and counted one partition at a time (:class:`HashSpill`). So
 the corpus-wide verdict is the one GE gives on the whole table, while no frame handed to GE holds
 more than ``sample_docs`` rows. The Data Docs site shows GE's own run on a deterministic sample of
 ``sample_docs`` documents (the rows with the smallest hash of their place in the corpus); the
@@ -33,6 +34,7 @@ import difflib
 import json
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -477,14 +479,51 @@ def judge_batch(suite: SuiteRun, spec: SuiteSpec, frame: pd.DataFrame, into: Par
     into.batches.append(entries)
 
 
-def judge_files(spec: SuiteSpec, files: list[Path], size: int, first_shard: int = 0, context: Any = None) -> Partial:
-    """Stream ``files`` in batches of ``size`` rows through the suite: their Partial and sample."""
+class HashSpill:
+    """The value hashes of the uniqueness expectations, on disk in ``partitions`` files by hash, so
+    that counting duplicates holds one partition (8 bytes a value) in memory, never the corpus."""
+
+    def __init__(self, directory: Path, partitions: int) -> None:
+        self.directory, self.partitions = directory, max(1, partitions)
+
+    def _path(self, expectation: int, part: int) -> Path:
+        return self.directory / f"unique-{expectation}-{part:04d}.u64"
+
+    def add(self, partial: Partial) -> None:
+        """Move ``partial``'s hashes to disk."""
+        for i, arrays in partial.hashes.items():
+            hashes = np.concatenate(arrays) if arrays else np.zeros(0, np.uint64)
+            part = hashes % np.uint64(self.partitions)
+            for p in np.unique(part).tolist():
+                with self._path(i, p).open("ab") as handle:
+                    handle.write(hashes[part == p].tobytes())
+        partial.hashes = {}
+
+    def duplicated(self, expectation: int) -> tuple[int, np.ndarray]:
+        """(rows whose value occurs more than once, up to 20 of those values' hashes)."""
+        rows, examples = 0, []
+        for p in range(self.partitions):
+            path = self._path(expectation, p)
+            if not path.exists():
+                continue
+            values, counts = np.unique(np.fromfile(path, np.uint64), return_counts=True)
+            rows += int(counts[counts > 1].sum())
+            examples.append(values[counts > 1][:_EXAMPLES])
+        return rows, np.concatenate(examples)[:_EXAMPLES] if examples else np.zeros(0, np.uint64)
+
+
+def judge_files(spec: SuiteSpec, files: list[Path], size: int, first_shard: int = 0, context: Any = None,
+                spill: HashSpill | None = None) -> Partial:
+    """Stream ``files`` in batches of ``size`` rows through the suite: their Partial and sample
+    (with ``spill``, the value hashes go there after each batch)."""
     suite = SuiteRun(context if context is not None else _context(), spec)
     partial = Partial(sample=Sample(size))
     assert partial.sample is not None
     for table, keys in iter_batches(files, size, first_shard):
         judge_batch(suite, spec, derived_frame(table), partial)
         partial.sample.add(table, keys)
+        if spill is not None:
+            spill.add(partial)
     return partial
 
 
@@ -499,8 +538,9 @@ def _within(value: float | None, kwargs: dict[str, Any]) -> bool:
     return not (hi is not None and (value >= hi if kwargs.get("strict_max") else value > hi))
 
 
-def merge(spec: SuiteSpec, partial: Partial, duplicates: Any) -> list[Verdict]:
-    """Each expectation's corpus-wide verdict from its per-batch results (see :data:`MERGES`).
+def merge(spec: SuiteSpec, partial: Partial, duplicates: Any, spill: HashSpill) -> list[Verdict]:
+    """Each expectation's corpus-wide verdict from its per-batch results (see :data:`MERGES`);
+    the value hashes of the uniqueness expectations are in ``spill``.
 
     ``duplicates(column, hashes)`` returns, in corpus order, up to 20 values of ``column`` whose
     hash is in ``hashes``: the examples of a failed uniqueness expectation.
@@ -521,10 +561,8 @@ def merge(spec: SuiteSpec, partial: Partial, duplicates: Any) -> list[Verdict]:
             element = sum(r.get("element_count", 0) for r in results)
             missing = sum(r.get("missing_count", 0) for r in results)
             if kind == "unique":
-                hashes = np.concatenate(partial.hashes.get(i, []) or [np.zeros(0, np.uint64)])
-                values, counts = np.unique(hashes, return_counts=True)
-                unexpected = int(counts[counts > 1].sum())
-                examples = duplicates(kwargs["column"], values[counts > 1][:_EXAMPLES]) if unexpected else []
+                unexpected, repeated = spill.duplicated(i)
+                examples = duplicates(kwargs["column"], repeated) if unexpected else []
             else:
                 unexpected = sum(r["unexpected_count"] for r in results)
                 examples = [v for r in results for v in r.get("partial_unexpected_list") or []][:_EXAMPLES]
@@ -585,13 +623,16 @@ def judge_directory(spec: SuiteSpec, directory: Path, size: int, docs: Any) -> t
 
     files = shard_files(directory)
     total = count_documents(directory)
-    if total <= size and current().kind == "local":  # one batch: it is its own sample, one GE run
-        partial = judge_files(spec, files, size, context=docs)
-    elif current().kind == "ray" and files:
-        partial = _judge_on_ray(spec, files, size)
-    else:
-        partial = judge_files(spec, files, size)
-    verdicts = merge(spec, partial, _duplicates_in(files))
+    with tempfile.TemporaryDirectory(prefix=f".validate-{spec.name}-", dir=directory.parent) as scratch:
+        # partitions of at most 64 batches' hashes (25 MB at the default 50,000 rows)
+        spill = HashSpill(Path(scratch), -(-total // (64 * size)))
+        if total <= size and current().kind == "local":  # one batch: it is its own sample, one GE run
+            partial = judge_files(spec, files, size, context=docs, spill=spill)
+        elif current().kind == "ray" and files:
+            partial = _judge_on_ray(spec, files, size, spill)
+        else:
+            partial = judge_files(spec, files, size, spill=spill)
+        verdicts = merge(spec, partial, _duplicates_in(files), spill)
     if total > size or current().kind == "ray":
         assert partial.sample is not None
         # the run's name (a folder of the site) says it: the verdicts in metrics/validate.json are the corpus's
@@ -599,7 +640,7 @@ def judge_directory(spec: SuiteSpec, directory: Path, size: int, docs: Any) -> t
     return verdicts, total, partial
 
 
-def _judge_on_ray(spec: SuiteSpec, files: list[Path], size: int) -> Partial:
+def _judge_on_ray(spec: SuiteSpec, files: list[Path], size: int, spill: HashSpill) -> Partial:
     from lmpipe.engine import MAX_RETRIES, connect, current, raise_task_error
 
     ray = connect(current())
@@ -607,7 +648,9 @@ def _judge_on_ray(spec: SuiteSpec, files: list[Path], size: int) -> Partial:
     refs = [task.remote(spec, str(path), number, size) for number, path in enumerate(files)]
     partial = Partial(sample=Sample(size))
     try:
-        for part in ray.get(refs):  # in shard order: the examples come in corpus order
+        for ref in refs:  # one shard's result at a time, in shard order (examples in corpus order)
+            part = ray.get(ref)
+            spill.add(part)
             partial.extend(part)
     except Exception as err:
         raise_task_error(err, "validate")
