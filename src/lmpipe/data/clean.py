@@ -506,6 +506,19 @@ def drop_spilled(near: SpilledNearDuplicateIndex, staged: list[Path], writer: Sh
     dedup.removed["near_dedup"] = entry
 
 
+def stage_inputs(cfg: CleanConfig, paths: Paths) -> tuple[list[Path], NgramIndex | None, list[Path]]:
+    """The raw shards (DataError if none) and the decontamination index with its eval files."""
+    files = shard_files(paths.raw)
+    if not files:
+        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
+    index: NgramIndex | None = None
+    eval_files: list[Path] = []
+    if cfg.decontaminate.enabled and cfg.decontaminate.eval_files:
+        d = cfg.decontaminate
+        index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    return files, index, eval_files
+
+
 def _check(cfg: CleanConfig) -> None:
     for key in ("top_ngram_char_fraction", "dup_ngram_char_fraction"):
         bad = [n for n in getattr(cfg.repetition, key) if n < 1]
@@ -542,14 +555,7 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         return ray_clean.run(cfg, paths)
     _check(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
-    files = shard_files(paths.raw)
-    if not files:
-        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
-    index: NgramIndex | None = None
-    eval_files: list[Path] = []
-    if cfg.decontaminate.enabled and cfg.decontaminate.eval_files:
-        d = cfg.decontaminate
-        index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    files, index, eval_files = stage_inputs(cfg, paths)
     # a process per core, but never more than there are chunks (starting one costs a second or two)
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, -(-_text_bytes(paths.raw) // CHUNK_BYTES)))
     tally = _Tally(rule_names(cfg))

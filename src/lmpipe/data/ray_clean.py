@@ -48,10 +48,11 @@ from lmpipe.data.clean import (
     _Tally,
     process_chunk,
     rule_names,
+    stage_inputs,
     summary_of,
 )
 from lmpipe.data.config import CleanConfig
-from lmpipe.data.decontam import NgramIndex, index_eval_files
+from lmpipe.data.decontam import NgramIndex
 from lmpipe.data.dedup import (
     EDGE_SCHEMA,
     NearDuplicateIndex,
@@ -60,7 +61,7 @@ from lmpipe.data.dedup import (
     bucket_pairs,
     resolve_near,
 )
-from lmpipe.data.shards import COLUMNS, SCHEMA, conform, shard_files
+from lmpipe.data.shards import COLUMNS, SCHEMA, conform
 from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, raise_task_error, ray_exceptions
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json, write_manifest
@@ -271,14 +272,7 @@ def clean_locally(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
 
 def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
-    files = shard_files(paths.raw)
-    if not files:
-        raise DataError("no part-*.parquet shards (run `lmpipe collect` first)", path=str(paths.raw))
-    index: NgramIndex | None = None
-    eval_files: list[Path] = []
-    if cfg.decontaminate.enabled and cfg.decontaminate.eval_files:
-        d = cfg.decontaminate
-        index, eval_files = index_eval_files(d.eval_files, paths.root, d.eval_text_field, d.ngram)
+    files, index, eval_files = stage_inputs(cfg, paths)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parts = max(2, cpus)
     remote = {"max_retries": MAX_RETRIES}
