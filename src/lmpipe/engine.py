@@ -6,6 +6,16 @@ and switching ``kind`` or ``address`` leaves every output byte and manifest as i
 
 The CLI (:func:`lmpipe.cli.run_stage`) installs the loaded section with :func:`use` around a stage;
 a stage asks :func:`current` which engine to run on. :func:`connect` joins or starts Ray.
+
+Faults. Every Ray task of the data stages is submitted with ``max_retries=MAX_RETRIES`` (3): Ray
+re-runs a task whose worker process or node died (a killed or OOM-killed worker, a preempted
+node), which is what a long run on many machines meets, and the tasks are pure functions of
+their input shard, so a re-run gives the same result. Application errors are never retried
+(``retry_exceptions`` stays off): a DataError in a task is a fact about the data and comes back to
+the driver at once, as itself (:func:`raise_task_error`). When a task has died more than
+``MAX_RETRIES`` times the stage fails; its output is built in :func:`lmpipe.io.atomic_dir`, so it
+fails without a partial output and the previous output and manifest stay as they were. Actors
+are not used, so no actor restarts are configured.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmpipe.config import Section
-from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.errors import ConfigError, EngineError, LmpipeError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +39,7 @@ MAX_RETRIES = 3  # Ray re-runs a stage's task lost with its worker this often be
 
 
 class EngineConfig(Section):
-    """Where the data stages (collect, clean, tokenize) run. Operational: outputs are identical on every engine."""
+    """Where the data stages (collect, clean, validate, tokenize) run. Operational: outputs are identical on every engine."""
 
     kind: Literal["local", "ray"] = Field(
         "local", description="local: a process pool on this machine; ray: Ray Data tasks on a Ray cluster.")
@@ -149,15 +159,27 @@ def user_error(err: BaseException) -> LmpipeError | None:
     return None
 
 
+def raise_task_error(err: BaseException, stage: str) -> None:
+    """Re-raise a Ray failure of ``stage`` as one line: the lmpipe error a task raised, as the
+    local engine gives it, or EngineError for a task that lost its worker or node more than
+    ``MAX_RETRIES`` times (or any other Ray failure). Anything that is not Ray's is re-raised."""
+    if not isinstance(err, ray_exceptions()):
+        raise err
+    cause = user_error(err)
+    if cause is not None:
+        # Ray appends its retry advice to the message: keep the one line the local engine gives
+        cause.args = (str(cause).splitlines()[0],)
+        raise cause from None
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    raise EngineError(f"{stage} on Ray failed, its outputs left as they were: {type(err).__name__}: {first} "
+                      f"(Ray retried the task {MAX_RETRIES} times)") from err
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Run a stage's Ray work so that the ConfigError/DataError a task raised reaches the caller as
-    itself, with the one line the local engine gives (Ray appends its retry advice to the message)."""
+def user_errors(stage: str) -> Iterator[None]:
+    """Run ``stage``'s Ray work so that a Ray failure reaches the caller as :func:`raise_task_error`
+    gives it: the lmpipe error a task raised as itself, or one EngineError line."""
     try:
         yield
     except ray_exceptions() as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        cause.args = (str(cause).splitlines()[0],)
-        raise cause from None
+        raise_task_error(err, stage)

@@ -28,6 +28,11 @@ class DataError(LmpipeError):
         self.line = line
 
 
+class EngineError(LmpipeError):
+    """The compute engine failed a stage: a Ray task lost its worker or node more often than Ray
+    retries it. The stage's outputs are left as they were."""
+
+
 class ChecksumError(DataError):
     """A downloaded file does not match its expected sha256."""
 

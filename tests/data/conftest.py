@@ -1,5 +1,5 @@
-"""Fixtures for the data-stage tests: project paths in tmp_path, a real local HTTP server and a real
-local Ray cluster."""
+"""Fixtures for the data-stage tests: project paths in tmp_path and a real local HTTP server (the
+session's real local Ray cluster, ``ray_cluster``, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,6 @@ import pytest
 
 from lmpipe.config import Paths
 from lmpipe.data.config import CollectConfig
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[object]:
-    """One real local Ray cluster for the session (starting one costs seconds)."""
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

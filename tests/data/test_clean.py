@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -216,3 +217,43 @@ def test_c4_lines_in_the_stage_feed_dedup_and_the_report(tmp_path: Path) -> None
     # a citation removed, no line: the rebuilt text is still what dedup reads
     write_raw(paths, [page, page + "[4]"])
     assert clean.run(config(lines={"enabled": True}), paths)["removed.exact_dedup"] == 1
+
+
+def test_spilled_near_dedup_keeps_the_in_memory_documents(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A corpus past near_dedup.memory_mb spills its LSH bands to disk: the same kept documents,
+    report and output files as the in-memory index, and no spill left behind."""
+    texts = [t for t, _ in generate(1000, noise_fraction=0.1, seed=5)]
+    story = " ".join(GOOD)
+    near = [story, story.replace("at seven", "at eight"), GOOD[1], GOOD[1].replace("Monday", "Tuesday"),
+            story.replace("at seven", "at nine").replace("three minutes", "two minutes")]
+    texts = texts[:300] + near[:2] + texts[300:700] + near[2:] + texts[700:]
+    outputs = []
+    for name, budget in (("memory", 4096), ("spill", 1)):  # 1 MB: ~1,000 documents' index does not fit
+        paths = Paths(tmp_path / name)
+        write_raw(paths, texts, shard_docs=400)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lmpipe.data.clean"):
+            summary = clean.run(config(workers=1, shard_docs=300, near_dedup={"memory_mb": budget}), paths)
+        assert ("spilling" in caplog.text) == (name == "spill")
+        files = read_manifest(paths.clean)["files"]
+        outputs.append((read_documents(paths.clean).to_pylist(), json.loads((paths.clean / "clean_report.json")
+                                                                            .read_text()), files, summary))
+        assert sorted(p.name for p in (tmp_path / name / "data").iterdir()) == ["clean", "raw"]
+    (mem_docs, mem_report, mem_files, mem_sum), (sp_docs, sp_report, sp_files, sp_sum) = outputs
+    assert mem_sum["removed.near_dedup"] >= 2
+    assert sp_docs == mem_docs
+    assert sp_report == mem_report
+    assert sp_files == mem_files
+
+
+def test_shard_bytes_do_not_depend_on_how_the_rows_arrive(tmp_path: Path) -> None:
+    """A shard past parquet's 1 MB page gets the same bytes from one table or many (as the local
+    engine's chunks and the Ray engine's groups deliver them): engine.kind changes no hash."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{x}" for x in rng.integers(0, 5000, 150)) for _ in range(2000)]  # 1.7 MB
+    table = make_table([doc_id(t) for t in texts], texts, ["test"] * len(texts), ["{}"] * len(texts))
+    whole, pieces = ShardWriter(tmp_path / "whole", 10**6), ShardWriter(tmp_path / "pieces", 10**6)
+    whole.write(table)
+    for start in range(0, table.num_rows, 500):
+        pieces.write(table.slice(start, 500))
+    assert whole.close()[0].read_bytes() == pieces.close()[0].read_bytes()

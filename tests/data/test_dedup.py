@@ -4,6 +4,7 @@ with datasketch, and properties (subset, idempotent, order-stable) on arbitrary 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from lmpipe.data.dedup import (
     NearDuplicateIndex,
+    SpilledNearDuplicateIndex,
     datasketch_near_duplicates,
     exact_duplicates,
     exact_keys,
@@ -132,3 +134,45 @@ def test_properties_subset_idempotent_first_kept(picks: list[int], changes: int)
     exact = exact_duplicates(keys)
     assert all(keys[j] == keys[i] and i < j for j, i in enumerate(exact) if i >= 0)
     assert len(set(keys[exact < 0].tolist())) == int((exact < 0).sum())
+
+
+def near_signatures(num_perm: int, seed: int = 0) -> np.ndarray:
+    """Signatures of 60 documents, copies of them at falling similarity (some pass 0.8, some do
+    not) and a chain (b near a, c near b but not near a), shuffled."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**32, size=(60, num_perm), dtype=np.uint32)
+    sigs = [base]
+    for level in (0.05, 0.12, 0.2, 0.3):  # copies at falling similarity: some pass 0.8, some do not
+        copy = base[rng.choice(60, 30)].copy()
+        flip = rng.random(copy.shape) < level
+        copy[flip] = rng.integers(0, 2**32, size=int(flip.sum()), dtype=np.uint32)
+        sigs.append(copy)
+    # a chain: b is near a, c is near b but not near a, so c stays (a kept, b removed)
+    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
+    b, c = a.copy(), a.copy()
+    b[:20] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
+    c[:40] = b[:40]
+    c[:20] = b[:20]
+    c[20:40] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
+    sigs.append(np.stack([a, b, c]))
+    all_sigs = np.concatenate(sigs)
+    all_sigs = all_sigs[rng.permutation(len(all_sigs))]
+
+    return all_sigs
+
+
+def test_spilled_index_equals_the_in_memory_index(tmp_path: Path) -> None:
+    """Bands spilled to 3 disk partitions, resolved one at a time: the same removals and references."""
+    sigs = near_signatures(128, seed=1)
+    expected = NearDuplicateIndex(0.8, 128).add(sigs)
+    spilled = SpilledNearDuplicateIndex(0.8, 128, tmp_path / "spill", partitions=3, buffer_rows=100)
+    positions = np.arange(len(sigs)) * 2 + 5  # the caller's numbering, as StreamDedup's positions
+    for start in range(0, len(sigs), 37):  # fed in batches, flushed to disk many times
+        assert (spilled.add(sigs[start:start + 37], positions[start:start + 37]) == -1).all()
+    assert len(list((tmp_path / "spill").glob("bands-*.parquet"))) == 3
+    removed, dup_of = spilled.resolve()
+    got = np.full(len(sigs), -1, np.int64)
+    got[(removed - 5) // 2] = dup_of
+    assert 20 < (expected >= 0).sum() < 120
+    np.testing.assert_array_equal(got, np.where(expected >= 0, expected * 2 + 5, -1))
+    assert list((tmp_path / "spill").iterdir()) == []

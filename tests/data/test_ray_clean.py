@@ -3,19 +3,23 @@ distributed near-dedup resolution against the local streaming index; the engine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from test_clean import GOOD, config, write_raw
+from test_dedup import near_signatures
 
 from lmpipe import engine
 from lmpipe.config import Paths, load_params
@@ -23,7 +27,7 @@ from lmpipe.data import clean, ray_clean
 from lmpipe.data.dedup import NearDuplicateIndex, band_hashes
 from lmpipe.data.shards import read_documents
 from lmpipe.data.synthetic import generate
-from lmpipe.errors import ConfigError, DataError
+from lmpipe.errors import ConfigError, DataError, LmpipeError
 from lmpipe.io import read_manifest
 
 
@@ -42,26 +46,8 @@ def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 
 
 def test_distributed_near_dedup_matches_the_streaming_index() -> None:
     """Band shuffle + verified pairs + keep-first resolution == the local index, removals and references."""
-    rng = np.random.default_rng(0)
     num_perm = 128
-    base = rng.integers(0, 2**32, size=(60, num_perm), dtype=np.uint32)
-    sigs = [base]
-    for level in (0.05, 0.12, 0.2, 0.3):  # copies at falling similarity: some pass 0.8, some do not
-        copy = base[rng.choice(60, 30)].copy()
-        flip = rng.random(copy.shape) < level
-        copy[flip] = rng.integers(0, 2**32, size=int(flip.sum()), dtype=np.uint32)
-        sigs.append(copy)
-    # a chain: b is near a, c is near b but not near a, so c stays (a kept, b removed)
-    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
-    b, c = a.copy(), a.copy()
-    b[:20] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
-    c[:40] = b[:40]
-    c[:20] = b[:20]
-    c[20:40] = rng.integers(0, 2**32, size=20, dtype=np.uint32)
-    sigs.append(np.stack([a, b, c]))
-    all_sigs = np.concatenate(sigs)
-    all_sigs = all_sigs[rng.permutation(len(all_sigs))]
-
+    all_sigs = near_signatures(num_perm)
     local = NearDuplicateIndex(0.8, num_perm)
     expected = local.add(all_sigs)
     removed, dup_of = ray_clean.resolve_near(_edges_by_bucket(all_sigs, NearDuplicateIndex(0.8, num_perm)))
@@ -162,10 +148,11 @@ def test_engine_section_is_validated(tmp_path: Path) -> None:
             load_params(params, sections=["engine"])
 
 
-def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["clean", "validate"])
+def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path, stage: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "lmpipe.cli", "clean", "-S", "engine.kind=ray",
+    proc = subprocess.run([sys.executable, "-m", "lmpipe.cli", stage, "-S", "engine.kind=ray",
                            "-S", "engine.address=127.0.0.1:9", "-S", "tracking.enabled=false"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert time.monotonic() - started < 30
@@ -181,3 +168,41 @@ def test_engine_is_no_stages_dvc_param(repo_root: Path) -> None:
               for p in (entry if isinstance(entry, dict) else {entry: None})]
     assert ("clean", "clean") in listed
     assert not [item for item in listed if str(item[1]).split(".")[0] == "engine"]
+
+
+def _kill_tasks(name: str, stop: threading.Event, killed: list[int]) -> None:
+    """Kill (SIGKILL) every Ray worker process while it runs a task of ``name``, as a crashed or
+    OOM-killed worker would die, until ``stop`` is set."""
+    while not stop.is_set():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if cmdline.startswith("ray::") and name in cmdline and proc.info["pid"] not in killed:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                    killed.append(proc.info["pid"])
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_worker_lost_mid_stage_fails_without_partial_output(tmp_path: Path, ray_cluster: object) -> None:
+    """Every attempt of a filter task loses its worker: after Ray's retries the stage fails with one
+    line, and the previous data/clean and its manifest are untouched."""
+    paths = Paths(tmp_path)
+    write_raw(paths, _corpus()[:60], shard_docs=30)
+    cfg = config(workers=1, shard_docs=60)
+    clean.run(cfg, paths)  # the previous output, from the local engine
+    before = {p.name: p.read_bytes() for p in paths.clean.iterdir()}
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_tasks, args=("filter_chunks", stop, killed), daemon=True)
+    killer.start()
+    try:
+        with engine.use(engine.EngineConfig(kind="ray")), pytest.raises(LmpipeError) as err:
+            clean.run(cfg, paths)
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) > engine.MAX_RETRIES  # the first attempt and every retry
+    message = str(err.value)
+    assert "\n" not in message and "worker" in message and "clean" in message, message
+    assert {p.name: p.read_bytes() for p in paths.clean.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.joinpath("data").iterdir()) == ["clean", "raw"]  # no temporary left

@@ -47,7 +47,14 @@ from lmpipe.config import Paths
 from lmpipe.data.checks import LINE_RULES
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex, index_eval_files
-from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, exact_keys, minhash_signatures
+from lmpipe.data.dedup import (
+    NearDuplicateIndex,
+    SpilledNearDuplicateIndex,
+    StreamDedup,
+    exact_keys,
+    index_bytes,
+    minhash_signatures,
+)
 from lmpipe.data.pii import PII_KINDS, redact_pii
 from lmpipe.data.rules import (
     bad_char_fraction,
@@ -457,6 +464,62 @@ def dedup_by_language(dedup: StreamDedup, result: ChunkResult) -> tuple[pa.Table
 # ---------------------------------------------------------------------------------------- the stage
 
 
+def near_index(cfg: CleanConfig, docs: int, spill_dir: Any) -> tuple[Any, Path | None]:
+    """The near-dedup index for ``docs`` raw documents: in memory while its estimated size fits
+    ``near_dedup.memory_mb``, else spilled to ``spill_dir()`` (then also the directory where the
+    survivors wait for the verdicts)."""
+    nd = cfg.near_dedup
+    if not nd.enabled:
+        return None, None
+    memory = NearDuplicateIndex(nd.threshold, nd.num_perm)
+    need = docs * index_bytes(nd.num_perm, memory.bands)
+    budget = nd.memory_mb << 20
+    if need <= budget:
+        return memory, None
+    directory = spill_dir()
+    # a partition's band rows (28 bytes each, a few copies while sorted) in a quarter of the budget
+    partitions = -(-docs * memory.bands * 28 * 4 // budget)
+    log.info("clean: near-dedup index for %d documents (~%d MB) exceeds near_dedup.memory_mb=%d: spilling to %d "
+             "partitions in %s", docs, need >> 20, nd.memory_mb, partitions, directory)
+    return SpilledNearDuplicateIndex(nd.threshold, nd.num_perm, directory / "bands", partitions), directory
+
+
+def drop_spilled(near: SpilledNearDuplicateIndex, staged: list[Path], writer: ShardWriter, tally: _Tally,
+                 dedup: StreamDedup) -> None:
+    """Second pass of a spilled near dedup: resolve the verdicts, write the staged survivors that
+    are kept to ``writer`` and move the removed ones from the tally's output to near_dedup's counts,
+    as the in-memory index would have counted them."""
+    removed, dup_of = near.resolve()
+    limit = dedup.examples_per_rule
+    shown = {int(k): int(d) for k, d in zip(removed[:limit], dup_of[:limit], strict=True)}
+    wanted = np.array(sorted(set(shown) | set(shown.values())), np.int64)
+    info: dict[int, tuple[str, str]] = {}
+    entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
+    for path in staged:
+        table = pq.read_table(path)
+        pos = table.column("_pos").to_numpy()
+        for i in np.flatnonzero(np.isin(pos, wanted)).tolist():
+            info[int(pos[i])] = (table.column("id")[i].as_py(), table.column("text")[i].as_py())
+        drop = np.isin(pos, removed)
+        gone = table.filter(pa.array(drop))
+        size = int(pc.sum(pc.binary_length(pc.cast(gone.column("text"), pa.large_binary()))).as_py() or 0)
+        entry["bytes"] += size
+        tally.docs_out -= gone.num_rows
+        tally.bytes_out -= size
+        langs, counts = np.unique(gone.column("lang").to_numpy(zero_copy_only=False).astype(str), return_counts=True)
+        for lang, count in zip(langs.tolist(), counts.tolist(), strict=True):
+            tally.languages[lang] -= count
+            if not tally.languages[lang]:
+                del tally.languages[lang]
+            slot = tally.dedup_by_language.setdefault(lang, {})
+            slot["near_dedup"] = slot.get("near_dedup", 0) + count
+        writer.write(table.filter(pa.array(~drop)).select(["id", "text", "source", "meta"]))
+        path.unlink()
+    entry["examples"] = [{"id": info[k][0], "duplicate_of": info[d][0], "text": info[k][1][:dedup.example_chars]}
+                         for k, d in shown.items()]
+    dedup.removed["near_dedup"] = entry
+
+
 def _check(cfg: CleanConfig) -> None:
     for key in ("top_ngram_char_fraction", "dup_ngram_char_fraction"):
         bad = [n for n in getattr(cfg.repetition, key) if n < 1]
@@ -510,19 +573,27 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     # a process per core, but never more than there are chunks (starting one costs a second or two)
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, -(-_text_bytes(paths.raw) // CHUNK_BYTES)))
     tally = _Tally(rule_names(cfg))
-    nd = cfg.near_dedup
-    dedup = StreamDedup(cfg.exact_dedup.enabled, NearDuplicateIndex(nd.threshold, nd.num_perm) if nd.enabled else None,
-                        cfg.examples_per_rule, EXAMPLE_CHARS)
     total_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    with atomic_dir(paths.clean) as tmp:
+    with atomic_dir(paths.clean) as tmp, contextlib.ExitStack() as stack:
+        near, staged = near_index(cfg, total_docs, lambda: Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix=".clean-spill-", dir=paths.clean.parent))))
+        dedup = StreamDedup(cfg.exact_dedup.enabled, near, cfg.examples_per_rule, EXAMPLE_CHARS, positions=bool(staged))
         writer = ShardWriter(tmp, cfg.shard_docs)
+        waiting: list[Path] = []  # spilled: the survivors of exact dedup, until the near verdicts
         with _progress() as progress:
             task = progress.add_task("clean", total=total_docs)
             for result in _results(paths.raw, cfg, index, workers):
                 kept, dedup_removed = dedup_by_language(dedup, result)
-                writer.write(kept.select(["id", "text", "source", "meta"]))
+                if staged:
+                    waiting.append(staged / f"staged-{len(waiting):06d}.parquet")
+                    pq.write_table(kept.select(["id", "text", "source", "meta", "lang", "_pos"]), waiting[-1])
+                else:
+                    writer.write(kept.select(["id", "text", "source", "meta"]))
                 tally.add(result, kept, cfg.examples_per_rule, dedup_removed)
                 progress.advance(task, result.docs)
+        if staged:
+            assert isinstance(near, SpilledNearDuplicateIndex)
+            drop_spilled(near, waiting, writer, tally, dedup)
         writer.close()
         report = _report(cfg, tally, dedup)
         write_json(tmp / REPORT_NAME, report)

@@ -302,6 +302,10 @@ class NearDedupRule(Section):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     shingle_size: int = Field(5, ge=1, description="Word n-gram size of the shingles.")
     seed: int = Field(1, description="Seed of the hash permutations.")
+    memory_mb: int = Field(
+        4096, gt=0, description="Memory budget of the local engine's near-dedup index. A corpus whose index could "
+        "outgrow it (estimated from the raw document count) spills its LSH bands to disk partitions next to "
+        "data/clean, resolved one at a time: the same documents kept, a second pass over the survivors.")
 
 
 class DecontaminateRule(Section):
@@ -350,6 +354,10 @@ class ValidateConfig(Section):
     languages: list[str] = Field(default_factory=lambda: ["en"], description="Languages clean data may contain.")
     min_language_fraction: float = Field(0.99, ge=0, le=1, description="Fraction of clean docs whose language is in `languages`.")
     min_docs: int = Field(100, ge=1, description="Clean data must have at least this many documents.")
+    sample_docs: int = Field(
+        50_000, ge=1, description="Most rows of any frame given to Great Expectations: the corpus is judged in "
+        "streamed batches of this many documents (verdicts from their aggregates), and the Data Docs show a "
+        "deterministic sample of this many.")
 
 
 # ------------------------------------------------------------------------------------------ split

@@ -14,19 +14,27 @@ visited in input order and a document is a duplicate when it matches an earlier 
 otherwise it is kept. The first document of each cluster therefore always survives.
 
 Hashing is multiply-add-shift universal hashing (Dietzfelbinger et al. 1997) over 64-bit shingle
-hashes, keeping the high 32 bits: a signature costs ``4 * num_perm`` bytes, which is all the stage
-keeps in memory per document for the corpus-wide pass.
+hashes, keeping the high 32 bits: a signature costs ``4 * num_perm`` bytes.
+
+Memory: :class:`NearDuplicateIndex` keeps each kept document's signature and its place in every
+band's bucket chain (:func:`index_bytes`, about 1 KB at 128 permutations). Past a budget the local
+stage uses :class:`SpilledNearDuplicateIndex` instead: the band rows go to disk partitions by band
+hash and are resolved one partition at a time into verified pairs (:func:`bucket_pairs`), and the
+pairs into verdicts by the same keep-first rule (:func:`resolve_near`), the path the Ray engine
+takes with a shuffle in place of the partitions. Both give the index's removals and references.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lmpipe.data.textstats import EMPTY_NORM, NGRAM_BASE, TokenizedBatch, gather_words, mix64
 
@@ -303,6 +311,181 @@ class NearDuplicateIndex:
         return dup_of
 
 
+# ------------------------------------------------------------------ the band graph (Ray and spill)
+
+BAND_SCHEMA = pa.schema([("bucket", pa.uint64()), ("band", pa.int32()), ("order", pa.int64()),
+                         ("sig", pa.binary())])
+EDGE_SCHEMA = pa.schema([("lo", pa.int64()), ("hi", pa.int64()), ("band", pa.int32())])
+
+
+def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table:
+    """One row per document and LSH band: (band hash, band, order key, signature)."""
+    n = batch.num_rows
+    if n == 0:
+        return BAND_SCHEMA.empty_table()
+    sigs = np.frombuffer(b"".join(batch.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
+    keys = band_hashes(sigs, bands, rows)  # [n, bands]
+    take = pa.array(np.repeat(np.arange(n), bands))
+    return pa.table({"bucket": pa.array(keys.reshape(-1), pa.uint64()),
+                     "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
+                     "order": batch.column("order").take(take), "sig": batch.column("sig").take(take)},
+                    schema=BAND_SCHEMA)
+
+
+def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 << 25) -> pa.Table:
+    """Verified pairs of one LSH bucket: (earlier, later, the later one's band), estimated Jaccard
+    (the fraction of equal signature values) at least the threshold.
+
+    A bucket of n documents costs n^2 signature comparisons, done ``cells`` values at a time so
+    memory stays bounded; the local index compares each document with the kept ones only, so a
+    bucket of thousands of near-identical documents is where this engine is slower than it.
+    """
+    n = group.num_rows
+    if n < 2:
+        return EDGE_SCHEMA.empty_table()
+    block = max(1, cells // (n * num_perm))
+    group = group.sort_by("order")
+    order = group.column("order").to_numpy()
+    band = group.column("band").to_numpy()
+    sigs = np.frombuffer(b"".join(group.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
+    los, his = [], []
+    for start in range(0, n, block):  # n x block x num_perm at a time: a huge bucket stays bounded
+        equal = (sigs[start:start + block, None, :] == sigs[None, :, :]).sum(axis=2)
+        i, j = np.nonzero(equal >= min_equal)
+        i += start
+        mask = order[i] < order[j]
+        los.append(i[mask])
+        his.append(j[mask])
+    lo, hi = np.concatenate(los), np.concatenate(his)
+    return pa.table({"lo": pa.array(order[lo]), "hi": pa.array(order[hi]), "band": pa.array(band[hi])},
+                    schema=EDGE_SCHEMA)
+
+
+def resolve_near(edges: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(removed order keys, the kept document each duplicates), ascending, by the local rule.
+
+    Documents are visited in order-key order; one is removed when a verified pair joins it to an
+    earlier document that was kept. As on the local index (which probes bands in order and, within
+    a bucket, the latest kept document first), the reference is the kept partner of the lowest band,
+    then the latest such partner.
+    """
+    if edges.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = edges.column("lo").to_numpy(), edges.column("hi").to_numpy()
+    band = edges.column("band").to_numpy()
+    idx = np.lexsort((-lo, band, hi))
+    removed: dict[int, int] = {}
+    last = None
+    for h, low in zip(hi[idx].tolist(), lo[idx].tolist(), strict=True):
+        if h == last:
+            continue  # already decided
+        if low not in removed:
+            removed[h] = low
+            last = h
+    keys = np.array(sorted(removed), np.int64)
+    return keys, np.array([removed[int(k)] for k in keys], np.int64)
+
+
+
+SPILL_SCHEMA = pa.schema([("bucket", pa.uint64()), ("band", pa.int32()), ("order", pa.int64()), ("k", pa.int64())])
+
+
+class SpilledNearDuplicateIndex:
+    """MinHash LSH whose band buckets live on disk: the local index past its memory budget.
+
+    :meth:`add` judges nothing (every document comes back as kept): it appends each document's
+    signature to one file and its band rows (band hash, band, position, signature number) to one of
+    ``partitions`` parquet files chosen by the band hash. :meth:`resolve` then reads one partition
+    at a time, verifies the pairs of each shared bucket (:func:`bucket_pairs`, signatures read back
+    from the memory-mapped file) and applies the keep-first rule to the verified pairs
+    (:func:`resolve_near`), as the Ray engine does: the same removals and references as
+    :class:`NearDuplicateIndex`. Memory: one partition's band rows (28 bytes each) and the verified
+    pairs; disk: ``4 * num_perm + 28 * bands`` bytes per document.
+    """
+
+    def __init__(self, threshold: float, num_perm: int, directory: Path, partitions: int,
+                 buffer_rows: int = 1 << 18) -> None:
+        self.bands, self.rows = lsh_params(threshold, num_perm)
+        self.threshold, self.num_perm = threshold, num_perm
+        self.min_equal = int(np.ceil(threshold * num_perm - 1e-9))
+        self.directory, self.partitions, self.buffer_rows = Path(directory), max(1, partitions), buffer_rows
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._sig_path = self.directory / "signatures.u32"
+        self._sigs = self._sig_path.open("wb")
+        self._writers: dict[int, pq.ParquetWriter] = {}
+        self._pending: dict[int, list[pa.Table]] = {}
+        self._held = 0
+        self.seen = 0
+        self.stored = 0
+
+    def add(self, signatures: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        signatures = np.ascontiguousarray(signatures, np.uint32)
+        n = len(signatures)
+        if positions is None:
+            positions = np.arange(self.seen, self.seen + n)
+        self.seen += n
+        if n:
+            self._sigs.write(signatures.tobytes())
+            keys = band_hashes(signatures, self.bands, self.rows).reshape(-1)
+            rows = pa.table({"bucket": pa.array(keys, pa.uint64()),
+                             "band": pa.array(np.tile(np.arange(self.bands, dtype=np.int32), n)),
+                             "order": pa.array(np.repeat(np.asarray(positions, np.int64), self.bands)),
+                             "k": pa.array(np.repeat(np.arange(self.stored, self.stored + n), self.bands))},
+                            schema=SPILL_SCHEMA)
+            self.stored += n
+            part = (keys % np.uint64(self.partitions)).astype(np.int64)
+            for p in np.unique(part).tolist():
+                self._pending.setdefault(p, []).append(rows.filter(pa.array(part == p)))
+            self._held += rows.num_rows
+            if self._held >= self.buffer_rows:
+                self._flush()
+        return np.full(n, -1, np.int64)
+
+    def _flush(self) -> None:
+        for p, tables in self._pending.items():
+            if p not in self._writers:
+                self._writers[p] = pq.ParquetWriter(self.directory / f"bands-{p:05d}.parquet", SPILL_SCHEMA)
+            self._writers[p].write_table(pa.concat_tables(tables))
+        self._pending, self._held = {}, 0
+
+    def resolve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(removed positions, the kept position each duplicates), ascending: the verdicts."""
+        self._flush()
+        self._sigs.close()
+        for writer in self._writers.values():
+            writer.close()
+        sigs = np.memmap(self._sig_path, np.uint32, mode="r").reshape(-1, self.num_perm) if self.stored else None
+        edges = [EDGE_SCHEMA.empty_table()]
+        for p in sorted(self._writers):
+            path = self.directory / f"bands-{p:05d}.parquet"
+            table = pq.read_table(path)
+            path.unlink()
+            buckets = table.column("bucket").to_numpy()
+            values, counts = np.unique(buckets, return_counts=True)
+            shared = np.flatnonzero(np.isin(buckets, values[counts > 1]))  # a lone document pairs with nothing
+            if not len(shared) or sigs is None:
+                continue
+            shared = shared[np.argsort(buckets[shared], kind="stable")]
+            table, buckets = table.take(pa.array(shared)), buckets[shared]
+            sig_rows = np.asarray(sigs[table.column("k").to_numpy()])
+            table = pa.table({"bucket": table.column("bucket"), "band": table.column("band"),
+                              "order": table.column("order"),
+                              "sig": pa.array([row.tobytes() for row in sig_rows], pa.binary())}, schema=BAND_SCHEMA)
+            starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(buckets)], strict=True):
+                edges.append(bucket_pairs(table.slice(start, end - start), self.num_perm, self.min_equal))
+        del sigs
+        self._sig_path.unlink()
+        self._writers = {}
+        return resolve_near(pa.concat_tables(edges))
+
+
+def index_bytes(num_perm: int, bands: int) -> int:
+    """Bytes per kept document of :class:`NearDuplicateIndex`: its signature, its place in each
+    band's chain and the bucket table's two slots per band entry (kept at most half full)."""
+    return 4 * num_perm + 8 + 8 * bands + 2 * 16 * bands
+
+
 def near_duplicates(signatures: np.ndarray, threshold: float, bands: int | None = None,
                     rows: int | None = None) -> np.ndarray:
     """For each document (row of ``signatures``, in input order), the index of an earlier kept
@@ -318,10 +501,11 @@ class StreamDedup:
     Memory per kept document: its exact key, its signature and its LSH buckets.
     """
 
-    def __init__(self, exact: bool, near: NearDuplicateIndex | None, examples_per_rule: int = 5,
-                 example_chars: int = 200) -> None:
+    def __init__(self, exact: bool, near: NearDuplicateIndex | SpilledNearDuplicateIndex | None,
+                 examples_per_rule: int = 5, example_chars: int = 200, positions: bool = False) -> None:
         self.exact = ExactDuplicateIndex() if exact else None
         self.near = near
+        self.positions = positions  # kept rows carry their position (column _pos) for a later pass
         self.examples_per_rule = examples_per_rule
         self.example_chars = example_chars
         self.seen = 0
@@ -338,6 +522,8 @@ class StreamDedup:
         n = table.num_rows
         positions = np.arange(self.seen, self.seen + n)
         self.seen += n
+        if self.positions:
+            table = table.append_column("_pos", pa.array(positions))
         wanted = self._wants_examples()
         if wanted:
             self.ids.extend(table.column("id").to_pylist())

@@ -53,7 +53,14 @@ from lmpipe.data.clean import (
 )
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex
-from lmpipe.data.dedup import NearDuplicateIndex, StreamDedup, band_hashes
+from lmpipe.data.dedup import (
+    EDGE_SCHEMA,
+    NearDuplicateIndex,
+    StreamDedup,
+    band_rows,
+    bucket_pairs,
+    resolve_near,
+)
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform
 from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, user_errors
 from lmpipe.engine import collect as _collect
@@ -71,9 +78,6 @@ DOC_SCHEMA = pa.schema([
 ])
 DUP_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("dup_id", pa.string()),
                         ("bytes", pa.int64()), ("head", pa.string())])
-BAND_SCHEMA = pa.schema([("bucket", pa.uint64()), ("band", pa.int32()), ("order", pa.int64()),
-                         ("sig", pa.binary())])
-EDGE_SCHEMA = pa.schema([("lo", pa.int64()), ("hi", pa.int64()), ("band", pa.int32())])
 INFO_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("bytes", pa.int64()), ("head", pa.string())])
 SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
                           ("languages", pa.string())])
@@ -176,74 +180,6 @@ def _removed(dups: Any, firsts: Any, limit: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- 3. near dedup
 
 
-def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table:
-    """One row per document and LSH band: (band hash, band, order key, signature)."""
-    n = batch.num_rows
-    if n == 0:
-        return BAND_SCHEMA.empty_table()
-    sigs = np.frombuffer(b"".join(batch.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
-    keys = band_hashes(sigs, bands, rows)  # [n, bands]
-    take = pa.array(np.repeat(np.arange(n), bands))
-    return pa.table({"bucket": pa.array(keys.reshape(-1), pa.uint64()),
-                     "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
-                     "order": batch.column("order").take(take), "sig": batch.column("sig").take(take)},
-                    schema=BAND_SCHEMA)
-
-
-def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 << 25) -> pa.Table:
-    """Verified pairs of one LSH bucket: (earlier, later, the later one's band), estimated Jaccard
-    (the fraction of equal signature values) at least the threshold.
-
-    A bucket of n documents costs n^2 signature comparisons, done ``cells`` values at a time so
-    memory stays bounded; the local index compares each document with the kept ones only, so a
-    bucket of thousands of near-identical documents is where this engine is slower than it.
-    """
-    n = group.num_rows
-    if n < 2:
-        return EDGE_SCHEMA.empty_table()
-    block = max(1, cells // (n * num_perm))
-    group = group.sort_by("order")
-    order = group.column("order").to_numpy()
-    band = group.column("band").to_numpy()
-    sigs = np.frombuffer(b"".join(group.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
-    los, his = [], []
-    for start in range(0, n, block):  # n x block x num_perm at a time: a huge bucket stays bounded
-        equal = (sigs[start:start + block, None, :] == sigs[None, :, :]).sum(axis=2)
-        i, j = np.nonzero(equal >= min_equal)
-        i += start
-        mask = order[i] < order[j]
-        los.append(i[mask])
-        his.append(j[mask])
-    lo, hi = np.concatenate(los), np.concatenate(his)
-    return pa.table({"lo": pa.array(order[lo]), "hi": pa.array(order[hi]), "band": pa.array(band[hi])},
-                    schema=EDGE_SCHEMA)
-
-
-def resolve_near(edges: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(removed order keys, the kept document each duplicates), ascending, by the local rule.
-
-    Documents are visited in order-key order; one is removed when a verified pair joins it to an
-    earlier document that was kept. As on the local index (which probes bands in order and, within
-    a bucket, the latest kept document first), the reference is the kept partner of the lowest band,
-    then the latest such partner.
-    """
-    if edges.num_rows == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    lo, hi = edges.column("lo").to_numpy(), edges.column("hi").to_numpy()
-    band = edges.column("band").to_numpy()
-    idx = np.lexsort((-lo, band, hi))
-    removed: dict[int, int] = {}
-    last = None
-    for h, low in zip(hi[idx].tolist(), lo[idx].tolist(), strict=True):
-        if h == last:
-            continue  # already decided
-        if low not in removed:
-            removed[h] = low
-            last = h
-    keys = np.array(sorted(removed), np.int64)
-    return keys, np.array([removed[int(k)] for k in keys], np.int64)
-
-
 # ----------------------------------------------------------------------------------------- 4. write
 
 
@@ -313,7 +249,7 @@ def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> d
     """
     _check(cfg)
     ray = connect(engine or current())
-    with user_errors():
+    with user_errors("clean"):
         return _run(ray, cfg, paths)
 
 

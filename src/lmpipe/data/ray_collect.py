@@ -97,7 +97,7 @@ def encoded_records(source: Source, parts: list[Part], root: Path, seed: int,
         read_parts, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"source": source, "parts": parts, "root": root, "seed": seed}, max_retries=MAX_RETRIES)
     finished = 0
-    with user_errors():
+    with user_errors("collect"):
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             columns = [batch.column(name).to_pylist() for name in ROW_SCHEMA.names]
             for text, meta, skipped, info in zip(*columns, strict=True):

@@ -70,7 +70,9 @@ class ShardWriter:
         combined = pa.concat_tables(self._pending)
         head, tail = combined.slice(0, rows), combined.slice(rows)
         path = self.directory / f"{self.prefix}-{len(self.files):05d}.parquet"
-        pq.write_table(head, path, compression="zstd")
+        # one chunk: parquet's page boundaries follow the table's chunks, and a shard's bytes must
+        # not depend on how its rows arrived (the Ray engine writes the same shard from other chunks)
+        pq.write_table(head.combine_chunks(), path, compression="zstd")
         self.files.append(path)
         self.rows += head.num_rows
         self._pending = [tail] if tail.num_rows else []

@@ -310,7 +310,7 @@ def tokenize_on_ray(cfg: TokenizeConfig, paths: Paths, tmp: Path, initargs: tupl
     ctx.raise_original_map_exception = True  # a task's DataError reaches the driver as itself
     rows = RAY_SCHEMA.empty_table()
     if items:
-        with user_errors():
+        with user_errors("tokenize"):
             rows = collect(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 encode_shards, batch_size=1, batch_format="pyarrow", max_retries=MAX_RETRIES,
                 fn_kwargs={"initargs": initargs, "batch_bytes": cfg.batch_bytes}), RAY_SCHEMA)
