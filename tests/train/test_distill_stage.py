@@ -105,7 +105,7 @@ def test_precomputed_teacher_and_hidden_matching_train_a_narrower_student(paths:
 
 def test_teacher_of_another_tokenizer_is_refused(paths: Paths) -> None:
     save_teacher(paths.models / "pretrain", fingerprint="another-tokenizer")
-    with pytest.raises(FingerprintMismatch, match="the teacher was trained with tokenizer another-tok"):
+    with pytest.raises(FingerprintMismatch, match="the model was trained with tokenizer another-tok"):
         distill.run(config(), paths)
     assert not (paths.models / "distill").exists()
 

@@ -11,12 +11,11 @@ from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
 
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
-from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.model.gpt import GPT, GPTConfig, optim_groups
 from lmpipe.model.io import load_model
 from lmpipe.train import classify
 from lmpipe.train.finetune import run_task
 from lmpipe.train.finetune_config import LoraSettings
-from lmpipe.train.finetune_loop import optimizer_groups
 from lmpipe.train.lora import apply_lora, merge, parameter_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +34,7 @@ def test_lora_trains_only_adapters_and_merged_model_matches() -> None:
     # 2 layers x (c_attn 32->96, attn c_proj 32->32, c_fc 32->128, mlp c_proj 128->32), r=4
     assert counts["trainable_parameters"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     # weight decay on: frozen weights must not even be in the optimizer, or decay would move them
-    optimizer = torch.optim.AdamW(optimizer_groups(peft_model, 0.1), lr=1e-2)
+    optimizer = torch.optim.AdamW(optim_groups(peft_model, 0.1), lr=1e-2)
     data = torch.randint(0, 64, (8, 17))
     peft_model.train()
     for _ in range(5):

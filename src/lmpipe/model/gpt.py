@@ -314,18 +314,6 @@ class GPT(nn.Module):
                 total -= self.wpe.weight.numel()
         return total
 
-    def optim_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups: decay matrices of Linear layers only; norms, biases and
-        embeddings (including an LM head tied to the embedding) get no weight decay (nanoGPT)."""
-        no_decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay = [], []
-        for param in self.parameters():  # unique parameters, so a tied matrix appears once
-            if param.dim() >= 2 and id(param) not in no_decay_ids:
-                decay.append(param)
-            else:
-                no_decay.append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     # ----------------------------------------------------------------------------- generate
 
     @torch.no_grad()
@@ -415,3 +403,20 @@ def estimate_flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> floa
         n += cfg.vocab_size * cfg.n_embd
     t = seq_len if seq_len is not None else cfg.block_size
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * t
+
+
+def optim_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups (decay, no decay) over the *trainable* parameters of ``model`` (a
+    GPT, or one wrapped by a classification head or LoRA): decay matrices of Linear layers only;
+    norms, biases and embeddings (including an LM head tied to the embedding) get none (nanoGPT).
+    Frozen parameters (LoRA's base) are left out, so weight decay cannot move them."""
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # unique parameters, so a tied matrix appears once
+        if not param.requires_grad:
+            continue
+        if param.dim() >= 2 and id(param) not in no_decay_ids:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

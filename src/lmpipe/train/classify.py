@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.model.gpt import GPT
-from lmpipe.model.io import load_model
+from lmpipe.model.io import ExpectedTokenizer, load_model
 from lmpipe.train.finetune_config import DataSource
 from lmpipe.train.finetune_data import Batch, Row, describe_source, pad_rows, read_rows
 
@@ -299,13 +299,15 @@ def head_bytes(model: ClassificationModel) -> bytes:
     return save_safetensors(state, metadata={"format": "pt"})
 
 
-def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ClassificationModel, list[str], dict[str, Any]]:
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *,
+                    tokenizer: ExpectedTokenizer | None = None) -> tuple[ClassificationModel, list[str], dict[str, Any]]:
     """Rebuild a classifier written by the finetune stage: (model in eval mode, labels, config.json).
 
-    Raises DataError when the directory is not a classifier's or its files do not match.
+    Raises DataError when the directory is not a classifier's or its files do not match,
+    FingerprintMismatch when ``tokenizer`` is given and the model was trained with another.
     """
     directory = Path(directory)
-    backbone, config = load_model(directory)
+    backbone, config = load_model(directory, tokenizer=tokenizer)
     spec = config.get("classifier")
     if not isinstance(spec, dict) or "labels" not in spec:
         raise DataError("config.json has no 'classifier' section: not a classification model", path=str(directory))

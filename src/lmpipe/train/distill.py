@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lmpipe import tracking
 from lmpipe.config import Paths
-from lmpipe.errors import ConfigError, FingerprintMismatch
+from lmpipe.errors import ConfigError
 from lmpipe.io import (
     atomic_dir,
     atomic_write,
@@ -48,7 +48,7 @@ from lmpipe.io import (
     write_manifest,
 )
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.model.io import load_model, read_model_config, save_model
+from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, save_model
 from lmpipe.train import classify
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor, Validation
 from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
@@ -85,23 +85,18 @@ def run(cfg: DistillConfig, paths: Paths) -> dict[str, Any]:
     """
     _quiet_lightning()
     teacher_dir = paths.root / cfg.teacher
-    teacher_config = read_model_config(teacher_dir)
     if cfg.task == "lm":
-        return train(cfg, paths, prepare_lm(cfg, paths, teacher_dir, teacher_config))
-    return train(cfg, paths, prepare_classification(cfg, paths, teacher_dir, teacher_config))
+        return train(cfg, paths, prepare_lm(cfg, paths, teacher_dir))
+    return train(cfg, paths, prepare_classification(cfg, paths, teacher_dir))
 
 
 # ----------------------------------------------------------------------------------- models
 
 
-def check_fingerprint(teacher_config: dict[str, Any], expected: str, against: str, teacher_dir: Path) -> None:
-    """Refuse a teacher trained with another tokenizer than the data's (FingerprintMismatch)."""
-    recorded = teacher_config.get("tokenizer_fingerprint")
-    if recorded != expected:
-        raise FingerprintMismatch(
-            f"{teacher_dir / 'config.json'}: the teacher was trained with tokenizer {str(recorded)[:12]}, but "
-            f"{against} is from tokenizer {str(expected)[:12]}: distil a teacher trained on these tokens "
-            "(re-run pretrain/finetune with this tokenizer)")
+def expected_tokenizer(fingerprint: str, source: str) -> ExpectedTokenizer:
+    """The tokenizer the teacher must have been trained with: the data's."""
+    return ExpectedTokenizer(fingerprint, source, "distil a teacher trained on these tokens "
+                             "(re-run pretrain/finetune with this tokenizer)")
 
 
 class DistillStudent(nn.Module):
@@ -252,15 +247,16 @@ def objective_for(cfg: DistillConfig, teacher: nn.Module | None, student: GPT, t
     return DistillObjective(cfg.task, loss, teacher, pairs), projections
 
 
-def prepare_lm(cfg: DistillConfig, paths: Paths, teacher_dir: Path, teacher_config: dict[str, Any]) -> Prepared:
+def prepare_lm(cfg: DistillConfig, paths: Paths, teacher_dir: Path) -> Prepared:
     train_split = open_token_split(paths.tokens, "train", paths.tokenizer)
     val_split = open_token_split(paths.tokens, "val", paths.tokenizer)
     meta = train_split.meta
-    check_fingerprint(teacher_config, meta["tokenizer_fingerprint"], f"{paths.tokens / 'meta.json'}", teacher_dir)
+    expected = expected_tokenizer(meta["tokenizer_fingerprint"], str(paths.tokens / "meta.json"))
+    teacher_config = read_model_config(teacher_dir, expected)
     teacher_gpt = GPTConfig.from_dict(teacher_config["model"])
     if teacher_gpt.bidirectional:
         raise ConfigError(f"distill.teacher: {teacher_dir} is a masked LM; next-token distillation needs a causal teacher")
-    teacher = None if cfg.baseline else load_model(teacher_dir)[0]
+    teacher = None if cfg.baseline else load_model(teacher_dir, tokenizer=expected)[0]
     student, mapping = build_student(cfg, teacher, teacher_gpt)
     block = student.config.block_size
     if block > teacher_gpt.block_size:
@@ -338,19 +334,19 @@ def lm_scores(student: GPT, teacher: GPT | None, batches: list[Batch], tokens_pe
     return out
 
 
-def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path,
-                           teacher_config: dict[str, Any]) -> Prepared:
+def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path) -> Prepared:
     from lmpipe.tokenizer.train import load_tokenizer
 
     sp, info = load_tokenizer(paths.tokenizer)
-    check_fingerprint(teacher_config, info.fingerprint, str(paths.tokenizer), teacher_dir)
+    expected = expected_tokenizer(info.fingerprint, str(paths.tokenizer))
+    teacher_config = read_model_config(teacher_dir, expected)
     spec = teacher_config.get("classifier")
     if not isinstance(spec, dict):
         raise ConfigError(f"distill.teacher: {teacher_dir} is not a classifier (config.json has no 'classifier'); "
                           "task: classification needs a model written by `lmpipe finetune` for a classification task")
     labels, pooling = list(spec["labels"]), str(spec.get("pooling", "last"))
     teacher_gpt = GPTConfig.from_dict(teacher_config["model"])
-    teacher = None if cfg.baseline else classify.load_classifier(teacher_dir)[0]
+    teacher = None if cfg.baseline else classify.load_classifier(teacher_dir, tokenizer=expected)[0]
     student_gpt, mapping = build_student(cfg, teacher, teacher_gpt)
     student = classify.ClassificationModel(student_gpt, len(labels), pooling, HEAD_DROPOUT)
     if mapping is not None and teacher is not None:  # the widths agree: start from the teacher's head too

@@ -40,7 +40,7 @@ from torch import nn
 
 from lmpipe import tracking
 from lmpipe.config import Paths
-from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
+from lmpipe.errors import ConfigError
 from lmpipe.io import (
     atomic_dir,
     config_hash,
@@ -50,7 +50,7 @@ from lmpipe.io import (
     write_manifest,
 )
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
-from lmpipe.model.io import load_model, read_model_config, save_model
+from lmpipe.model.io import ExpectedTokenizer, load_model, save_model
 from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
 from lmpipe.train import classify, sft
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor
@@ -218,27 +218,13 @@ def load_base(init_dir: Path, info: TokenizerInfo) -> GPT:
     Raises FingerprintMismatch on another tokenizer, DataError for a missing or broken model
     directory, ConfigError for a bidirectional (masked-LM) model.
     """
-    config = read_model_config(init_dir)
-    check_fingerprint(config, info, init_dir)
-    model, _ = load_model(init_dir)
+    model, _ = load_model(init_dir, tokenizer=ExpectedTokenizer(
+        info.fingerprint, str(info.directory),
+        "re-run pretrain (dvc repro) with this tokenizer, or point init at a model trained with it"))
     if model.config.bidirectional:
         raise ConfigError(f"{init_dir}: the model was pretrained as a masked LM (bidirectional); fine-tuning here "
                           "needs a causal model (pretrain.objective: clm)")
     return model
-
-
-def check_fingerprint(model_config: dict[str, Any], info: TokenizerInfo, where: Path) -> None:
-    """Refuse a model whose recorded tokenizer fingerprint differs from the tokenizer's."""
-    recorded = model_config.get("tokenizer_fingerprint")
-    if recorded is None:
-        raise DataError("config.json records no tokenizer_fingerprint: cannot check the model matches "
-                        f"{info.directory} (re-run the stage that wrote it)", path=str(where / "config.json"))
-    if recorded != info.fingerprint:
-        raise FingerprintMismatch(
-            f"{where / 'config.json'}: the model was trained with tokenizer {str(recorded)[:12]}, but "
-            f"{info.directory} holds tokenizer {info.fingerprint[:12]}: re-run pretrain (dvc repro) with this "
-            "tokenizer, or point init at a model trained with it"
-        )
 
 
 def digest(arrays: Iterable[np.ndarray]) -> str:

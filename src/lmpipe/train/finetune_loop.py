@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from lmpipe.model.gpt import optim_groups
 from lmpipe.tracking import StageTracker
 from lmpipe.train.callbacks import AsyncTracker, StepProgress
 from lmpipe.train.finetune_data import Batch, TrainBatches
@@ -46,20 +47,6 @@ class Objective(Protocol):
     def metrics(self, sums: Tensor) -> dict[str, float]: ...
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups over the *trainable* parameters: decay on matrices, none on norms, biases and
-    embeddings (as GPT.optim_groups). Frozen parameters (LoRA's base) are not in the optimizer at
-    all, so weight decay cannot move them."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class FinetuneModule(L.LightningModule):
     """Manual-optimization step over ``cfg.accumulation`` micro-batches (see lmpipe.train.module)."""
 
@@ -79,7 +66,7 @@ class FinetuneModule(L.LightningModule):
         return self._acc.stepped
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = optimizer_groups(self.model, self.cfg.weight_decay)
+        groups = optim_groups(self.model, self.cfg.weight_decay)
         # learning_rate reads lr, min_lr_ratio, warmup_steps, schedule, decay_fraction and
         # max_steps, which a finetune task has under the same names.
         return torch.optim.AdamW(groups, lr=learning_rate(0, self.cfg), betas=(self.cfg.beta1, self.cfg.beta2),

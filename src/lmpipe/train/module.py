@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
-from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.model.gpt import GPT, GPTConfig, optim_groups
 from lmpipe.train.config import PretrainConfig
 
 
@@ -96,11 +96,11 @@ FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 def parameter_group_names(model: GPT, weight_decay: float) -> list[list[str]]:
-    """Names of the parameters in each of ``model.optim_groups`` (decay, no decay), taken from the
+    """Names of the parameters in each of :func:`optim_groups` (decay, no decay), taken from the
     unwrapped model: under FSDP a parameter whose shard lives on another rank is an empty 1-D
     view, so grouping by shape there would differ between ranks and world sizes."""
     names = {id(param): name for name, param in model.named_parameters()}
-    return [[names[id(param)] for param in group["params"]] for group in model.optim_groups(weight_decay)]
+    return [[names[id(param)] for param in group["params"]] for group in optim_groups(model, weight_decay)]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device,
@@ -111,7 +111,7 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.d
     fused = device.type == "cuda"
     if group_names is None:
         assert isinstance(model, GPT)
-        groups = model.optim_groups(cfg.weight_decay)
+        groups = optim_groups(model, cfg.weight_decay)
     else:
         params = {name.replace(FSDP_PREFIX, ""): param for name, param in model.named_parameters()}
         groups = [{"params": [params[name] for name in names], "weight_decay": decay}
