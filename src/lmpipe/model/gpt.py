@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -38,25 +38,36 @@ IGNORE_INDEX = -100
 POS_ENCODINGS = ("rope", "sinusoidal", "learned")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+# The options of the string fields of GPTConfig, by field name.
+CHOICES = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS}
+
+
+def knob(default: Any, doc: str, **bounds: float) -> Any:
+    """A GPTConfig field with its one-line description and bounds (``gt``/``ge``/``lt``), from
+    which the config sections that override architectures (``pretrain.model``) are built."""
+    return field(default=default, metadata={"doc": doc, **bounds})
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096
-    block_size: int = 128  # longest sequence the model sees (context length)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: as many K/V heads as query heads (plain multi-head)
-    n_embd: int = 128
-    mlp_ratio: float = 4.0  # hidden width / n_embd (SwiGLU uses 2/3 of it, rounded up to 64)
-    mlp: str = "gelu"
-    norm: str = "layernorm"
+    block_size: int = knob(128, "Context length in tokens.", gt=1)
+    n_layer: int = knob(4, "Transformer blocks.", gt=0)
+    n_head: int = knob(4, "Attention (query) heads per block.", gt=0)
+    # None: as many K/V heads as query heads (plain multi-head)
+    n_kv_head: int | None = knob(None, "Key/value heads (grouped-query attention); null: one per query head.", gt=0)
+    n_embd: int = knob(128, "Model width.", gt=0)
+    # SwiGLU uses 2/3 of the hidden width, rounded up to 64
+    mlp_ratio: float = knob(4.0, "MLP hidden width / model width.", gt=0)
+    mlp: str = knob("gelu", "MLP activation: gelu (GPT-2) or swiglu.")
+    norm: str = knob("layernorm", "Pre-norm type.")
     norm_eps: float = 1e-5
-    pos_encoding: str = "rope"
-    rope_theta: float = 10_000.0  # RoFormer's base
-    dropout: float = 0.0
-    bias: bool = False  # no biases in Linear/LayerNorm: slightly better and faster (nanoGPT)
-    tie_weights: bool = True
+    pos_encoding: str = knob("rope", "Position signal: rotary (default), fixed sinusoidal or learned absolute.")
+    rope_theta: float = knob(10_000.0, "Rotary base frequency.", gt=0)  # RoFormer's base
+    dropout: float = knob(0.0, "Dropout on attention, residual and embeddings.", ge=0, lt=1)
+    # no biases in Linear/LayerNorm: slightly better and faster (nanoGPT)
+    bias: bool = knob(False, "Biases in Linear and LayerNorm layers.")
+    tie_weights: bool = knob(True, "Share the token embedding with the LM head.")
     bidirectional: bool = False  # True: no causal mask, MLM head (BERT-style objective)
 
     def __post_init__(self) -> None:

@@ -44,8 +44,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lmpipe.io import atomic_write, config_hash, fingerprint_path, fsync_dir, fsync_tree, sha256_file
-from lmpipe.train.config import OPERATIONAL_KEYS, PretrainConfig
+from lmpipe.io import atomic_write, fingerprint_path, fsync_dir, fsync_tree, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +78,6 @@ class ResumePoint(NamedTuple):
     path: Path
     step: int
     tokens_per_step: int | None = None
-
-
-def run_key(cfg: PretrainConfig, tokens_meta_sha256: str) -> str:
-    """Short hash of what a run computes: the config minus operational keys, plus the data."""
-    computed = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
-    return config_hash({"config": computed, "tokens_meta": tokens_meta_sha256})[:16]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -53,7 +53,7 @@ from lmpipe.train import classify
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor, Validation
 from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
 from lmpipe.train.data import TokenSplit, gather_windows, open_token_split, val_batches
-from lmpipe.train.distill_config import OPERATIONAL_KEYS, DistillConfig
+from lmpipe.train.distill_config import DistillConfig
 from lmpipe.train.distill_losses import (
     DistillLoss,
     TeacherCache,
@@ -70,6 +70,7 @@ from lmpipe.train.distill_losses import (
 from lmpipe.train.finetune_data import Batch, TrainBatches, eval_batches
 from lmpipe.train.finetune_loop import DevEvaluation, FinetuneModule, TaskAsyncTracker, TaskProgress
 from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
 
@@ -418,16 +419,10 @@ def class_scores(student: nn.Module, teacher: nn.Module | None, batches: list[Ba
 # ------------------------------------------------------------------------------------ training
 
 
-def run_key(cfg: DistillConfig, teacher_dir: Path, data_fingerprint: str) -> str:
-    """Short hash of what a run computes: config minus operational keys, teacher and data."""
-    computed = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
-    return config_hash({"config": computed, "teacher": fingerprint_path(teacher_dir), "data": data_fingerprint})[:16]
-
-
 def train(cfg: DistillConfig, paths: Paths, prepared: Prepared) -> dict[str, Any]:
     """Fit the student (resuming a checkpoint of the same run), export it, return the summary."""
     name = cfg.run_name
-    key = run_key(cfg, paths.root / cfg.teacher, prepared.fingerprint)
+    key = run_key(cfg, teacher=fingerprint_path(paths.root / cfg.teacher), data=prepared.fingerprint)
     ckpt_dir = paths.checkpoints / "distill" / ("baseline" if cfg.baseline else "student") / key
     tracker = TaskAsyncTracker(tracking.active(), name)
     student = backbone(prepared.model.student)

@@ -43,7 +43,6 @@ from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
 from lmpipe.io import (
     atomic_dir,
-    config_hash,
     fingerprint_path,
     write_bytes,
     write_json,
@@ -56,7 +55,6 @@ from lmpipe.train import classify, sft
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor
 from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
 from lmpipe.train.finetune_config import (
-    OPERATIONAL_KEYS,
     ClassificationTask,
     DataSource,
     FilesData,
@@ -75,6 +73,7 @@ from lmpipe.train.finetune_loop import (
 )
 from lmpipe.train.lora import apply_lora, merge, parameter_counts, save_adapter
 from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Se
     if task.method == "lora":
         model = apply_lora(model, task.lora, modules_to_save=prepared.modules_to_save,
                            where=f"finetune.tasks.{task_name}.lora.target_modules")
-    key = run_key(task, fingerprint_path(init_dir), prepared.data_fingerprint)
+    key = run_key(task, base=fingerprint_path(init_dir), data=prepared.data_fingerprint)
     fitted = fit(task, task_name, model, prepared, paths.checkpoints / "finetune" / task_name / key, key, callbacks)
     if fitted is None:  # not rank 0: rank 0 exports
         return {}
@@ -234,13 +233,6 @@ def digest(arrays: Iterable[np.ndarray]) -> str:
         hasher.update(str(array.shape).encode())
         hasher.update(np.ascontiguousarray(array).tobytes())
     return hasher.hexdigest()
-
-
-def run_key(task: Task, base_fingerprint: str, data_fingerprint: str) -> str:
-    """Short hash of what a run computes: config minus operational keys, base model and data."""
-    computed = {k: v for k, v in task.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
-    computed.get("lora", {}).pop("save_adapter", None)
-    return config_hash({"config": computed, "base": base_fingerprint, "data": data_fingerprint})[:16]
 
 
 def prepare_sft(task: SFTTask, paths: Paths, base: GPT, sp: Any, info: TokenizerInfo, max_length: int) -> Prepared:

@@ -49,11 +49,11 @@ from lmpipe.train.checkpoint import (
     ShardedFSDPStrategy,
     agreed_resume_checkpoint,
     reject_lightning_requeue_checkpoints,
-    run_key,
 )
 from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import TokenDataModule, open_token_split, unigram_entropy
 from lmpipe.train.module import PretrainModule
+from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     val_split = open_token_split(paths.tokens, "val", paths.tokenizer)
     meta = train_split.meta
     gpt_cfg = cfg.gpt_config(int(meta["vocab_size"]))
-    key = run_key(cfg, sha256_file(paths.tokens / "meta.json"))
+    key = run_key(cfg, tokens_meta=sha256_file(paths.tokens / "meta.json"))
     ckpt_dir = paths.checkpoints / "pretrain" / key
     mlm = mlm_settings(cfg, meta) if cfg.objective == "mlm" else None
     flops_per_token = estimate_flops_per_token(gpt_cfg)
