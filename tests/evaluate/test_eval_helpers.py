@@ -59,7 +59,7 @@ def save_gpt(directory: Path, fingerprint: str, seed: int = 0, extra: dict[str, 
 
 
 def save_classifier(directory: Path, fingerprint: str) -> None:
-    from lmpipe.train import classify
+    from lmpipe.train.finetune import classify
 
     backbone = save_gpt(directory, fingerprint, seed=3, extra={"classifier": {
         "labels": ["negative", "positive"], "pooling": "last", "head_file": classify.HEAD_FILE}})

@@ -26,8 +26,8 @@ from lmpipe.model.io import load_model
 from lmpipe.registry import register
 from lmpipe.registry.config import RegisterConfig
 from lmpipe.tokenizer.train import load_tokenizer
-from lmpipe.train.classify import TextEncoder, load_classifier
-from lmpipe.train.sft import ChatTemplate, Message, generate_reply
+from lmpipe.train.finetune.classify import TextEncoder, load_classifier
+from lmpipe.train.finetune.sft import ChatTemplate, Message, generate_reply
 
 PROMPT = "the river"
 REVIEW = "a great funny film"

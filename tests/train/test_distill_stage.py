@@ -16,10 +16,11 @@ from lmpipe.errors import ConfigError, FingerprintMismatch
 from lmpipe.io import verify_manifest, write_manifest
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import load_model, save_model
-from lmpipe.train import classify, distill
 from lmpipe.train.data import open_token_split, val_batches, write_synthetic_shards
-from lmpipe.train.distill_config import DistillConfig
-from lmpipe.train.distill_losses import soft_kl
+from lmpipe.train.distill import stage as distill
+from lmpipe.train.distill.config import DistillConfig
+from lmpipe.train.distill.losses import soft_kl
+from lmpipe.train.finetune import classify
 
 FAST = {"max_steps": 30, "micro_batch_size": 8, "warmup_steps": 3, "eval_every": 15, "eval_batches": 4,
         "log_every": 5, "checkpoint_every": 0, "progress": False, "accelerator": "cpu", "lr": 1e-2}

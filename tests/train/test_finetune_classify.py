@@ -17,9 +17,9 @@ from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.io import verify_manifest
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.train import classify
-from lmpipe.train.finetune import run_task
-from lmpipe.train.finetune_config import FilesData
+from lmpipe.train.finetune import classify
+from lmpipe.train.finetune.config import FilesData
+from lmpipe.train.finetune.stage import run_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,9 @@ from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
 from lmpipe.model.gpt import GPT, GPTConfig, optim_groups
 from lmpipe.model.io import load_model
-from lmpipe.train import classify
-from lmpipe.train.finetune import run_task
-from lmpipe.train.finetune_config import LoraSettings
+from lmpipe.train.finetune import classify
+from lmpipe.train.finetune.config import LoraSettings
+from lmpipe.train.finetune.stage import run_task
 from lmpipe.train.lora import apply_lora, merge, parameter_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,9 +23,9 @@ from lmpipe.config import Paths
 from lmpipe.io import sha256_file
 from lmpipe.train.callbacks import TrainingInterrupted
 from lmpipe.train.checkpoint import find_resume_checkpoint
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import write_synthetic_shards
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
 from lmpipe.train.settings import run_key
 
 TINY = {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lmpipe.train.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, sidecar
-from lmpipe.train.config import PretrainConfig
-from lmpipe.train.distill_config import DistillConfig
-from lmpipe.train.finetune_config import ClassificationTask, SFTTask
+from lmpipe.train.distill.config import DistillConfig
+from lmpipe.train.finetune.config import ClassificationTask, SFTTask
+from lmpipe.train.pretrain.config import PretrainConfig
 from lmpipe.train.settings import run_key
 
 

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from lmpipe.model.gpt import GPT, GPTConfig, optim_groups
-from lmpipe.train.config import PretrainConfig
+from lmpipe.train.pretrain.config import PretrainConfig
 
 
 @dataclass

@@ -51,10 +51,10 @@ from lmpipe.io import (
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
 from lmpipe.model.io import ExpectedTokenizer, load_model, save_model
 from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
-from lmpipe.train import classify, sft
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor
 from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
-from lmpipe.train.finetune_config import (
+from lmpipe.train.finetune import classify, sft
+from lmpipe.train.finetune.config import (
     ClassificationTask,
     DataSource,
     FilesData,
@@ -62,8 +62,8 @@ from lmpipe.train.finetune_config import (
     SFTTask,
     SplitData,
 )
-from lmpipe.train.finetune_data import Batch, TrainBatches, eval_batches
-from lmpipe.train.finetune_loop import (
+from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
+from lmpipe.train.loop import (
     DevEvaluation,
     FinetuneModule,
     Objective,
@@ -72,7 +72,7 @@ from lmpipe.train.finetune_loop import (
     TaskTracker,
 )
 from lmpipe.train.lora import apply_lora, merge, parameter_counts, save_adapter
-from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+from lmpipe.train.pretrain.stage import _quiet_lightning, build_trainer
 from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)

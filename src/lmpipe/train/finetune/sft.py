@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
-from lmpipe.train.finetune_config import DataSource
-from lmpipe.train.finetune_data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.finetune.config import DataSource
+from lmpipe.train.finetune.data import Batch, Row, describe_source, pad_rows, read_rows
 
 log = logging.getLogger(__name__)
 

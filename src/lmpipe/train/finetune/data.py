@@ -3,7 +3,7 @@
 Reading: :func:`read_rows` yields the rows of a data source (``split`` document shards, local
 ``files``, or an ``hf`` dataset) as :class:`Row` objects that remember where they came from, so a
 bad value becomes a one-line ``DataError`` naming the file and line (text files) or row (parquet,
-datasets). The task modules (:mod:`lmpipe.train.sft`, :mod:`lmpipe.train.classify`) turn rows
+datasets). The task modules (:mod:`lmpipe.train.finetune.sft`, :mod:`lmpipe.train.finetune.classify`) turn rows
 into tokenized examples.
 
 Batching: as in pretraining, batches are a pure function of (seed, step). Sample k of the run is
@@ -33,7 +33,7 @@ from lmpipe.data.shards import iter_shards
 from lmpipe.errors import DataError
 from lmpipe.io import jsonl_objects
 from lmpipe.train.data import BatchPlan
-from lmpipe.train.finetune_config import DataSource, FilesData, HFData, SplitData
+from lmpipe.train.finetune.config import DataSource, FilesData, HFData, SplitData
 
 Batch = dict[str, torch.Tensor]
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",

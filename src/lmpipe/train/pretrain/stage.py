@@ -50,9 +50,9 @@ from lmpipe.train.checkpoint import (
     agreed_resume_checkpoint,
     reject_lightning_requeue_checkpoints,
 )
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import TokenDataModule, open_token_split, unigram_entropy
 from lmpipe.train.module import PretrainModule
+from lmpipe.train.pretrain.config import PretrainConfig
 from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from lmpipe.model.gpt import optim_groups
 from lmpipe.tracking import StageTracker
 from lmpipe.train.callbacks import AsyncTracker, StepProgress
-from lmpipe.train.finetune_data import Batch, TrainBatches
+from lmpipe.train.finetune.data import Batch, TrainBatches
 from lmpipe.train.module import StepStats, learning_rate
 
 log = logging.getLogger(__name__)

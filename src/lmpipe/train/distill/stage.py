@@ -11,7 +11,7 @@ to the teacher, parameters); ``plots/<name>_loss.csv`` (step, train_loss, val_lo
 in ``checkpoints/distill/{student,baseline}/<run key>/`` and precomputed teacher targets in
 ``checkpoints/distill/teacher_cache/<key>/``.
 
-The loop is the fine-tuning loop (:class:`lmpipe.train.finetune_loop.FinetuneModule`: manual
+The loop is the fine-tuning loop (:class:`lmpipe.train.loop.FinetuneModule`: manual
 optimisation, accumulation, DDP, LR schedule, atomic checkpoints, exact resume) with a
 distillation objective. The teacher lives outside the LightningModule, so it is neither optimised,
 checkpointed nor wrapped by DDP; it runs in eval mode under the same autocast (bf16 on GPUs).
@@ -49,12 +49,11 @@ from lmpipe.io import (
 )
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, save_model
-from lmpipe.train import classify
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor, Validation
 from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
 from lmpipe.train.data import TokenSplit, gather_windows, open_token_split, val_batches
-from lmpipe.train.distill_config import DistillConfig
-from lmpipe.train.distill_losses import (
+from lmpipe.train.distill.config import DistillConfig
+from lmpipe.train.distill.losses import (
     DistillLoss,
     TeacherCache,
     TopKTargets,
@@ -67,9 +66,10 @@ from lmpipe.train.distill_losses import (
     precompute_windows,
     soft_kl,
 )
-from lmpipe.train.finetune_data import Batch, TrainBatches, eval_batches
-from lmpipe.train.finetune_loop import DevEvaluation, FinetuneModule, TaskAsyncTracker, TaskProgress
-from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+from lmpipe.train.finetune import classify
+from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
+from lmpipe.train.loop import DevEvaluation, FinetuneModule, TaskAsyncTracker, TaskProgress
+from lmpipe.train.pretrain.stage import _quiet_lightning, build_trainer
 from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class DistillStudent(nn.Module):
 
 
 class DistillObjective:
-    """The loss the training loop minimises (the :class:`~lmpipe.train.finetune_loop.Objective`
+    """The loss the training loop minimises (the :class:`~lmpipe.train.loop.Objective`
     protocol): student forward, teacher targets (online, or precomputed in the batch), weighted
     distillation terms. Each term's running sum is kept on the device for logging."""
 

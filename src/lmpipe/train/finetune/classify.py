@@ -31,8 +31,8 @@ from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.model.gpt import GPT
 from lmpipe.model.io import ExpectedTokenizer, load_model
-from lmpipe.train.finetune_config import DataSource
-from lmpipe.train.finetune_data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.finetune.config import DataSource
+from lmpipe.train.finetune.data import Batch, Row, describe_source, pad_rows, read_rows
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from lmpipe.config import Section
 from lmpipe.errors import ConfigError
 from lmpipe.model.gpt import GPTConfig
 from lmpipe.model.presets import PRESETS, preset_config
-from lmpipe.train.config import ModelOverrides
-from lmpipe.train.finetune_config import DataSource, split_source
+from lmpipe.train.finetune.config import DataSource, split_source
+from lmpipe.train.pretrain.config import ModelOverrides
 from lmpipe.train.settings import (
     OPERATIONAL,
     AccumulationSettings,
