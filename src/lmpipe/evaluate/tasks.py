@@ -95,6 +95,7 @@ def classification_scores(name: str, spec: ClassificationEval, paths: Paths, sp:
                           device: torch.device) -> dict[str, dict[str, Any]]:
     """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix of each
     classifier of a task on its data. Raises FingerprintMismatch / DataError for bad models or rows."""
+    from lmpipe.model.classifier import load_classifier
     from lmpipe.train.finetune import classify
     from lmpipe.train.finetune.data import eval_batches
 
@@ -103,7 +104,7 @@ def classification_scores(name: str, spec: ClassificationEval, paths: Paths, sp:
     for model_name, directory in spec.models.items():
         model_dir = paths.root / directory
         check_model_tokenizer(model_dir, info.fingerprint)
-        model, labels, _ = classify.load_classifier(model_dir, device)
+        model, labels, _ = load_classifier(model_dir, device)
         encoder = classify.TextEncoder(sp, info.eos_id, model.backbone.config.block_size)
         examples = classify.build_examples(items, labels, encoder)
         batches = eval_batches(examples, classify.ClassCollate(info.pad_id), spec.batch_size)

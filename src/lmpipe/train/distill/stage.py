@@ -47,6 +47,7 @@ from lmpipe.io import (
     write_json,
     write_manifest,
 )
+from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, save_model
 from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor, Validation
@@ -347,9 +348,9 @@ def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path) 
                           "task: classification needs a model written by `lmpipe finetune` for a classification task")
     labels, pooling = list(spec["labels"]), str(spec.get("pooling", "last"))
     teacher_gpt = GPTConfig.from_dict(teacher_config["model"])
-    teacher = None if cfg.baseline else classify.load_classifier(teacher_dir, tokenizer=expected)[0]
+    teacher = None if cfg.baseline else load_classifier(teacher_dir, tokenizer=expected)[0]
     student_gpt, mapping = build_student(cfg, teacher, teacher_gpt)
-    student = classify.ClassificationModel(student_gpt, len(labels), pooling, HEAD_DROPOUT)
+    student = ClassificationModel(student_gpt, len(labels), pooling, HEAD_DROPOUT)
     if mapping is not None and teacher is not None:  # the widths agree: start from the teacher's head too
         head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("backbone.")}
         student.load_state_dict(head, strict=False)
@@ -385,12 +386,12 @@ def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path) 
         callback.restore_best(model)
         numbers.update(class_scores(model.student, teacher, eval_batches(dev, dev_collate, cfg.eval_batch_size), scorer))
         extra = {"eos_id": info.eos_id, "pad_id": info.pad_id, "objective": "clm",
-                 "classifier": {"labels": labels, "pooling": pooling, "head_file": classify.HEAD_FILE}}
+                 "classifier": {"labels": labels, "pooling": pooling, "head_file": HEAD_FILE}}
         curve = [(int(h["step"]), h["loss"]) for h in callback.history]
-        assert isinstance(model.student, classify.ClassificationModel)
+        assert isinstance(model.student, ClassificationModel)
         return write_outputs(cfg, paths, model.student.backbone, teacher_dir, teacher_config, extra, numbers, mapping,
                              {"tokenizer": paths.tokenizer / "tokenizer.json"}, monitor.train, curve,
-                             head=classify.head_bytes(model.student))
+                             head=head_bytes(model.student))
 
     return Prepared(DistillStudent(student, projections), objective, data, evaluation, export, fingerprint,
                     {"train_examples": len(train), "dev_examples": len(dev)})
@@ -473,7 +474,7 @@ def write_outputs(cfg: DistillConfig, paths: Paths, student: GPT, teacher_dir: P
                         "teacher_logits": cfg.teacher_logits},
             "training": flat})
         if head is not None:
-            write_bytes(tmp / classify.HEAD_FILE, head)
+            write_bytes(tmp / HEAD_FILE, head)
         write_manifest(tmp, stage="distill", config=cfg, inputs={"teacher": teacher_dir, **inputs},
                        counts={"parameters": flat["parameters"], "steps": flat["steps"]},
                        extra={"tokenizer_fingerprint": teacher_config["tokenizer_fingerprint"]})

@@ -48,6 +48,7 @@ from lmpipe.io import (
     write_json,
     write_manifest,
 )
+from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
 from lmpipe.model.io import ExpectedTokenizer, load_model, save_model
 from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
@@ -284,10 +285,10 @@ def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp
     weights = classify.class_weights(task.class_weights, np.array([e.label for e in train]), len(labels))
     objective = classify.ClassificationObjective(len(labels), weights, task.monitor)
     collate = classify.ClassCollate(info.pad_id)
-    model = classify.ClassificationModel(base, len(labels), task.pooling, task.head_dropout)
+    model = ClassificationModel(base, len(labels), task.pooling, task.head_dropout)
 
     def finish(merged: nn.Module, export: Export, tmp: Path) -> None:
-        assert isinstance(merged, classify.ClassificationModel)
+        assert isinstance(merged, ClassificationModel)
         device = merged.classifier.weight.device
         for split, examples in (("dev", dev), ("test", test)):
             if not examples:
@@ -305,9 +306,9 @@ def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp
                 export.plots["confusion.png"] = classify.confusion_png(confusion, labels, f"{export.name}: dev")
                 rows = [(labels[a], labels[p]) for a, p in zip(actual, predicted, strict=True)]
                 export.plot_csv("predictions.csv", ["actual", "predicted"], rows)
-        write_bytes(tmp / classify.HEAD_FILE, classify.head_bytes(merged))
+        write_bytes(tmp / HEAD_FILE, head_bytes(merged))
         export.save(merged.backbone, tmp, {"classifier": {"labels": labels, "pooling": task.pooling,
-                                                          "head_file": classify.HEAD_FILE}})
+                                                          "head_file": HEAD_FILE}})
 
     return Prepared(
         model=model, objective=objective, collate=collate, train=train, dev=dev, finish=finish, gpt_config=base.config,
