@@ -35,9 +35,9 @@ from lmpipe.model.gpt import GPT, estimate_flops_per_token
 from lmpipe.tracking import stage_run
 from lmpipe.train.callbacks import ASYNC_BACKENDS, ASYNC_LOGGING_ENV
 from lmpipe.train.data import TokenDataModule, open_token_split, write_synthetic_shards
+from lmpipe.train.loop import PEAK_BF16_FLOPS
 from lmpipe.train.module import build_optimizer, learning_rate
 from lmpipe.train.pretrain.config import PretrainConfig
-from lmpipe.train.pretrain.stage import PEAK_BF16_FLOPS
 
 
 def mark(device: torch.device) -> tuple[float, float]:

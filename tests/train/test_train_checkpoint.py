@@ -26,7 +26,7 @@ def save(directory: Path, name: str, key: str, step: int) -> Path:
 def test_run_key_changes_with_what_is_computed_not_with_how_it_is_watched(section) -> None:
     # The shared settings mark their operational keys once; every stage keys its runs the same way.
     base = run_key(section(), data="meta")
-    assert base == run_key(section(log_every=3, devices=2, checkpoint_every=7, compile=True, resume=False,
+    assert base == run_key(section(log_every=3, devices=2, checkpoint_every=7, resume=False,
                                    spike_factor=9.0, progress=False), data="meta")
     assert base != run_key(section(lr=3e-4), data="meta")
     assert base != run_key(section(beta2=0.9), data="meta")

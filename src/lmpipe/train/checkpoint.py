@@ -14,7 +14,7 @@
   steps when their views of a shared filesystem differ.
 - Each checkpoint records the global batch it was trained with (``tokens_per_step``). A resume at
   another world size keeps it: the stage recomputes gradient accumulation, or refuses with a
-  ConfigError when the new world size cannot reach it (see ``pretrain.accumulation_steps``), so
+  ConfigError when the new world size cannot reach it (see ``lmpipe.train.pretrain.stage.accumulation_steps``), so
   the resumed run reads the same sample stream as the original.
 - SLURM's pre-timeout signal (SIGUSR1, ``--signal`` in ``infra/slurm/pretrain.sbatch``) is
   handled here, not by Lightning's auto-requeue: at the next step boundary every rank saves an

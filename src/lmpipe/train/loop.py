@@ -1,264 +1,193 @@
-"""The training loop of the ``finetune`` stage: a LightningModule, dev evaluation with early
-stopping, and task-prefixed MLflow logging.
+"""The one training loop: monitor -> callbacks -> trainer -> resume -> module -> fit -> summary.
 
-The loop mirrors pretraining's (:mod:`lmpipe.train.module`) and reuses its pieces: the learning-rate
-schedule, the trainer set-up, the metrics monitor with its divergence guard, atomic checkpoints
-and exact resume. What differs is the objective (an :class:`Objective`: answer-token loss for
-SFT, cross-entropy on a head for classification), that only trainable parameters are optimised
-(LoRA freezes the base), and :class:`DevEvaluation`, which scores the dev set, keeps the best
-weights and stops early. Its state (history, best weights, patience) lives in the checkpoints, so
-a resumed run makes the same decisions as an uninterrupted one.
+Every stage that trains (``pretrain``, ``finetune``, ``distill``) describes its run as a
+:class:`Run` (settings, checkpoint directory and key, its evaluation callbacks, and how to build
+the :class:`~lmpipe.train.module.TrainModule` once the trainer knows the world size) and calls
+:func:`fit`. What the loop gives each of them alike: the metrics monitor with its divergence
+guard, atomic periodic checkpoints and exact resume (the newest complete checkpoint of the same
+run, chosen by rank 0), SLURM requeue, MFU on known GPUs, a progress bar, and a SIGTERM that ends
+the stage with an error instead of passing for success.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmpipe.model.gpt import optim_groups
-from lmpipe.tracking import StageTracker
-from lmpipe.train.callbacks import AsyncTracker, StepProgress
-from lmpipe.train.finetune.data import Batch, TrainBatches
-from lmpipe.train.module import StepStats, learning_rate
+from lmpipe.model.gpt import Block
+from lmpipe.train.callbacks import (
+    AsyncTracker,
+    DivergenceGuard,
+    StepProgress,
+    TrainingInterrupted,
+    TrainingMonitor,
+)
+from lmpipe.train.checkpoint import (
+    AtomicCheckpointIO,
+    PeriodicCheckpoint,
+    ResumePoint,
+    ShardedFSDPStrategy,
+    agreed_resume_checkpoint,
+    reject_lightning_requeue_checkpoints,
+)
+from lmpipe.train.module import TrainModule
+from lmpipe.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
-
-class Objective(Protocol):
-    """What a task type supplies to the loop."""
-
-    monitor: str  # key of metrics() used for early stopping and model selection
-    mode: str  # "min" or "max"
-    sums_size: int
-
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor: ...
-
-    def eval_sums(self, model: nn.Module, batch: Batch) -> Tensor: ...
-
-    def metrics(self, sums: Tensor) -> dict[str, float]: ...
+# Dense bf16 peak FLOP/s of one device, from the vendors' datasheets (for MFU when not configured).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
-class FinetuneModule(L.LightningModule):
-    """Manual-optimization step over ``cfg.accumulation`` micro-batches (see lmpipe.train.module)."""
-
-    def __init__(self, model: nn.Module, objective: Objective, cfg: Any, data: TrainBatches, *, run_key: str) -> None:
-        super().__init__()
-        self.model, self.objective, self.cfg, self.data, self.run_key = model, objective, cfg, data, run_key
-        self.automatic_optimization = False
-        self.accumulation = cfg.accumulation
-        self.tokens_per_step = 0.0  # of the last monitor interval (real tokens, padding excluded)
-        self._acc = StepStats()
-        self._batch_seed = 0
-        self._tokens = self._steps = 0
-
-    @property
-    def stepped(self) -> bool:
-        """True right after the micro-batch that completed an optimizer step."""
-        return self._acc.stepped
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = optim_groups(self.model, self.cfg.weight_decay)
-        # learning_rate reads lr, min_lr_ratio, warmup_steps, schedule, decay_fraction and
-        # max_steps, which a finetune task has under the same names.
-        return torch.optim.AdamW(groups, lr=learning_rate(0, self.cfg), betas=(self.cfg.beta1, self.cfg.beta2),
-                                 eps=self.cfg.eps, fused=self.device.type == "cuda" or None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.data.dataloader(self.trainer)
-
-    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        # Still on the host: counting here costs no device sync.
-        if "index" in batch:
-            self._tokens += int(batch["length"].sum())
-            self._batch_seed = int(batch["index"][0])
-        return batch
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        wrapped = self.trainer.strategy.model
-        if self.accumulation > 1 and isinstance(wrapped, DistributedDataParallel):
-            wrapped.require_backward_grad_sync = self._acc.micro == self.accumulation - 1
-
-    def training_step(self, batch: Batch, batch_idx: int) -> None:
-        # Dropout masks (head, LoRA, model) from (seed, sample): identical after a resume.
-        torch.manual_seed(self.cfg.seed * 1_000_003 + self._batch_seed)
-        loss = self.objective.loss(self.model, batch)
-        self.manual_backward(loss / self.accumulation if self.accumulation > 1 else loss)
-        if self._acc.add_loss(loss, self.accumulation):
-            self._steps += 1
-            self._optimizer_step()
-
-    def _optimizer_step(self) -> None:
-        optimizer = self.optimizers()
-        assert not isinstance(optimizer, list)
-        if self.cfg.grad_clip > 0:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self._acc.add_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True).float())
-        lr = learning_rate(self.trainer.global_step, self.cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def consume_stats(self) -> dict[str, Any]:
-        """Mean train loss and grad norm since the last call (device tensors), as the pretrain
-        monitor reads them; also sets ``tokens_per_step`` for the interval's throughput."""
-        self.tokens_per_step = self._tokens * self.trainer.world_size / max(1, self._steps)
-        self._tokens = self._steps = 0
-        return self._acc.consume()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lmpipe"] = {"run_key": self.run_key}
+def quiet_lightning() -> None:
+    """Lightning's start-up banners (GPU available, tips), a deprecation notice from its own
+    pytree helper and its note that the module's batch hook is used with pretraining's datamodule
+    (as intended: :class:`TrainModule` reads sample indices there) are noise in a stage log;
+    warnings and errors still come through."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`")
 
 
-class DevEvaluation(Callback):
-    """Scores the dev set at step 0 (the reference), every ``every`` steps and at the last step;
-    keeps a CPU copy of the trainable weights of the best evaluation after step 0; stops training
-    after ``patience`` evaluations without an improvement larger than ``min_delta`` (Prechelt 1998,
-    "Early stopping - but when?")."""
+def build_trainer(cfg: TrainSettings, callbacks: list[Callback], checkpoint_dir: Path) -> L.Trainer:
+    """A Trainer stripped to what the loop uses: no Lightning logger, progress bar, model summary,
+    checkpointing or validation loop (the loop's callbacks do those without per-step cost).
 
-    def __init__(self, *, every: int, batches: Callable[[int, int], list[Batch]], objective: Objective,
-                 patience: int, min_delta: float, tracker: AsyncTracker) -> None:
-        self.every, self.batches, self.objective = every, batches, objective
-        self.patience, self.min_delta, self.tracker = patience, min_delta, tracker
-        self.history: list[dict[str, float]] = []
-        self.best: dict[str, float] | None = None
-        self.best_state: dict[str, Tensor] = {}
-        self.bad_evaluations = 0
-        self.stopped = False
-        self._batches: dict[tuple[int, int], list[Batch]] = {}  # collated once per (rank, world)
+    ``checkpoint_dir`` (the run's checkpoint directory) is Lightning's root, where under SLURM
+    Lightning would load ``hpc_ckpt_N.ckpt`` by itself, so the loop keeps it free of files it has
+    not checked; Lightning's SLURM auto-requeue is off (:class:`PeriodicCheckpoint` requeues);
+    FSDP saves sharded checkpoints (:class:`ShardedFSDPStrategy`).
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self.stopped:  # resumed from a run that had already stopped early: nothing to train
-            trainer.should_stop = True
-        elif not self.history:
-            self.evaluate(trainer, pl_module)
+    use_cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if use_cuda and torch.cuda.is_bf16_supported() else "32-true"
+    if use_cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
+    strategy: Any = cfg.strategy
+    if cfg.strategy == "ddp":
+        import inspect
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if pl_module.stepped and ((self.every and step % self.every == 0) or step == trainer.max_steps):
-            self.evaluate(trainer, pl_module)
+        from lightning.pytorch.strategies import DDPStrategy
+        from torch.nn.parallel import DistributedDataParallel
 
-    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
-        model: nn.Module = pl_module.model
-        was_training = model.training
-        model.eval()
-        total = torch.zeros(self.objective.sums_size, device=pl_module.device)
-        with trainer.precision_plugin.forward_context():
-            where = (trainer.global_rank, trainer.world_size)
-            if where not in self._batches:
-                self._batches[where] = self.batches(*where)
-            for batch in self._batches[where]:
-                batch = {k: v.to(pl_module.device, non_blocking=True) for k, v in batch.items()}
-                total += self.objective.eval_sums(model, batch).float()
-        model.train(was_training)
-        metrics = self.objective.metrics(trainer.strategy.reduce(total, reduce_op="sum"))
-        step = trainer.global_step
-        self.history.append({"step": float(step), **metrics})
-        if step > 0:  # step 0 is the reference point: the exported model is always a trained one
-            self._select(trainer, model, step, metrics)
-        if trainer.is_global_zero:
-            self.tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, step)
-            log.info("step %d: dev %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    def _select(self, trainer: L.Trainer, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
-        value = metrics[self.objective.monitor]
-        best = self.best[self.objective.monitor] if self.best is not None else None
-        sign = -1.0 if self.objective.mode == "min" else 1.0
-        if best is None or sign * (value - best) > self.min_delta:
-            self.best, self.bad_evaluations = {"step": float(step), **metrics}, 0
-            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-            return
-        self.bad_evaluations += 1
-        if self.patience and self.bad_evaluations >= self.patience:
-            self.stopped = trainer.should_stop = True
-            log.info("early stopping at step %d: dev %s has not improved on %.4f (step %d) for %d evaluations",
-                     step, self.objective.monitor, best, int(self.best["step"]) if self.best else 0,
-                     self.bad_evaluations)
-
-    def restore_best(self, model: nn.Module) -> None:
-        """Load the trainable weights of the best evaluation into ``model``."""
-        if self.best_state:
-            unexpected = model.load_state_dict(self.best_state, strict=False).unexpected_keys
-            if unexpected:
-                raise RuntimeError(f"best weights do not match the model: unexpected {unexpected[:3]}")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best, "best_state": self.best_state,
-                "bad_evaluations": self.bad_evaluations, "stopped": self.stopped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [dict(h) for h in state["history"]]
-        self.best = dict(state["best"]) if state["best"] is not None else None
-        self.best_state = dict(state["best_state"])
-        self.bad_evaluations, self.stopped = int(state["bad_evaluations"]), bool(state["stopped"])
+        # The models' only buffers are constant position tables: no need to broadcast them every
+        # step (the flag was renamed in torch 2.13).
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        ddp_kwargs: dict[str, Any] = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+        strategy = DDPStrategy(**ddp_kwargs)
+    elif cfg.strategy == "fsdp":
+        strategy = ShardedFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+        precision=precision, max_steps=cfg.max_steps, max_epochs=-1, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=callbacks, plugins=plugins,
+        deterministic=cfg.deterministic, use_distributed_sampler=False, default_root_dir=checkpoint_dir,
+    )
 
 
-class TaskProgress(StepProgress):
-    """The pretrain progress, labelled with the task's name."""
-
-    def __init__(self, monitor: Any, label: str) -> None:
-        super().__init__(monitor, label)
-
-
-class TaskAsyncTracker(AsyncTracker):
-    """The background MLflow logger of the training loop, with the task's name as key prefix."""
-
-    def __init__(self, tracker: StageTracker, task: str) -> None:
-        super().__init__(tracker)
-        self.task = task
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        super().log_metrics({f"{self.task}/{k}": v for k, v in metrics.items()}, step)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        super().log_params({self.task: params})
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        super().log_text(text, f"{self.task}/{artifact_file}")
-
-    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
-        super().log_table(rows, f"{self.task}/{artifact_file}")
+def device_peak_flops(trainer: L.Trainer) -> float | None:
+    """Datasheet bf16 peak of the GPU in use, when training in bf16 on one we know."""
+    if trainer.strategy.root_device.type != "cuda" or "bf16" not in str(trainer.precision):
+        return None
+    name = torch.cuda.get_device_name(trainer.strategy.root_device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
 
 
-class TaskTracker(StageTracker):
-    """The stage's MLflow run seen by one task: metric keys, text/dict names and artifact paths get
-    the task's name as prefix, so several tasks can share one run without overwriting each other."""
+@dataclass
+class Run:
+    """One training run of a stage, as :func:`fit` needs it.
 
-    def __init__(self, inner: StageTracker, task: str) -> None:
-        super().__init__(None, inner.run_id)
-        self.inner, self.task = inner, task
+    ``start(trainer, resume)`` builds the module once the trainer has read the environment (world
+    size, rank) and the resume point is known; it seeds and initialises weights itself, so each
+    stage keeps its order of random draws. ``evaluation(monitor)`` gives the stage's evaluation
+    callbacks (validation, dev evaluation, samples), which run after the monitor and before the
+    checkpoint of a step. ``also_at``: steps those callbacks act on, which the monitor logs too.
+    """
 
-    @property
-    def enabled(self) -> bool:
-        return self.inner.enabled
+    label: str
+    settings: TrainSettings
+    checkpoint_dir: Path
+    key: str
+    tracker: AsyncTracker
+    start: Callable[[L.Trainer, ResumePoint | None], TrainModule]
+    evaluation: Callable[[TrainingMonitor], list[Callback]] = lambda monitor: []
+    also_at: tuple[int, ...] = ()
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
+    datamodule: L.LightningDataModule | None = None
+    extra_callbacks: Sequence[Callback] = ()
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.inner.log_params({self.task: dict(params)})
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        self.inner.log_metrics({f"{self.task}/{k}": v for k, v in metrics.items()}, step=step)
+@dataclass
+class Fitted:
+    """What a finished :func:`fit` leaves: the trainer, module, monitor, callbacks and resume point."""
 
-    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        self.inner.log_artifact(path, f"{self.task}/{artifact_path}" if artifact_path else self.task)
+    trainer: L.Trainer
+    module: TrainModule
+    monitor: TrainingMonitor
+    callbacks: list[Callback]
+    resume: ResumePoint | None
+    summary: dict[str, Any] = field(default_factory=dict)
 
-    def log_dict(self, obj: Any, name: str) -> None:
-        self.inner.log_dict(obj, f"{self.task}/{name}")
 
-    def log_text(self, text: str, name: str) -> None:
-        self.inner.log_text(text, f"{self.task}/{name}")
+def fit(run: Run) -> Fitted:
+    """Train ``run`` to its last step (resuming its newest complete checkpoint) on every rank.
 
-    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
-        self.inner.log_table(rows, f"{self.task}/{name}")
+    ``Fitted.summary`` holds what every stage reports: steps, resumed_from_step, tokens_per_s and,
+    once logged, train_loss (and each train_<term> of a loss made of several). Raises
+    TrainingDiverged on a non-finite or spiking loss, TrainingInterrupted on SIGTERM (no model is
+    written; the next run resumes from the newest checkpoint).
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.inner.set_tags({f"{self.task}.{k}": v for k, v in tags.items()})
+    quiet_lightning()
+    cfg = run.settings
+    monitor = TrainingMonitor(
+        log_every=cfg.log_every, also_at=(*run.also_at, cfg.checkpoint_every), tracker=run.tracker,
+        flops_per_token=run.flops_per_token, peak_flops=None, guard=DivergenceGuard(cfg.spike_factor, cfg.warmup_steps),
+    )
+    evaluation = run.evaluation(monitor)
+    callbacks: list[Callback] = [monitor, *evaluation, PeriodicCheckpoint(
+        run.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, requeue=SLURMEnvironment.detect())]
+    if cfg.progress:
+        callbacks.append(StepProgress(monitor, run.label))
+    trainer = build_trainer(cfg, [*callbacks, *run.extra_callbacks], run.checkpoint_dir)
+    resume = agreed_resume_checkpoint(trainer, run.checkpoint_dir, run.key) if cfg.resume else None
+    if resume is None:
+        reject_lightning_requeue_checkpoints(run.checkpoint_dir)
+    if run.flops_per_token:
+        monitor.peak_flops = run.peak_flops or device_peak_flops(trainer)
+    module = run.start(trainer, resume)
+    if trainer.is_global_zero and resume:
+        log.info("%s: resuming from %s (step %d)", run.label, resume.path, resume.step)
+    try:
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
+    except SIGTERMException:
+        # Lightning stops every rank at a step boundary on SIGTERM but exits with status 0, which
+        # would pass for success to DVC and the flow.
+        raise TrainingInterrupted(f"stopped by SIGTERM at step {trainer.global_step}; no model was written "
+                                  "(the next run resumes from the newest checkpoint)") from None
+    finally:
+        run.tracker.close()
+    summary: dict[str, Any] = {"steps": trainer.global_step, "resumed_from_step": resume.step if resume else 0,
+                               "tokens_per_s": monitor.mean_tokens_per_s()}
+    if monitor.train:
+        summary["train_loss"] = monitor.train[-1][1]
+    summary.update({f"train_{k}": v for k, v in monitor.last_parts.items()})
+    return Fitted(trainer, module, monitor, evaluation, resume, summary)

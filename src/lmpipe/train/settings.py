@@ -111,8 +111,6 @@ class HardwareSettings(Section):
     num_nodes: int = Field(1, gt=0, description="Machines (set to the launcher's node count).",
                            json_schema_extra=OPERATIONAL)
     deterministic: bool = Field(False, description="Deterministic kernels (exactly reproducible, slower).")
-    compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).",
-                          json_schema_extra=OPERATIONAL)
 
 
 class CheckpointSettings(Section):

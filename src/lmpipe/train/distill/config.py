@@ -114,9 +114,12 @@ class DistillConfig(TrainSettings, AccumulationSettings):
     max_length: int | None = Field(None, gt=2, description="classification: longest example in tokens; null: "
                                    "the student's block_size.")
     seed: int = Field(1337, description="Seed of student init, batch order and dropout.")
-    eval_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL, description="Steps between val/dev evaluations (0: only at the end).")
-    eval_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL, description="lm: micro-batches of the val split per evaluation.")
-    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL, description="classification: examples per dev batch.")
+    eval_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL,
+                            description="Steps between val/dev evaluations (0: only at the end).")
+    eval_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL,
+                              description="lm: micro-batches of the val split per evaluation.")
+    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL,
+                                 description="classification: examples per dev batch.")
     patience: int = Field(0, ge=0, description="classification: early stopping after this many evaluations "
                           "without improvement (0: never).")
     min_delta: float = Field(0.0, ge=0, description="classification: smallest dev change that counts.")

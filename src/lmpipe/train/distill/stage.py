@@ -11,9 +11,8 @@ to the teacher, parameters); ``plots/<name>_loss.csv`` (step, train_loss, val_lo
 in ``checkpoints/distill/{student,baseline}/<run key>/`` and precomputed teacher targets in
 ``checkpoints/distill/teacher_cache/<key>/``.
 
-The loop is the fine-tuning loop (:class:`lmpipe.train.loop.FinetuneModule`: manual
-optimisation, accumulation, DDP, LR schedule, atomic checkpoints, exact resume) with a
-distillation objective. The teacher lives outside the LightningModule, so it is neither optimised,
+The loop is the one loop of every stage (:func:`lmpipe.train.loop.fit`: manual optimisation,
+accumulation, DDP, LR schedule, atomic checkpoints, exact resume) with a distillation objective. The teacher lives outside the LightningModule, so it is neither optimised,
 checkpointed nor wrapped by DDP; it runs in eval mode under the same autocast (bf16 on GPUs).
 Language modelling trains on the train split's non-overlapping windows of block_size + 1 tokens,
 in a seeded random order per epoch: fixed windows are what let the teacher be precomputed once.
@@ -50,8 +49,8 @@ from lmpipe.io import (
 from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, save_model
-from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor, Validation
-from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
+from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor, Validation
+from lmpipe.train.checkpoint import ResumePoint
 from lmpipe.train.data import TokenSplit, gather_windows, open_token_split, val_batches
 from lmpipe.train.distill.config import DistillConfig
 from lmpipe.train.distill.losses import (
@@ -69,8 +68,9 @@ from lmpipe.train.distill.losses import (
 )
 from lmpipe.train.finetune import classify
 from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
-from lmpipe.train.loop import DevEvaluation, FinetuneModule, TaskAsyncTracker, TaskProgress
-from lmpipe.train.pretrain.stage import _quiet_lightning, build_trainer
+from lmpipe.train.loop import Run, fit
+from lmpipe.train.module import TrainModule
+from lmpipe.train.objectives import Objective
 from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,6 @@ def run(cfg: DistillConfig, paths: Paths) -> dict[str, Any]:
     for an impossible student, DataError for missing or malformed inputs, TrainingDiverged on a
     non-finite loss.
     """
-    _quiet_lightning()
     teacher_dir = paths.root / cfg.teacher
     if cfg.task == "lm":
         return train(cfg, paths, prepare_lm(cfg, paths, teacher_dir))
@@ -116,9 +115,8 @@ class DistillStudent(nn.Module):
 # -------------------------------------------------------------------------------- objective
 
 
-class DistillObjective:
-    """The loss the training loop minimises (the :class:`~lmpipe.train.loop.Objective`
-    protocol): student forward, teacher targets (online, or precomputed in the batch), weighted
+class DistillObjective(Objective):
+    """The loss the one loop minimises: student forward, teacher targets (online, or precomputed in the batch), weighted
     distillation terms. Each term's running sum is kept on the device for logging."""
 
     monitor, mode, sums_size = "loss", "min", 2
@@ -181,29 +179,6 @@ class DistillObjective:
         out = {name: value / max(1, self.part_count) for name, value in self.part_sums.items()}
         self.part_sums, self.part_count = {}, 0
         return out
-
-
-class DistillModule(FinetuneModule):
-    """The fine-tuning loop with the distillation objective; adds what pretraining's Validation
-    callback calls (``eval_sums``) and logs each loss term with the train loss."""
-
-    def __init__(self, model: DistillStudent, objective: DistillObjective, cfg: DistillConfig, data: TrainBatches, *,
-                 run_key: str, tracker: TaskAsyncTracker) -> None:
-        super().__init__(model, objective, cfg, data, run_key=run_key)
-        self.tracker = tracker
-        self.last_parts: dict[str, float] = {}
-
-    def eval_sums(self, batch: Batch) -> Tensor:
-        return self.objective.eval_sums(self.model, batch)
-
-    def consume_stats(self) -> dict[str, Any]:
-        stats = super().consume_stats()
-        parts = self.objective.consume_parts()  # type: ignore[attr-defined]
-        if parts and self.trainer.is_global_zero:
-            values = torch.stack(list(parts.values())).tolist()
-            self.last_parts = dict(zip(parts, values, strict=True))
-            self.tracker.log_metrics({f"train/{k}": v for k, v in self.last_parts.items()}, self.trainer.global_step)
-        return stats
 
 
 # --------------------------------------------------------------------------------- preparation
@@ -421,37 +396,30 @@ def class_scores(student: nn.Module, teacher: nn.Module | None, batches: list[Ba
 
 
 def train(cfg: DistillConfig, paths: Paths, prepared: Prepared) -> dict[str, Any]:
-    """Fit the student (resuming a checkpoint of the same run), export it, return the summary."""
+    """Fit the student in the one loop (resuming a checkpoint of the same run), export it, return
+    the summary."""
     name = cfg.run_name
     key = run_key(cfg, teacher=fingerprint_path(paths.root / cfg.teacher), data=prepared.fingerprint)
-    ckpt_dir = paths.checkpoints / "distill" / ("baseline" if cfg.baseline else "student") / key
-    tracker = TaskAsyncTracker(tracking.active(), name)
     student = backbone(prepared.model.student)
-    monitor = TrainingMonitor(
-        log_every=cfg.log_every, also_at=(cfg.eval_every, cfg.checkpoint_every), tracker=tracker,
-        flops_per_token=0.0, peak_flops=None, guard=DivergenceGuard(cfg.spike_factor, cfg.warmup_steps))
-    evaluation = prepared.evaluation(monitor)
-    callbacks: list[Callback] = [monitor, evaluation, PeriodicCheckpoint(ckpt_dir, cfg.checkpoint_every,
-                                                                         cfg.keep_checkpoints)]
-    callbacks += [TaskProgress(monitor, name)] if cfg.progress else []
-    trainer = build_trainer(cfg, callbacks)  # type: ignore[arg-type]  # reads the same keys as pretrain's
-    L.seed_everything(cfg.seed, verbose=False)
-    module = DistillModule(prepared.model.train(), prepared.objective, cfg, prepared.data, run_key=key, tracker=tracker)
-    resume = find_resume_checkpoint(ckpt_dir, key) if cfg.resume else None
-    if trainer.is_global_zero:
-        log.info("%s (%s): student of %.2fM parameters, %d steps, run %s%s", name, cfg.task,
-                 student.num_parameters() / 1e6, cfg.max_steps, key, f", resuming step {resume[1]}" if resume else "")
-    try:
-        trainer.fit(module, ckpt_path=resume[0] if resume else None, weights_only=True)
-    finally:
-        tracker.close()
-    numbers: dict[str, Any] = {"steps": trainer.global_step, "resumed_from_step": resume[1] if resume else 0,
-                               "tokens_per_s": monitor.mean_tokens_per_s(), "parameters": student.num_parameters(),
-                               **prepared.counts, **({"train_loss": monitor.train[-1][1]} if monitor.train else {}),
-                               **{f"train_{k}": v for k, v in module.last_parts.items()}}
-    if not trainer.is_global_zero:
+
+    def start(trainer: L.Trainer, resume: ResumePoint | None) -> TrainModule:
+        L.seed_everything(cfg.seed, verbose=False)
+        if trainer.is_global_zero:
+            log.info("%s (%s): student of %.2fM parameters, %d steps, run %s", name, cfg.task,
+                     student.num_parameters() / 1e6, cfg.max_steps, key)
+        return TrainModule(prepared.model.train(), prepared.objective, cfg, seed=cfg.seed, run_key=key,
+                           accumulation=cfg.accumulation, data=prepared.data)
+
+    fitted = fit(Run(
+        label=name, settings=cfg, checkpoint_dir=paths.checkpoints / "distill" / ("baseline" if cfg.baseline else
+                                                                                   "student") / key,
+        key=key, tracker=TaskAsyncTracker(tracking.active(), name), start=start,
+        evaluation=lambda monitor: [prepared.evaluation(monitor)], also_at=(cfg.eval_every,),
+    ))
+    numbers: dict[str, Any] = {**fitted.summary, "parameters": student.num_parameters(), **prepared.counts}
+    if not fitted.trainer.is_global_zero:
         return numbers
-    artifacts = prepared.export(prepared.model, evaluation, monitor, numbers)
+    artifacts = prepared.export(prepared.model, fitted.callbacks[0], fitted.monitor, numbers)
     return {**{k: v for k, v in numbers.items() if isinstance(v, int | float)}, "artifacts": artifacts}
 
 

@@ -29,6 +29,7 @@ from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.train.finetune.config import DataSource
 from lmpipe.train.finetune.data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def class_weights(setting: str | list[float], train_labels: np.ndarray, num_labe
 # ---------------------------------------------------------------------------------- objective
 
 
-class ClassificationObjective:
+class ClassificationObjective(Objective):
     """(Weighted) cross-entropy; dev metrics from the confusion matrix summed over batches."""
 
     def __init__(self, num_labels: int, weights: list[float] | None = None, monitor: str = "accuracy") -> None:

@@ -116,7 +116,8 @@ class _TaskBase(TrainSettings, AccumulationSettings):
     # Fine-tuning batches are small and uneven, so loss spikes are common and no reason to stop.
     spike_factor: float = stage_default(LoggingSettings, "spike_factor", 0.0)
     # A task model is replicated whole; FSDP's sharding is for pretraining sizes.
-    strategy: Literal["auto", "ddp"] = stage_default(HardwareSettings, "strategy", "auto", annotation=Literal["auto", "ddp"])
+    strategy: Literal["auto", "ddp"] = stage_default(HardwareSettings, "strategy", "auto",
+                                                     annotation=Literal["auto", "ddp"])
     init: str = Field("models/pretrain", description="Model directory to start from, relative to the project root.")
     method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train adapters only.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (method: lora).")
@@ -157,7 +158,8 @@ class SFTTask(_TaskBase):
         description="Dev examples for the answer loss, early stopping and the final metrics.",
     )
     sample_data: DataSource | None = Field(
-        None, json_schema_extra=OPERATIONAL, description="Held-out prompts answered by the fine-tuned model after training (null: the first "
+        None, json_schema_extra=OPERATIONAL,
+        description="Held-out prompts answered by the fine-tuned model after training (null: the first "
         "conversations of dev_data). The default task uses the test split's instruction pairs.",
     )
     sample_count: int = Field(1, ge=0, json_schema_extra=OPERATIONAL, description="How many held-out prompts to answer.")
@@ -187,7 +189,8 @@ class ClassificationTask(_TaskBase):
         description="Dev rows: early stopping, best-model selection and the reported metrics.",
     )
     test_data: DataSource | None = Field(
-        None, json_schema_extra=OPERATIONAL, description="Test rows scored once with the selected model (null: none). The default task uses "
+        None, json_schema_extra=OPERATIONAL,
+        description="Test rows scored once with the selected model (null: none). The default task uses "
         "the test split's reviews.",
     )
     labels: list[str] | None = Field(

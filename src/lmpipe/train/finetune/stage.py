@@ -27,7 +27,8 @@ import csv
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,9 @@ from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
 from lmpipe.model.io import ExpectedTokenizer, load_model, save_model
 from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
-from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor
-from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
+from lmpipe.tracking import StageTracker
+from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor
+from lmpipe.train.checkpoint import ResumePoint
 from lmpipe.train.finetune import classify, sft
 from lmpipe.train.finetune.config import (
     ClassificationTask,
@@ -64,16 +66,11 @@ from lmpipe.train.finetune.config import (
     SplitData,
 )
 from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
-from lmpipe.train.loop import (
-    DevEvaluation,
-    FinetuneModule,
-    Objective,
-    TaskAsyncTracker,
-    TaskProgress,
-    TaskTracker,
-)
+from lmpipe.train.loop import Run
+from lmpipe.train.loop import fit as fit_run
 from lmpipe.train.lora import apply_lora, merge, parameter_counts, save_adapter
-from lmpipe.train.pretrain.stage import _quiet_lightning, build_trainer
+from lmpipe.train.module import TrainModule
+from lmpipe.train.objectives import Objective
 from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
@@ -100,7 +97,6 @@ def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Se
     task = cfg.tasks.get(task_name)
     if task is None:
         raise ConfigError(f"finetune.tasks: no task named {task_name!r} (tasks: {', '.join(cfg.tasks) or 'none'})")
-    _quiet_lightning()
     sp, info = load_tokenizer(paths.tokenizer)
     init_dir = paths.root / task.init
     base = load_base(init_dir, info)
@@ -138,58 +134,48 @@ class Fitted:
 
 def fit(task: Task, task_name: str, model: nn.Module, prepared: Prepared, ckpt_dir: Path, key: str,
         callbacks: Sequence[Callback]) -> Fitted | None:
-    """Train ``model`` (resuming from ``ckpt_dir`` when a checkpoint of run ``key`` is there), then
-    load the best dev evaluation's weights into it. Returns None on ranks other than 0."""
+    """Train ``model`` in the one loop (resuming from ``ckpt_dir`` when a checkpoint of run ``key``
+    is there), then load the best dev evaluation's weights into it. None on ranks other than 0."""
     tracker = TaskAsyncTracker(tracking.active(), task_name)
     mean_length = int(np.mean([len(e.ids) for e in prepared.train]))
-    monitor = TrainingMonitor(
-        log_every=task.log_every, also_at=(task.eval_every, task.checkpoint_every), tracker=tracker,
-        flops_per_token=estimate_flops_per_token(prepared.gpt_config, mean_length), peak_flops=None,
-        guard=DivergenceGuard(task.spike_factor, task.warmup_steps),
-    )
-    evaluation = DevEvaluation(
-        every=task.eval_every, objective=prepared.objective, patience=task.patience, min_delta=task.min_delta,
-        tracker=tracker, batches=lambda rank, world: eval_batches(prepared.dev, prepared.collate,
-                                                                   task.eval_batch_size, rank, world),
-    )
-    stage_callbacks: list[Callback] = [monitor, evaluation,
-                                       PeriodicCheckpoint(ckpt_dir, task.checkpoint_every, task.keep_checkpoints)]
-    if task.progress:
-        stage_callbacks.append(TaskProgress(monitor, f"finetune {task_name}"))
-    # build_trainer reads accelerator, devices, num_nodes, strategy, precision, max_steps and
-    # deterministic, which a task has under the same names and meanings as the pretrain section.
-    trainer = build_trainer(task, [*stage_callbacks, *callbacks])  # type: ignore[arg-type]
-    data = TrainBatches(prepared.train, prepared.collate, micro_batch_size=task.micro_batch_size,
-                        accumulation=task.accumulation, max_steps=task.max_steps, seed=task.seed)
-    module = FinetuneModule(model, prepared.objective, task, data, run_key=key)
     counts = parameter_counts(model)
-    resume = find_resume_checkpoint(ckpt_dir, key) if task.resume else None
-    if trainer.is_global_zero:
-        log.info("finetune %s (%s, %s): %d train / %d dev examples, %s of %s parameters trainable, run %s",
-                 task_name, task.type, task.method, len(prepared.train), len(prepared.dev),
-                 f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}", key)
-        if resume:
-            log.info("resuming from %s (step %d)", resume[0], resume[1])
-        tracker.log_params({"resolved": {**counts, **prepared.counts, "run_key": key,
-                                         "precision": str(trainer.precision), "world_size": trainer.world_size}})
-    try:
-        trainer.fit(module, ckpt_path=resume[0] if resume else None, weights_only=True)
-    finally:
-        tracker.close()
-    if not trainer.is_global_zero:
+
+    def evaluation(monitor: TrainingMonitor) -> list[Callback]:
+        return [DevEvaluation(
+            every=task.eval_every, objective=prepared.objective, patience=task.patience, min_delta=task.min_delta,
+            tracker=tracker, batches=lambda rank, world: eval_batches(prepared.dev, prepared.collate,
+                                                                       task.eval_batch_size, rank, world))]
+
+    def start(trainer: L.Trainer, resume: ResumePoint | None) -> TrainModule:
+        data = TrainBatches(prepared.train, prepared.collate, micro_batch_size=task.micro_batch_size,
+                            accumulation=task.accumulation, max_steps=task.max_steps, seed=task.seed)
+        if trainer.is_global_zero:
+            log.info("finetune %s (%s, %s): %d train / %d dev examples, %s of %s parameters trainable, run %s",
+                     task_name, task.type, task.method, len(prepared.train), len(prepared.dev),
+                     f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}", key)
+            tracker.log_params({"resolved": {**counts, **prepared.counts, "run_key": key,
+                                             "precision": str(trainer.precision), "world_size": trainer.world_size}})
+        return TrainModule(model, prepared.objective, task, seed=task.seed, run_key=key,
+                           accumulation=task.accumulation, data=data)
+
+    fitted = fit_run(Run(
+        label=f"finetune {task_name}", settings=task, checkpoint_dir=ckpt_dir, key=key, tracker=tracker, start=start,
+        evaluation=evaluation, also_at=(task.eval_every,), extra_callbacks=callbacks,
+        flops_per_token=estimate_flops_per_token(prepared.gpt_config, mean_length),
+    ))
+    if not fitted.trainer.is_global_zero:
         return None
-    evaluation.restore_best(model)
+    dev = fitted.callbacks[0]
+    assert isinstance(dev, DevEvaluation)
+    dev.restore_best(model)
     numbers: dict[str, Any] = {
-        "steps": trainer.global_step, "best_step": int(evaluation.best["step"]) if evaluation.best else 0,
-        "stopped_early": int(evaluation.stopped), "resumed_from_step": resume[1] if resume else 0,
-        "tokens_per_s": monitor.mean_tokens_per_s(), **counts, **prepared.counts,
+        **fitted.summary, "best_step": int(dev.best["step"]) if dev.best else 0,
+        "stopped_early": int(dev.stopped), **counts, **prepared.counts,
     }
-    if monitor.train:
-        numbers["train_loss"] = monitor.train[-1][1]
-    if evaluation.history:
+    if dev.history:
         name = prepared.objective.monitor
-        numbers[f"dev_{name}_initial"] = evaluation.history[0][name]
-    return Fitted(evaluation, numbers, trainer.strategy.root_device)
+        numbers[f"dev_{name}_initial"] = dev.history[0][name]
+    return Fitted(dev, numbers, fitted.trainer.strategy.root_device)
 
 
 # ------------------------------------------------------------------------------ preparation
@@ -420,3 +406,37 @@ class Export:
         # Artifacts are logged above under the task's prefix; none are left for the CLI to log
         # at the run's root, where two tasks' model files would overwrite each other.
         return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+
+class TaskTracker(StageTracker):
+    """The stage's MLflow run seen by one task: metric keys, text/dict names and artifact paths get
+    the task's name as prefix, so several tasks can share one run without overwriting each other."""
+
+    def __init__(self, inner: StageTracker, task: str) -> None:
+        super().__init__(None, inner.run_id)
+        self.inner, self.task = inner, task
+
+    @property
+    def enabled(self) -> bool:
+        return self.inner.enabled
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.inner.log_params({self.task: dict(params)})
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.inner.log_metrics({f"{self.task}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, f"{self.task}/{artifact_path}" if artifact_path else self.task)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.inner.log_dict(obj, f"{self.task}/{name}")
+
+    def log_text(self, text: str, name: str) -> None:
+        self.inner.log_text(text, f"{self.task}/{name}")
+
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        self.inner.log_table(rows, f"{self.task}/{name}")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.inner.set_tags({f"{self.task}.{k}": v for k, v in tags.items()})

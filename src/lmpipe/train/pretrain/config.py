@@ -79,6 +79,10 @@ class PretrainConfig(TrainSettings):
         description="Sampling temperature (0: greedy).")
     sample_top_k: int | None = Field(50, gt=0, json_schema_extra=OPERATIONAL,
         description="Top-k filter of samples.")
+    # Pretrain only: the task models of finetune and distill (a head read through a forward hook,
+    # adapters, the student wrapper) are run eagerly.
+    compile: bool = Field(False, json_schema_extra=OPERATIONAL,
+                          description="torch.compile the model (worth it on GPU for long runs).")
     peak_flops: float | None = Field(
         None, gt=0, json_schema_extra=OPERATIONAL,
         description="Peak FLOP/s of one device for MFU; null: known GPUs by name, none on CPU."
