@@ -353,7 +353,7 @@ def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path) 
 
     def evaluation(monitor: TrainingMonitor) -> Callback:
         return DevEvaluation(every=cfg.eval_every, objective=scorer, patience=cfg.patience, min_delta=cfg.min_delta,
-                             tracker=monitor.tracker,  # type: ignore[arg-type]
+                             tracker=monitor.tracker,
                              batches=lambda rank, world: eval_batches(dev, dev_collate, cfg.eval_batch_size, rank, world))
 
     def export(model: DistillStudent, callback: Callback, monitor: TrainingMonitor, numbers: dict[str, Any]) -> list[str]:

@@ -103,8 +103,8 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     trainer, monitor = fitted.trainer, fitted.monitor
     strategy = trainer.strategy
     # Full weights on rank 0 (FSDP gathers them from the shards).
-    sharded = isinstance(strategy, ShardedFSDPStrategy)
-    state = strategy.full_state_dict() if sharded else strategy.lightning_module_state_dict()
+    state = (strategy.full_state_dict() if isinstance(strategy, ShardedFSDPStrategy)
+             else strategy.lightning_module_state_dict())
     summary: dict[str, Any] = {**fitted.summary, "train_tokens": trainer.global_step * int(fitted.module.tokens_per_step)}
     if monitor.val:
         summary["val_loss"], summary["val_bpb"] = monitor.val[-1][1], monitor.val[-1][2]
