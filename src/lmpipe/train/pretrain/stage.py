@@ -20,7 +20,7 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -113,8 +113,7 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     if not trainer.is_global_zero:
         return summary
     summary["unigram_entropy"] = unigram_entropy(train_split.tokens, gpt_cfg.vocab_size)
-    model = fitted.module.model
-    assert isinstance(model, GPT)
+    model = cast(GPT, fitted.module.model)  # under FSDP the wrapper, which forwards num_parameters to the GPT
     summary["parameters"] = model.num_parameters()
     summary["artifacts"] = export(cfg, paths, gpt_cfg, state, meta, summary, monitor)
     return summary
