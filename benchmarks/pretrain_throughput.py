@@ -4,7 +4,7 @@
     python benchmarks/pretrain_throughput.py ... --async-logging thread   # lmpipe's logging thread instead
 
 Both sides train the same GPT (same config, init seed, AdamW groups, LR schedule, gradient
-clipping, batches) on synthetic token shards. The pipeline side is ``lmpipe.train.pretrain.train``
+clipping, batches) on synthetic token shards. The pipeline side is ``lmpipe.train.pretrain.stage.train``
 itself (Lightning Trainer, all stage callbacks, rich progress bar, MLflow logging to a temporary
 SQLite store); the bare side is forward / backward / clip / step in a Python loop. Each repeat runs
 bare then pipeline, so load from other processes hits both alike; the steady-state window skips
@@ -34,10 +34,10 @@ from lmpipe.config import Paths, TrackingConfig
 from lmpipe.model.gpt import GPT, estimate_flops_per_token
 from lmpipe.tracking import stage_run
 from lmpipe.train.callbacks import ASYNC_BACKENDS, ASYNC_LOGGING_ENV
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import TokenDataModule, open_token_split, write_synthetic_shards
+from lmpipe.train.loop import PEAK_BF16_FLOPS
 from lmpipe.train.module import build_optimizer, learning_rate
-from lmpipe.train.pretrain import PEAK_BF16_FLOPS
+from lmpipe.train.pretrain.config import PretrainConfig
 
 
 def mark(device: torch.device) -> tuple[float, float]:
@@ -71,7 +71,7 @@ def pipeline_run(cfg: PretrainConfig, root: Path, tokens: Path, device: torch.de
     (root / "data").mkdir(parents=True)
     (root / "data" / "tokens").symlink_to(tokens)
     timer = WindowTimer(warmup, warmup + steps, device)
-    from lmpipe.train.pretrain import train
+    from lmpipe.train.pretrain.stage import train
 
     with stage_run("pretrain", TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}"), root):
         train(cfg, Paths(root), extra_callbacks=[timer])

@@ -17,7 +17,7 @@ from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.evaluate.report import baselines_part
 from lmpipe.evaluate.run import run
 from lmpipe.tokenizer.train import load_tokenizer
-from lmpipe.train import classify
+from lmpipe.train.finetune import classify
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.tokenizer import shards as tokenize
 from lmpipe.tokenizer import train as tokenizer
 from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
-from lmpipe.train import finetune, pretrain
-from lmpipe.train.config import PretrainConfig
-from lmpipe.train.finetune_config import FinetuneConfig
+from lmpipe.train.finetune import stage as finetune
+from lmpipe.train.finetune.config import FinetuneConfig
+from lmpipe.train.pretrain import stage as pretrain
+from lmpipe.train.pretrain.config import PretrainConfig
 
 pytestmark = pytest.mark.slow
 

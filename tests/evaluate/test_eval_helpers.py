@@ -59,12 +59,12 @@ def save_gpt(directory: Path, fingerprint: str, seed: int = 0, extra: dict[str, 
 
 
 def save_classifier(directory: Path, fingerprint: str) -> None:
-    from lmpipe.train import classify
+    from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes
 
     backbone = save_gpt(directory, fingerprint, seed=3, extra={"classifier": {
-        "labels": ["negative", "positive"], "pooling": "last", "head_file": classify.HEAD_FILE}})
-    head = classify.ClassificationModel(backbone, 2, "last", 0.0)
-    (directory / classify.HEAD_FILE).write_bytes(classify.head_bytes(head))
+        "labels": ["negative", "positive"], "pooling": "last", "head_file": HEAD_FILE}})
+    head = ClassificationModel(backbone, 2, "last", 0.0)
+    (directory / HEAD_FILE).write_bytes(head_bytes(head))
 
 
 def make_eval_project(root: Path) -> tuple[Paths, str]:

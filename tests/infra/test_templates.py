@@ -213,7 +213,7 @@ def test_k8s_job_renders_to_an_indexed_torchrun_job() -> None:
 
 
 def test_templates_use_the_pretrain_config_keys() -> None:
-    config = pytest.importorskip("lmpipe.train.config")
+    config = pytest.importorskip("lmpipe.train.pretrain.config")
     fields = config.PretrainConfig.model_fields
     assert "num_nodes" in fields and "devices" in fields
 

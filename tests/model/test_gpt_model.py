@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token, sample_next
+from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token, optim_groups, sample_next
 
 
 def small(**overrides: object) -> GPTConfig:
@@ -114,7 +114,7 @@ def test_init_and_weight_decay_groups() -> None:
     fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.blocks])
     assert abs(proj.std().item() - 0.02 / math.sqrt(2 * 8)) < 0.001
     assert abs(fc.std().item() - 0.02) < 0.001
-    decay, no_decay = model.optim_groups(0.1)
+    decay, no_decay = optim_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     decayed = {id(p) for p in decay["params"]}
     assert id(model.wte.weight) not in decayed  # embedding (and the tied head) not decayed

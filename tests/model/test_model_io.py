@@ -53,3 +53,21 @@ def test_missing_and_corrupt_files_raise_data_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(DataError, match="model_type"):
         read_model_config(tmp_path)
+
+
+def test_loading_refuses_a_model_of_another_tokenizer_before_reading_weights(tmp_path: Path) -> None:
+    from lmpipe.errors import FingerprintMismatch
+    from lmpipe.model.io import ExpectedTokenizer
+
+    save_model(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)), tmp_path,
+               extra={"tokenizer_fingerprint": "a" * 64})
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")  # never read: the check comes first
+    with pytest.raises(FingerprintMismatch) as err:
+        load_model(tmp_path, tokenizer=ExpectedTokenizer("b" * 64, "artifacts/tokenizer", "retrain it"))
+    message = str(err.value)
+    assert f"{tmp_path / 'config.json'}: the model was trained with tokenizer {'a' * 12}" in message
+    assert f"artifacts/tokenizer holds tokenizer {'b' * 12}: retrain it" in message and "\n" not in message
+    save_model(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)), tmp_path / "none")
+    with pytest.raises(FingerprintMismatch, match="records no tokenizer fingerprint"):
+        read_model_config(tmp_path / "none", ExpectedTokenizer("b" * 64, "artifacts/tokenizer"))
+    assert read_model_config(tmp_path, ExpectedTokenizer("a" * 64, "x"))["tokenizer_fingerprint"] == "a" * 64

@@ -32,7 +32,7 @@ from lmpipe.tokenizer import shards as tokenize_stage
 from lmpipe.tokenizer import train as tokenizer_train
 from lmpipe.tokenizer.config import TokenizeConfig, TokenizerConfig
 from lmpipe.tokenizer.train import load_tokenizer
-from lmpipe.train.sft import ChatTemplate
+from lmpipe.train.finetune.sft import ChatTemplate
 
 WORDS = ["the", "river", "stone", "quiet", "morning", "village", "baker", "bread", "warm", "window", "rain",
          "garden", "children", "laughed", "market", "story", "film", "great", "boring", "funny", "cast"]

@@ -22,12 +22,13 @@ import torch
 import yaml
 
 from lmpipe.config import Paths
+from lmpipe.model.classifier import load_classifier
 from lmpipe.model.io import load_model
 from lmpipe.registry import register
 from lmpipe.registry.config import RegisterConfig
 from lmpipe.tokenizer.train import load_tokenizer
-from lmpipe.train.classify import TextEncoder, load_classifier
-from lmpipe.train.sft import ChatTemplate, Message, generate_reply
+from lmpipe.train.finetune.classify import TextEncoder
+from lmpipe.train.finetune.sft import ChatTemplate, Message, generate_reply
 
 PROMPT = "the river"
 REVIEW = "a great funny film"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.train.distill_losses import (
+from lmpipe.train.distill.losses import (
     DistillLoss,
     block_outputs,
     forward_kl_per_position,
@@ -86,7 +86,7 @@ def test_precomputed_topk_targets_reproduce_the_online_loss(tmp_path: Path) -> N
     mass = logp.exp().sum(-1)
     assert float(mass.mean()) > 0.9  # the top 8 of 64 tokens hold most of the confident teacher's mass
 
-    from lmpipe.train.distill_losses import TopKTargets
+    from lmpipe.train.distill.losses import TopKTargets
 
     cached = soft_kl(student_logits, TopKTargets(logp, ids), temperature)
     online = soft_kl(student_logits, teacher_logits, temperature)

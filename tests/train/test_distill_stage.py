@@ -14,12 +14,13 @@ import torch
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError, FingerprintMismatch
 from lmpipe.io import verify_manifest, write_manifest
+from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import load_model, save_model
-from lmpipe.train import classify, distill
 from lmpipe.train.data import open_token_split, val_batches, write_synthetic_shards
-from lmpipe.train.distill_config import DistillConfig
-from lmpipe.train.distill_losses import soft_kl
+from lmpipe.train.distill import stage as distill
+from lmpipe.train.distill.config import DistillConfig
+from lmpipe.train.distill.losses import soft_kl
 
 FAST = {"max_steps": 30, "micro_batch_size": 8, "warmup_steps": 3, "eval_every": 15, "eval_batches": 4,
         "log_every": 5, "checkpoint_every": 0, "progress": False, "accelerator": "cpu", "lr": 1e-2}
@@ -105,7 +106,7 @@ def test_precomputed_teacher_and_hidden_matching_train_a_narrower_student(paths:
 
 def test_teacher_of_another_tokenizer_is_refused(paths: Paths) -> None:
     save_teacher(paths.models / "pretrain", fingerprint="another-tokenizer")
-    with pytest.raises(FingerprintMismatch, match="the teacher was trained with tokenizer another-tok"):
+    with pytest.raises(FingerprintMismatch, match="the model was trained with tokenizer another-tok"):
         distill.run(config(), paths)
     assert not (paths.models / "distill").exists()
 
@@ -141,12 +142,12 @@ def test_classification_student_learns_from_the_teacher_classifier(tmp_path: Pat
     paths = make_project(tmp_path, n_train=120, n_val=40, n_test=4)
     backbone, info = load_model(paths.models / "pretrain")
     torch.manual_seed(0)
-    teacher = classify.ClassificationModel(backbone, 2, "last", 0.0)
+    teacher = ClassificationModel(backbone, 2, "last", 0.0)
     directory = paths.models / "finetune" / "cls"
     save_model(teacher.backbone, directory, extra={
         "tokenizer_fingerprint": info["tokenizer_fingerprint"], "objective": "clm",
-        "classifier": {"labels": ["negative", "positive"], "pooling": "last", "head_file": classify.HEAD_FILE}})
-    (directory / classify.HEAD_FILE).write_bytes(classify.head_bytes(teacher))
+        "classifier": {"labels": ["negative", "positive"], "pooling": "last", "head_file": HEAD_FILE}})
+    (directory / HEAD_FILE).write_bytes(head_bytes(teacher))
     write_manifest(directory, stage="finetune", config={"test": True})
 
     cfg = config(task="classification", teacher="models/finetune/cls", teacher_logits="precomputed", max_steps=12,
@@ -154,7 +155,7 @@ def test_classification_student_learns_from_the_teacher_classifier(tmp_path: Pat
     summary = distill.run(cfg, paths)
     assert summary["dev_agreement_with_teacher"] > 0.9  # a 1-block copy of the teacher, trained on its outputs
     assert 0 <= summary["dev_accuracy"] <= 1 and "teacher_dev_accuracy" in summary
-    model, labels, config_json = classify.load_classifier(paths.models / "distill")
+    model, labels, config_json = load_classifier(paths.models / "distill")
     assert labels == ["negative", "positive"] and model.backbone.config.n_layer == 1
     assert config_json["distill"]["task"] == "classification"
     with pytest.raises(ConfigError, match="is not a classifier"):

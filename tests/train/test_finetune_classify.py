@@ -16,10 +16,11 @@ from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.io import verify_manifest
+from lmpipe.model.classifier import ClassificationModel, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.train import classify
-from lmpipe.train.finetune import run_task
-from lmpipe.train.finetune_config import FilesData
+from lmpipe.train.finetune import classify
+from lmpipe.train.finetune.config import FilesData
+from lmpipe.train.finetune.stage import run_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +107,7 @@ def test_balanced_class_weights() -> None:
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_padding_does_not_change_a_sequence_logits(pooling: str) -> None:
     torch.manual_seed(0)
-    model = classify.ClassificationModel(GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)),
+    model = ClassificationModel(GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)),
                                          3, pooling, dropout=0.0).eval()
     short, long = [2, 7, 9, 2], [2, 5, 6, 7, 8, 9, 10, 2]
     batch = classify.ClassCollate(pad_id=3)([classify.ClassExample(np.array(s), 0) for s in (short, long)])
@@ -126,7 +127,7 @@ def test_classifier_beats_the_majority_class(project: Paths) -> None:
     assert summary["dev_macro_f1"] >= 0.8 and summary["test_accuracy"] >= 0.8
     out = project.models / "finetune" / "easy"
     verify_manifest(out)
-    model, labels, _ = classify.load_classifier(out)
+    model, labels, _ = load_classifier(out)
     assert labels == ["negative", "positive"]
     details = json.loads((out / "eval.json").read_text())
     confusion = np.array(details["dev"]["confusion"])

@@ -21,7 +21,7 @@ from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import save_model
 from lmpipe.tokenizer import train as tokenizer_stage
 from lmpipe.tokenizer.config import TokenizerConfig
-from lmpipe.train.finetune_config import FinetuneConfig
+from lmpipe.train.finetune.config import FinetuneConfig
 
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("early", "late"),
              ("light", "dark"), ("open", "closed"), ("loud", "quiet"), ("rich", "poor"), ("wet", "dry")]

@@ -11,12 +11,11 @@ from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
 
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
-from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.model.classifier import ClassificationModel, load_classifier
+from lmpipe.model.gpt import GPT, GPTConfig, optim_groups
 from lmpipe.model.io import load_model
-from lmpipe.train import classify
-from lmpipe.train.finetune import run_task
-from lmpipe.train.finetune_config import LoraSettings
-from lmpipe.train.finetune_loop import optimizer_groups
+from lmpipe.train.finetune.config import LoraSettings
+from lmpipe.train.finetune.stage import run_task
 from lmpipe.train.lora import apply_lora, merge, parameter_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +34,7 @@ def test_lora_trains_only_adapters_and_merged_model_matches() -> None:
     # 2 layers x (c_attn 32->96, attn c_proj 32->32, c_fc 32->128, mlp c_proj 128->32), r=4
     assert counts["trainable_parameters"] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     # weight decay on: frozen weights must not even be in the optimizer, or decay would move them
-    optimizer = torch.optim.AdamW(optimizer_groups(peft_model, 0.1), lr=1e-2)
+    optimizer = torch.optim.AdamW(optim_groups(peft_model, 0.1), lr=1e-2)
     data = torch.randint(0, 64, (8, 17))
     peft_model.train()
     for _ in range(5):
@@ -73,7 +72,7 @@ def test_stage_lora_export_matches_base_plus_adapter(tmp_path_factory: pytest.Te
     summary = run_task(cfg, "lora_cls", project)
     assert summary["lora_cls/trainable_parameters"] < summary["lora_cls/total_parameters"] / 4
     out = project.models / "finetune" / "lora_cls"
-    exported, labels, model_config = classify.load_classifier(out)
+    exported, labels, model_config = load_classifier(out)
     assert model_config["finetune"]["method"] == "lora" and labels == ["negative", "positive"]
 
     base, _ = load_model(project.models / "pretrain")
@@ -82,7 +81,7 @@ def test_stage_lora_export_matches_base_plus_adapter(tmp_path_factory: pytest.Te
         merged_into = any(f".{target}.weight" in name for target in ("c_attn", "c_proj", "c_fc"))
         assert torch.equal(exported_state[name], tensor) != merged_into, name
 
-    rebuilt = classify.ClassificationModel(base, len(labels), "last", dropout=0.1)
+    rebuilt = ClassificationModel(base, len(labels), "last", dropout=0.1)
     adapted = PeftModel.from_pretrained(rebuilt, str(out / "adapter")).eval()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
     idx = torch.randint(4, 300, (4, 12))

@@ -20,9 +20,9 @@ from lmpipe.model.gpt import IGNORE_INDEX
 from lmpipe.model.io import load_model
 from lmpipe.tokenizer.train import load_tokenizer
 from lmpipe.tracking import stage_run
-from lmpipe.train import sft
-from lmpipe.train.finetune import run_task
-from lmpipe.train.finetune_config import FilesData, HFData
+from lmpipe.train.finetune import sft
+from lmpipe.train.finetune.config import FilesData, HFData
+from lmpipe.train.finetune.stage import run_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

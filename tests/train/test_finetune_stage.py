@@ -16,8 +16,8 @@ from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
 
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
-from lmpipe.train.finetune import run, run_task
-from lmpipe.train.finetune_config import FinetuneConfig, SFTTask, SplitData
+from lmpipe.train.finetune.config import FinetuneConfig, SFTTask, SplitData
+from lmpipe.train.finetune.stage import run, run_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

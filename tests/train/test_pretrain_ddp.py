@@ -20,9 +20,9 @@ import yaml
 
 from lmpipe.config import Paths
 from lmpipe.model import load_model
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import write_synthetic_shards
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
 
 PRETRAIN = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,

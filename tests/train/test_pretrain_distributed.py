@@ -27,9 +27,9 @@ from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
 from lmpipe.model import load_model
 from lmpipe.train.checkpoint import find_resume_checkpoint, sidecar
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import write_synthetic_shards
-from lmpipe.train.pretrain import accumulation_steps, train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import accumulation_steps, train
 
 BASE = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4, "max_steps": 8,
@@ -67,8 +67,9 @@ CHILD = RECORDER + r"""
 import sys
 import torch
 from lmpipe.config import Paths
-from lmpipe.train import checkpoint, pretrain
-from lmpipe.train.config import PretrainConfig
+from lmpipe.train import checkpoint
+from lmpipe.train.pretrain import stage as pretrain
+from lmpipe.train.pretrain.config import PretrainConfig
 
 torch.set_num_threads(1)
 root, options = sys.argv[1], json.loads(sys.argv[2])

@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lmpipe.config import Paths
 from lmpipe.model import load_model
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import write_synthetic_shards
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
 
 TINY = {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,
         "max_steps": 4, "warmup_steps": 1, "lr": 5e-3, "log_every": 1, "val_every": 0, "val_batches": 1,

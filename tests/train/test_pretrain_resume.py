@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from lmpipe.config import Paths
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import write_synthetic_shards
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
 
 RECORDER = r"""
 import json, os, time
@@ -47,8 +47,8 @@ CHILD = RECORDER + r"""
 import sys
 import torch
 from lmpipe.config import Paths
-from lmpipe.train.config import PretrainConfig
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
 
 torch.set_num_threads(1)
 root, block_at = sys.argv[1], int(sys.argv[2])

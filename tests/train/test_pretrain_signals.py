@@ -22,10 +22,11 @@ from lightning.pytorch.callbacks import Callback
 from lmpipe.config import Paths
 from lmpipe.io import sha256_file
 from lmpipe.train.callbacks import TrainingInterrupted
-from lmpipe.train.checkpoint import find_resume_checkpoint, run_key
-from lmpipe.train.config import PretrainConfig
+from lmpipe.train.checkpoint import find_resume_checkpoint
 from lmpipe.train.data import write_synthetic_shards
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
+from lmpipe.train.settings import run_key
 
 TINY = {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,
         "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "val_every": 0, "val_batches": 1, "sample_tokens": 0,
@@ -106,7 +107,7 @@ def test_slurm_requeue_checkpoint_goes_through_lmpipes_checks(tmp_path: Path, mo
                         "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(root)
-    ckpt_dir = root / "checkpoints" / "pretrain" / run_key(cfg, sha256_file(root / "data" / "tokens" / "meta.json"))
+    ckpt_dir = root / "checkpoints" / "pretrain" / run_key(cfg, tokens_meta=sha256_file(root / "data" / "tokens" / "meta.json"))
     ckpt_dir.mkdir(parents=True)
     for directory in (root, ckpt_dir):  # Lightning's default root dir, and the run's checkpoint dir
         shutil.copyfile(foreign, directory / "hpc_ckpt_1.ckpt")

@@ -17,10 +17,10 @@ from lmpipe.errors import ConfigError
 from lmpipe.io import verify_manifest
 from lmpipe.model import load_model
 from lmpipe.train.callbacks import DivergenceGuard, TrainingDiverged
-from lmpipe.train.config import PretrainConfig
 from lmpipe.train.data import write_synthetic_shards
 from lmpipe.train.module import learning_rate
-from lmpipe.train.pretrain import train
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.pretrain.stage import train
 
 TINY = {"model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 8,
         "warmup_steps": 5, "val_batches": 4, "sample_tokens": 8, "progress": False}

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpipe.train.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, run_key, sidecar
-from lmpipe.train.config import PretrainConfig
+from lmpipe.train.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, sidecar
+from lmpipe.train.distill.config import DistillConfig
+from lmpipe.train.finetune.config import ClassificationTask, SFTTask
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.settings import run_key
 
 
 def save(directory: Path, name: str, key: str, step: int) -> Path:
@@ -18,11 +21,29 @@ def save(directory: Path, name: str, key: str, step: int) -> Path:
     return path
 
 
-def test_run_key_changes_with_what_is_computed_not_with_how_it_is_watched() -> None:
-    base = PretrainConfig()
-    assert run_key(base, "meta") == run_key(PretrainConfig(log_every=3, devices=2, checkpoint_every=7), "meta")
-    assert run_key(base, "meta") != run_key(PretrainConfig(lr=1e-3), "meta")
-    assert run_key(base, "meta") != run_key(base, "other tokens")
+@pytest.mark.parametrize("section", [PretrainConfig, DistillConfig, lambda **kw: SFTTask(type="sft", **kw),
+                                     lambda **kw: ClassificationTask(type="classification", **kw)])
+def test_run_key_changes_with_what_is_computed_not_with_how_it_is_watched(section) -> None:
+    # The shared settings mark their operational keys once; every stage keys its runs the same way.
+    base = run_key(section(), data="meta")
+    assert base == run_key(section(log_every=3, devices=2, checkpoint_every=7, resume=False,
+                                   spike_factor=9.0, progress=False), data="meta")
+    assert base != run_key(section(lr=3e-4), data="meta")
+    assert base != run_key(section(beta2=0.9), data="meta")
+    assert base != run_key(section(), data="other tokens")
+
+
+def test_stage_defaults_differ_only_where_declared_and_keep_the_shared_bounds() -> None:
+    sft, cls, pretrain, distill = SFTTask(type="sft"), ClassificationTask(type="classification"), \
+        PretrainConfig(), DistillConfig()
+    assert (pretrain.beta2, distill.beta2, sft.beta2) == (0.95, 0.95, 0.999)
+    assert (pretrain.spike_factor, distill.spike_factor, cls.spike_factor) == (4.0, 4.0, 0.0)
+    assert (pretrain.lr, cls.lr, sft.lr) == (2e-3, 5e-4, 1e-3)
+    assert SFTTask.model_fields["lr"].description == PretrainConfig.model_fields["lr"].description
+    with pytest.raises(ValueError, match="greater than 0"):
+        SFTTask(type="sft", lr=0.0)
+    with pytest.raises(ValueError, match="'auto' or 'ddp'"):
+        DistillConfig(strategy="fsdp")
 
 
 def test_newest_complete_checkpoint_of_the_run_is_chosen(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

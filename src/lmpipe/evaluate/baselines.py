@@ -114,7 +114,7 @@ def classification_baselines(name: str, spec: ClassificationEval, settings: Base
                              sp: Any, info: Any, device: torch.device) -> dict[str, dict[str, Any]]:
     """Majority, bag-of-words and prompted scores of a classification task (method -> scores with
     accuracy, macro F1, precision, recall and the confusion matrix)."""
-    from lmpipe.train import classify
+    from lmpipe.train.finetune import classify
 
     train = classify.read_labelled(spec.train_data, paths)
     rows = classify.read_labelled(spec.data, paths)
@@ -173,7 +173,7 @@ def instruction_baselines(name: str, spec: InstructionEval, settings: BaselineSe
                           info: Any, device: torch.device) -> dict[str, dict[str, Any]]:
     """The reference answers' loss and bits per byte under the prompted base model (k shots) and
     under the fine-tuned model's chat template (``finetuned``)."""
-    from lmpipe.train import sft
+    from lmpipe.train.finetune import sft
 
     count = min(spec.max_examples, settings.max_examples or spec.max_examples)
     held_out = sft.held_out_prompts(sft.read_conversations(spec.data, paths, spec.system_prompt), count)

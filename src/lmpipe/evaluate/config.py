@@ -20,7 +20,7 @@ from typing import ClassVar, Literal, Self
 from pydantic import Field, model_validator
 
 from lmpipe.config import Section
-from lmpipe.train.finetune_config import DataSource, split_source
+from lmpipe.train.finetune.config import DataSource, split_source
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 

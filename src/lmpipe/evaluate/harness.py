@@ -52,7 +52,7 @@ def write_tasks(cfg: EvaluateConfig, paths: Paths, directory: Path) -> list[str]
     """Task YAMLs and their jsonl data in ``directory``; returns the task names.
 
     Raises DataError when there is no task, or for bad rows (read as evaluate reads them)."""
-    from lmpipe.train import classify
+    from lmpipe.train.finetune import classify
 
     settings = cfg.lm_eval
     names = []

@@ -31,33 +31,30 @@ import torch
 import torch.nn.functional as F
 
 from lmpipe.data.sources import file_rows
-from lmpipe.errors import DataError, FingerprintMismatch
+from lmpipe.errors import DataError
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
-from lmpipe.model.io import load_model, read_model_config
+from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config
 
 log = logging.getLogger(__name__)
 
 
+def expected_tokenizer(fingerprint: str) -> ExpectedTokenizer:
+    """The tokenizer evaluated models must have been trained with (artifacts/tokenizer)."""
+    return ExpectedTokenizer(fingerprint, "artifacts/tokenizer", "its scores would be meaningless; evaluate models "
+                             "trained with this tokenizer (re-run their stages) or remove it from evaluate.models")
+
+
 def check_model_tokenizer(model_dir: Path, fingerprint: str) -> dict[str, Any]:
-    """config.json of ``model_dir`` after checking its tokenizer fingerprint equals ``fingerprint``.
+    """config.json of ``model_dir`` after model loading's tokenizer check.
 
     Raises FingerprintMismatch (another tokenizer, or none recorded), DataError (not a model).
     """
-    config = read_model_config(model_dir)
-    recorded = config.get("tokenizer_fingerprint")
-    if recorded != fingerprint:
-        what = f"tokenizer {str(recorded)[:12]}" if recorded else "no tokenizer fingerprint"
-        raise FingerprintMismatch(
-            f"{model_dir / 'config.json'}: the model records {what}, but artifacts/tokenizer is tokenizer "
-            f"{fingerprint[:12]}: its scores would be meaningless; evaluate models trained with this tokenizer "
-            "(re-run their stages) or remove it from evaluate.models")
-    return config
+    return read_model_config(model_dir, expected_tokenizer(fingerprint))
 
 
 def load_checked(model_dir: Path, fingerprint: str, device: torch.device) -> tuple[GPT, dict[str, Any]]:
     """Load a GPT for evaluation (eval mode, on ``device``) after the tokenizer check."""
-    check_model_tokenizer(model_dir, fingerprint)
-    return load_model(model_dir, device)
+    return load_model(model_dir, device, tokenizer=expected_tokenizer(fingerprint))
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

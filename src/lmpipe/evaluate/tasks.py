@@ -2,7 +2,7 @@
 and sample generations for fixed prompts.
 
 - Classification reuses the finetune stage's reading, encoding and metrics
-  (:mod:`lmpipe.train.classify`), so a classifier is scored exactly as it was selected.
+  (:mod:`lmpipe.train.finetune.classify`), so a classifier is scored exactly as it was selected.
 - BLEU is sacrebleu's corpus BLEU (Post 2018, "A Call for Clarity in Reporting BLEU Scores"): its
   13a tokenisation, or its ``zh`` tokenisation (each Chinese character a token, 13a for the rest,
   as WMT scores Chinese) when references are Chinese; the signature says which.
@@ -95,15 +95,16 @@ def classification_scores(name: str, spec: ClassificationEval, paths: Paths, sp:
                           device: torch.device) -> dict[str, dict[str, Any]]:
     """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix of each
     classifier of a task on its data. Raises FingerprintMismatch / DataError for bad models or rows."""
-    from lmpipe.train import classify
-    from lmpipe.train.finetune_data import eval_batches
+    from lmpipe.model.classifier import load_classifier
+    from lmpipe.train.finetune import classify
+    from lmpipe.train.finetune.data import eval_batches
 
     items = classify.read_labelled(spec.data, paths)
     results: dict[str, dict[str, Any]] = {}
     for model_name, directory in spec.models.items():
         model_dir = paths.root / directory
         check_model_tokenizer(model_dir, info.fingerprint)
-        model, labels, _ = classify.load_classifier(model_dir, device)
+        model, labels, _ = load_classifier(model_dir, device)
         encoder = classify.TextEncoder(sp, info.eos_id, model.backbone.config.block_size)
         examples = classify.build_examples(items, labels, encoder)
         batches = eval_batches(examples, classify.ClassCollate(info.pad_id), spec.batch_size)
@@ -123,7 +124,7 @@ def instruction_scores(name: str, spec: InstructionEval, paths: Paths, sp: Any, 
                        device: torch.device) -> dict[str, Any]:
     """Greedy answers of the instruction model to held-out prompts, scored against the references:
     corpus BLEU, mean ROUGE-L F1, exact-match rate, and the first few examples."""
-    from lmpipe.train import sft
+    from lmpipe.train.finetune import sft
 
     model, _ = load_checked(paths.root / spec.model, info.fingerprint, device)
     template = sft.ChatTemplate.from_tokenizer(sp, info)

@@ -1,16 +1,20 @@
-"""The GPT model in plain PyTorch: architecture, size presets, safetensors save/load."""
+"""The GPT model in plain PyTorch: architecture, size presets, safetensors save/load, and the GPT
+with a classification head."""
 
+from lmpipe.model.classifier import ClassificationModel, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig, KVCache, estimate_flops_per_token, sample_next
 from lmpipe.model.io import load_model, read_model_config, save_model
 from lmpipe.model.presets import PRESETS, describe, preset_config
 
 __all__ = [
     "GPT",
+    "ClassificationModel",
     "PRESETS",
     "GPTConfig",
     "KVCache",
     "describe",
     "estimate_flops_per_token",
+    "load_classifier",
     "load_model",
     "preset_config",
     "read_model_config",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -38,25 +38,36 @@ IGNORE_INDEX = -100
 POS_ENCODINGS = ("rope", "sinusoidal", "learned")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+# The options of the string fields of GPTConfig, by field name.
+CHOICES = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS}
+
+
+def knob(default: Any, doc: str, **bounds: float) -> Any:
+    """A GPTConfig field with its one-line description and bounds (``gt``/``ge``/``lt``), from
+    which the config sections that override architectures (``pretrain.model``) are built."""
+    return field(default=default, metadata={"doc": doc, **bounds})
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096
-    block_size: int = 128  # longest sequence the model sees (context length)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: as many K/V heads as query heads (plain multi-head)
-    n_embd: int = 128
-    mlp_ratio: float = 4.0  # hidden width / n_embd (SwiGLU uses 2/3 of it, rounded up to 64)
-    mlp: str = "gelu"
-    norm: str = "layernorm"
+    block_size: int = knob(128, "Context length in tokens.", gt=1)
+    n_layer: int = knob(4, "Transformer blocks.", gt=0)
+    n_head: int = knob(4, "Attention (query) heads per block.", gt=0)
+    # None: as many K/V heads as query heads (plain multi-head)
+    n_kv_head: int | None = knob(None, "Key/value heads (grouped-query attention); null: one per query head.", gt=0)
+    n_embd: int = knob(128, "Model width.", gt=0)
+    # SwiGLU uses 2/3 of the hidden width, rounded up to 64
+    mlp_ratio: float = knob(4.0, "MLP hidden width / model width.", gt=0)
+    mlp: str = knob("gelu", "MLP activation: gelu (GPT-2) or swiglu.")
+    norm: str = knob("layernorm", "Pre-norm type.")
     norm_eps: float = 1e-5
-    pos_encoding: str = "rope"
-    rope_theta: float = 10_000.0  # RoFormer's base
-    dropout: float = 0.0
-    bias: bool = False  # no biases in Linear/LayerNorm: slightly better and faster (nanoGPT)
-    tie_weights: bool = True
+    pos_encoding: str = knob("rope", "Position signal: rotary (default), fixed sinusoidal or learned absolute.")
+    rope_theta: float = knob(10_000.0, "Rotary base frequency.", gt=0)  # RoFormer's base
+    dropout: float = knob(0.0, "Dropout on attention, residual and embeddings.", ge=0, lt=1)
+    # no biases in Linear/LayerNorm: slightly better and faster (nanoGPT)
+    bias: bool = knob(False, "Biases in Linear and LayerNorm layers.")
+    tie_weights: bool = knob(True, "Share the token embedding with the LM head.")
     bidirectional: bool = False  # True: no causal mask, MLM head (BERT-style objective)
 
     def __post_init__(self) -> None:
@@ -314,18 +325,6 @@ class GPT(nn.Module):
                 total -= self.wpe.weight.numel()
         return total
 
-    def optim_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups: decay matrices of Linear layers only; norms, biases and
-        embeddings (including an LM head tied to the embedding) get no weight decay (nanoGPT)."""
-        no_decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay = [], []
-        for param in self.parameters():  # unique parameters, so a tied matrix appears once
-            if param.dim() >= 2 and id(param) not in no_decay_ids:
-                decay.append(param)
-            else:
-                no_decay.append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     # ----------------------------------------------------------------------------- generate
 
     @torch.no_grad()
@@ -415,3 +414,20 @@ def estimate_flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> floa
         n += cfg.vocab_size * cfg.n_embd
     t = seq_len if seq_len is not None else cfg.block_size
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * t
+
+
+def optim_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups (decay, no decay) over the *trainable* parameters of ``model`` (a
+    GPT, or one wrapped by a classification head or LoRA): decay matrices of Linear layers only;
+    norms, biases and embeddings (including an LM head tied to the embedding) get none (nanoGPT).
+    Frozen parameters (LoRA's base) are left out, so weight decay cannot move them."""
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # unique parameters, so a tied matrix appears once
+        if not param.requires_grad:
+            continue
+        if param.dim() >= 2 and id(param) not in no_decay_ids:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -4,12 +4,17 @@ safetensors holds raw tensors and a JSON header, so loading a model never runs p
 file from anywhere is safe to open. Tied weights are stored once (the LM head is the embedding)
 and re-tied on load. ``config.json`` holds the GPTConfig under ``"model"`` plus whatever the
 producing stage adds (tokenizer fingerprint, objective, training summary).
+
+Every reader of a model that a tokenizer feeds passes the tokenizer it will use
+(:class:`ExpectedTokenizer`): the model's recorded fingerprint is checked here, once, before any
+weight is read, so no stage can score, fine-tune, distil or serve a model with another tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +23,38 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from lmpipe.errors import DataError
+from lmpipe.errors import DataError, FingerprintMismatch
 from lmpipe.io import write_bytes, write_json
 from lmpipe.model.gpt import GPT, GPTConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "lmpipe-gpt"
+
+
+@dataclass(frozen=True)
+class ExpectedTokenizer:
+    """The tokenizer a model will be used with: its fingerprint, what holds it (named in the
+    error, e.g. ``artifacts/tokenizer`` or ``data/tokens/meta.json``) and what to do on a mismatch."""
+
+    fingerprint: str
+    source: str
+    remedy: str = "re-run the stages that trained it with this tokenizer"
+
+
+def check_tokenizer(config: dict[str, Any], directory: Path, expected: ExpectedTokenizer) -> None:
+    """Refuse a model whose config.json records another tokenizer fingerprint, or none.
+
+    Raises FingerprintMismatch with one line naming config.json, both fingerprints and the remedy.
+    """
+    recorded = config.get("tokenizer_fingerprint")
+    if recorded == expected.fingerprint:
+        return
+    what = f"was trained with tokenizer {str(recorded)[:12]}" if recorded else "records no tokenizer fingerprint"
+    raise FingerprintMismatch(
+        f"{directory / CONFIG_NAME}: the model {what}, but {expected.source} holds tokenizer "
+        f"{expected.fingerprint[:12]}: {expected.remedy}"
+    )
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -51,8 +81,11 @@ def save_model(model: GPT, directory: str | os.PathLike[str], extra: dict[str, A
     return [weights, directory / CONFIG_NAME]
 
 
-def read_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed config.json of a model directory. Raises DataError if missing or not a GPT's."""
+def read_model_config(directory: str | os.PathLike[str], tokenizer: ExpectedTokenizer | None = None) -> dict[str, Any]:
+    """The parsed config.json of a model directory, checked against ``tokenizer`` when given.
+
+    Raises DataError if missing or not a GPT's, FingerprintMismatch (see :func:`check_tokenizer`).
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise DataError("no config.json: not a model directory (run the stage that writes it)", path=str(directory))
@@ -62,17 +95,21 @@ def read_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"not valid JSON: {err}", path=str(path)) from None
     if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE or "model" not in config:
         raise DataError(f"model_type is not {MODEL_TYPE!r} or 'model' is missing", path=str(path))
+    if tokenizer is not None:
+        check_tokenizer(config, Path(directory), tokenizer)
     return config
 
 
-def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+               tokenizer: ExpectedTokenizer | None = None) -> tuple[GPT, dict[str, Any]]:
     """Rebuild the GPT saved in ``directory``; returns (model in eval mode, config.json contents).
 
     Raises DataError naming the file when config.json or the weights are missing, corrupt or do
-    not match each other.
+    not match each other; FingerprintMismatch when ``tokenizer`` is given and the model was
+    trained with another one (checked before the weights are read).
     """
     directory = Path(directory)
-    config = read_model_config(directory)
+    config = read_model_config(directory, tokenizer)
     try:
         cfg = GPTConfig.from_dict(config["model"])
     except (TypeError, ValueError) as err:

@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from lmpipe.config import Paths
-from lmpipe.errors import FingerprintMismatch, LmpipeError
+from lmpipe.errors import LmpipeError
 from lmpipe.io import atomic_dir, write_manifest
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.model.io import load_model
+from lmpipe.model.io import ExpectedTokenizer, load_model
 from lmpipe.tokenizer.train import HF_DIR, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -211,12 +211,9 @@ def export_hf(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     from transformers import GenerationConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model, config = load_model(model_dir)
-    arch = architecture(model.config)
     sp, info = load_tokenizer(tokenizer_dir)
-    if config.get("tokenizer_fingerprint") != info.fingerprint:
-        raise FingerprintMismatch(f"{model_dir}: trained with tokenizer {str(config.get('tokenizer_fingerprint'))[:12]}, "
-                                  f"but {tokenizer_dir} is {info.fingerprint[:12]}")
+    model, config = load_model(model_dir, tokenizer=ExpectedTokenizer(info.fingerprint, str(tokenizer_dir)))
+    arch = architecture(model.config)
     if "classifier" in config:
         log.warning("%s is a classifier: only its decoder is exported (transformers has no exact head for it)", model_dir)
     special = {"bos": info.bos_id, "eos": info.eos_id, "pad": info.pad_id}

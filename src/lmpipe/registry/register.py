@@ -51,7 +51,7 @@ from lmpipe.io import (
     write_json,
 )
 from lmpipe.model import gpt as gpt_module
-from lmpipe.model.io import CONFIG_NAME, WEIGHTS_NAME, load_model
+from lmpipe.model.io import CONFIG_NAME, WEIGHTS_NAME, ExpectedTokenizer, load_model
 from lmpipe.registry import pyfunc
 from lmpipe.registry.config import ModelSpec, RegisterConfig
 from lmpipe.registry.promote import CANDIDATE, FLOOR_TAG, METRIC_TAG, promote_if_better
@@ -306,7 +306,9 @@ def check_model_dir(model_dir: Path, tokenizer: TokenizerInfo) -> tuple[dict[str
         raise DataError("no model directory: run the stage that writes it (e.g. `dvc repro pretrain`) "
                         "or remove it from register.models", path=str(model_dir))
     listed = verify_manifest(model_dir)["files"]  # DataError without a manifest, or a file differs
-    model, config = load_model(model_dir)  # weights and config.json agree
+    # weights and config.json agree, and the model was trained with this tokenizer
+    model, config = load_model(model_dir, tokenizer=ExpectedTokenizer(
+        tokenizer.fingerprint, str(tokenizer.directory), "re-run the training stages with this tokenizer"))
     required = [WEIGHTS_NAME, CONFIG_NAME]
     if pyfunc.model_kind(config) == "classify":
         required.append(str(config["classifier"].get("head_file", HEAD_NAME)))
@@ -322,12 +324,6 @@ def check_model_dir(model_dir: Path, tokenizer: TokenizerInfo) -> tuple[dict[str
         head = model_dir / config["classifier"].get("head_file", HEAD_NAME)
         if not head.is_file():
             raise DataError(f"classifier without its head: no {head.name}", path=str(model_dir))
-    recorded = config.get("tokenizer_fingerprint")
-    if recorded != tokenizer.fingerprint:
-        raise FingerprintMismatch(
-            f"{model_dir / CONFIG_NAME}: the model was trained with tokenizer {str(recorded)[:12]}, but "
-            f"{tokenizer.directory} is {tokenizer.fingerprint[:12]}: re-run the training stages with this tokenizer"
-        )
     return config, kind
 
 

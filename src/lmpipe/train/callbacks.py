@@ -1,5 +1,6 @@
-"""Callbacks of the pretrain stage: metrics and throughput, divergence guard, validation with bits
-per byte, sample generations and progress (a bar on a terminal, plain lines elsewhere).
+"""Callbacks of the training loop: metrics and throughput, divergence guard, validation with bits
+per byte, dev evaluation with early stopping, sample generations and progress (a bar on a
+terminal, plain lines elsewhere).
 
 All of them act on optimizer-step boundaries (``pl_module.stepped``) and return at once on other
 steps, so the per-step cost is a few attribute reads. MLflow calls go through a background thread
@@ -21,9 +22,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
 
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.tracking import StageTracker, flatten
+from lmpipe.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,27 @@ class AsyncTracker:
                 log.warning("MLflow logging failed: %s", err)
 
 
+class TaskAsyncTracker(AsyncTracker):
+    """The background MLflow logger with a task's name as key prefix (``sft/train/loss``), so
+    several tasks can share the stage's run."""
+
+    def __init__(self, tracker: StageTracker, task: str) -> None:
+        super().__init__(tracker)
+        self.task = task
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics({f"{self.task}/{k}": v for k, v in metrics.items()}, step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        super().log_params({self.task: params})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        super().log_text(text, f"{self.task}/{artifact_file}")
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        super().log_table(rows, f"{self.task}/{artifact_file}")
+
+
 class DivergenceGuard:
     """Raises TrainingDiverged on a non-finite loss, or on a loss above ``spike_factor`` times the
     exponential moving average of the logged losses since warmup ended."""
@@ -195,6 +219,7 @@ class TrainingMonitor(Callback):
         self.val: list[list[float]] = []  # [step, loss, bpb]
         self.throughput: list[float] = []  # tokens/s of each logged interval
         self.last: dict[str, float] = {}
+        self.last_parts: dict[str, float] = {}
         self._mark: tuple[float, int] | None = None
 
     def wants(self, step: int, max_steps: int) -> bool:
@@ -210,6 +235,10 @@ class TrainingMonitor(Callback):
     def flush(self, trainer: L.Trainer, pl_module: Any) -> None:
         step = trainer.global_step
         stats = pl_module.consume_stats()
+        parts = stats.get("parts")
+        if parts and trainer.is_global_zero:  # the terms of a loss made of several (distillation)
+            self.last_parts = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True))
+            self.tracker.log_metrics({f"train/{k}": v for k, v in self.last_parts.items()}, step)
         if stats["loss"] is None:
             return
         norm = stats["grad_norm"] if stats["grad_norm"] is not None else torch.zeros_like(stats["loss"])
@@ -286,6 +315,90 @@ class Validation(Callback):
             self.monitor.record_val(trainer.global_step, loss, bpb)
             log.info("step %d: val loss %.4f%s", trainer.global_step, loss, f", {bpb:.4f} bits/byte" if bpb else "")
         return loss, bpb
+
+
+class DevEvaluation(Callback):
+    """Scores the dev set at step 0 (the reference), every ``every`` steps and at the last step;
+    keeps a CPU copy of the trainable weights of the best evaluation after step 0; stops training
+    after ``patience`` evaluations without an improvement larger than ``min_delta`` (Prechelt 1998,
+    "Early stopping - but when?")."""
+
+    def __init__(self, *, every: int, batches: Callable[[int, int], list[dict[str, Tensor]]], objective: Objective,
+                 patience: int, min_delta: float, tracker: AsyncTracker) -> None:
+        self.every, self.batches, self.objective = every, batches, objective
+        self.patience, self.min_delta, self.tracker = patience, min_delta, tracker
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.best_state: dict[str, Tensor] = {}
+        self.bad_evaluations = 0
+        self.stopped = False
+        self._batches: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # collated once per (rank, world)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.stopped:  # resumed from a run that had already stopped early: nothing to train
+            trainer.should_stop = True
+        elif not self.history:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if pl_module.stepped and ((self.every and step % self.every == 0) or step == trainer.max_steps):
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+        model: nn.Module = pl_module.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(self.objective.sums_size, device=pl_module.device)
+        with trainer.precision_plugin.forward_context():
+            where = (trainer.global_rank, trainer.world_size)
+            if where not in self._batches:
+                self._batches[where] = self.batches(*where)
+            for batch in self._batches[where]:
+                batch = {k: v.to(pl_module.device, non_blocking=True) for k, v in batch.items()}
+                total += self.objective.eval_sums(model, batch).float()
+        model.train(was_training)
+        metrics = self.objective.metrics(trainer.strategy.reduce(total, reduce_op="sum"))
+        step = trainer.global_step
+        self.history.append({"step": float(step), **metrics})
+        if step > 0:  # step 0 is the reference point: the exported model is always a trained one
+            self._select(trainer, model, step, metrics)
+        if trainer.is_global_zero:
+            self.tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, step)
+            log.info("step %d: dev %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _select(self, trainer: L.Trainer, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
+        value = metrics[self.objective.monitor]
+        best = self.best[self.objective.monitor] if self.best is not None else None
+        sign = -1.0 if self.objective.mode == "min" else 1.0
+        if best is None or sign * (value - best) > self.min_delta:
+            self.best, self.bad_evaluations = {"step": float(step), **metrics}, 0
+            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+            return
+        self.bad_evaluations += 1
+        if self.patience and self.bad_evaluations >= self.patience:
+            self.stopped = trainer.should_stop = True
+            log.info("early stopping at step %d: dev %s has not improved on %.4f (step %d) for %d evaluations",
+                     step, self.objective.monitor, best, int(self.best["step"]) if self.best else 0,
+                     self.bad_evaluations)
+
+    def restore_best(self, model: nn.Module) -> None:
+        """Load the trainable weights of the best evaluation into ``model``."""
+        if self.best_state:
+            unexpected = model.load_state_dict(self.best_state, strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"best weights do not match the model: unexpected {unexpected[:3]}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best, "best_state": self.best_state,
+                "bad_evaluations": self.bad_evaluations, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state["history"]]
+        self.best = dict(state["best"]) if state["best"] is not None else None
+        self.best_state = dict(state["best_state"])
+        self.bad_evaluations, self.stopped = int(state["bad_evaluations"]), bool(state["stopped"])
 
 
 class SampleGenerations(Callback):

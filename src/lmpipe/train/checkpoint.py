@@ -14,7 +14,7 @@
   steps when their views of a shared filesystem differ.
 - Each checkpoint records the global batch it was trained with (``tokens_per_step``). A resume at
   another world size keeps it: the stage recomputes gradient accumulation, or refuses with a
-  ConfigError when the new world size cannot reach it (see ``pretrain.accumulation_steps``), so
+  ConfigError when the new world size cannot reach it (see ``lmpipe.train.pretrain.stage.accumulation_steps``), so
   the resumed run reads the same sample stream as the original.
 - SLURM's pre-timeout signal (SIGUSR1, ``--signal`` in ``infra/slurm/pretrain.sbatch``) is
   handled here, not by Lightning's auto-requeue: at the next step boundary every rank saves an
@@ -44,8 +44,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lmpipe.io import atomic_write, config_hash, fingerprint_path, fsync_dir, fsync_tree, sha256_file
-from lmpipe.train.config import OPERATIONAL_KEYS, PretrainConfig
+from lmpipe.io import atomic_write, fingerprint_path, fsync_dir, fsync_tree, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +78,6 @@ class ResumePoint(NamedTuple):
     path: Path
     step: int
     tokens_per_step: int | None = None
-
-
-def run_key(cfg: PretrainConfig, tokens_meta_sha256: str) -> str:
-    """Short hash of what a run computes: the config minus operational keys, plus the data."""
-    computed = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
-    return config_hash({"config": computed, "tokens_meta": tokens_meta_sha256})[:16]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -23,7 +23,7 @@ from torch import nn
 
 from lmpipe.errors import ConfigError
 from lmpipe.io import write_bytes, write_json
-from lmpipe.train.finetune_config import LoraSettings
+from lmpipe.train.finetune.config import LoraSettings
 
 log = logging.getLogger(__name__)
 

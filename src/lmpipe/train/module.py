@@ -1,11 +1,13 @@
-"""The LightningModule that trains a GPT: a lean manual-optimization step.
+"""The one LightningModule of every training stage: a lean manual-optimization step driven by an
+:class:`~lmpipe.train.objectives.Objective`.
 
 Why manual optimization: Lightning's automatic loop wraps every step in a closure, per-step
 logging and progress-bar bookkeeping that cost a visible share of a small model's step on CPU.
-Here one ``training_step`` is one micro-batch: forward, backward, and on the last micro-batch of
-an accumulation group clip, set the learning rate and step AdamW. Losses and gradient norms are
-summed on the device; the monitor callback reads them every ``log_every`` steps, the only host
-sync. The learning rate is a pure function of the step, so no scheduler state needs saving.
+Here one ``training_step`` is one micro-batch: the objective's loss, backward, and on the last
+micro-batch of an accumulation group clip, set the learning rate and step AdamW. Losses and
+gradient norms are summed on the device; the monitor callback reads them every ``log_every``
+steps, the only host sync. The learning rate is a pure function of the step, so no scheduler
+state needs saving. Only trainable parameters are optimised (LoRA freezes the base).
 """
 
 from __future__ import annotations
@@ -16,20 +18,21 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.train.config import PretrainConfig
+from lmpipe.model.gpt import optim_groups
+from lmpipe.train.objectives import Objective
+from lmpipe.train.settings import OptimSettings
 
 
 @dataclass
 class StepStats:
-    """Per-micro-batch bookkeeping shared by the pretrain and fine-tune modules: where gradient
-    accumulation stands, and device-side sums of loss and grad norm that the monitor reads and
-    resets every log interval (no host sync per step). A plain object on purpose: attribute
-    writes on an nn.Module cost microseconds each."""
+    """Per-micro-batch bookkeeping: where gradient accumulation stands, and device-side sums of
+    loss and grad norm that the monitor reads and resets every log interval (no host sync per
+    step). A plain object on purpose: attribute writes on an nn.Module cost microseconds each."""
 
     micro: int = 0
     stepped: bool = False
@@ -71,7 +74,7 @@ class StepStats:
         return stats
 
 
-def learning_rate(step: int, cfg: PretrainConfig) -> float:
+def learning_rate(step: int, cfg: OptimSettings) -> float:
     """LR for optimizer step ``step`` (0-based): linear warmup, then cosine decay to
     min_lr_ratio * lr (GPT-3 / Chinchilla), warmup-stable-decay with a 1-sqrt cooldown over the
     last decay_fraction of steps (Hägele et al. 2024), or constant."""
@@ -95,46 +98,58 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
-def parameter_group_names(model: GPT, weight_decay: float) -> list[list[str]]:
-    """Names of the parameters in each of ``model.optim_groups`` (decay, no decay), taken from the
+def parameter_group_names(model: nn.Module, weight_decay: float) -> list[list[str]]:
+    """Names of the parameters in each of :func:`optim_groups` (decay, no decay), taken from the
     unwrapped model: under FSDP a parameter whose shard lives on another rank is an empty 1-D
     view, so grouping by shape there would differ between ranks and world sizes."""
     names = {id(param): name for name, param in model.named_parameters()}
-    return [[names[id(param)] for param in group["params"]] for group in model.optim_groups(weight_decay)]
+    return [[names[id(param)] for param in group["params"]] for group in optim_groups(model, weight_decay)]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device,
+def build_optimizer(model: nn.Module, cfg: OptimSettings, device: torch.device,
                     group_names: list[list[str]] | None = None) -> torch.optim.AdamW:
-    """AdamW over the model's decay / no-decay groups (by name when ``group_names`` is given, as
-    for a model FSDP has wrapped); the fused kernel on CUDA (one launch for all parameters), the
-    default implementation elsewhere."""
-    fused = device.type == "cuda"
+    """AdamW over the model's trainable decay / no-decay groups (by name when ``group_names`` is
+    given, as for a model FSDP has wrapped); the fused kernel on CUDA (one launch for all
+    parameters), the default implementation elsewhere."""
     if group_names is None:
-        assert isinstance(model, GPT)
-        groups = model.optim_groups(cfg.weight_decay)
+        groups = optim_groups(model, cfg.weight_decay)
     else:
         params = {name.replace(FSDP_PREFIX, ""): param for name, param in model.named_parameters()}
         groups = [{"params": [params[name] for name in names], "weight_decay": decay}
                   for names, decay in zip(group_names, (cfg.weight_decay, 0.0), strict=True)]
     return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused or None)
+                             fused=device.type == "cuda" or None)
 
 
-class PretrainModule(L.LightningModule):
-    """Wraps a GPT for training. ``accumulation`` micro-batches make one optimizer step."""
+class TrainModule(L.LightningModule):
+    """Trains ``model`` on ``objective``; ``accumulation`` micro-batches make one optimizer step.
 
-    def __init__(self, gpt_config: GPTConfig, cfg: PretrainConfig, *, accumulation: int = 1,
-                 tokens_per_step: int = 0, run_key: str = "") -> None:
+    ``tokens_per_step``: the fixed global batch in tokens (pretraining's windows), for throughput
+    and for a resume at another world size; None counts each batch's real tokens instead
+    (``length``, padding excluded). ``reseed``: reseed the RNG from (seed, sample index) before
+    each micro-batch, so dropout masks are identical after a resume without saving RNG state.
+    ``data``: the training stream, unless the stage passes a datamodule to the fit.
+    ``record``: kept in every checkpoint next to the run key.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, cfg: OptimSettings, *, seed: int, run_key: str,
+                 accumulation: int = 1, tokens_per_step: int | None = None, reseed: bool = True,
+                 compile_model: bool = False, data: Any = None, record: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.gpt_config, self.cfg = gpt_config, cfg
-        self.model = GPT(gpt_config)
-        self._group_names = parameter_group_names(self.model, cfg.weight_decay)
+        self.model, self.objective, self.cfg, self.data = model, objective, cfg, data
+        self.seed, self.run_key, self.record, self.reseed = seed, run_key, record or {}, reseed
+        self.compile_model = compile_model
+        self.accumulation, self.fixed_tokens_per_step = accumulation, tokens_per_step
+        self.tokens_per_step = float(tokens_per_step or 0)  # of the last monitor interval when counted
+        self._group_names = parameter_group_names(model, cfg.weight_decay)
         self.automatic_optimization = False
-        self.accumulation, self.tokens_per_step, self.run_key = accumulation, tokens_per_step, run_key
         # Per-step counters live on a plain object: nn.Module.__setattr__ costs microseconds a call.
         self._acc = StepStats()
         self._compiled: Any = None
         self._redirect_eval = False
+        self._batch_seed = 0
+        self._tokens = self._steps = 0
+        self._trainable: list[nn.Parameter] = []
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets _current_fx_name around every hook call, some 30 times a step;
@@ -152,21 +167,30 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------------------ setup
 
     def on_fit_start(self) -> None:
-        # After the strategy has set the model up, so under FSDP (the GPT wrapped as the FSDP
+        # After the strategy has set the model up, so under FSDP (the model wrapped as the FSDP
         # root) the compiled module is the wrapped one and its forward still gathers the shards.
-        if self.cfg.compile and self._compiled is None:
+        # The clipped parameters, listed once rather than filtered every step.
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.compile_model and self._compiled is None:
             # Kept outside the module tree so state_dict keys stay those of the plain model.
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.model, self.cfg, self.device, self._group_names)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        # Not `self._compiled or self.model`: truth-testing a compiled module calls len() on it, which raises.
-        model = self._compiled if self._compiled is not None else self.model
-        return model(idx, targets)
+    def train_dataloader(self) -> DataLoader:
+        assert self.data is not None, "no training stream: pass a datamodule to the fit"
+        return self.data.dataloader(self.trainer)
 
     # ------------------------------------------------------------------------------ train
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Still on the host: reading the sample index and counting tokens here costs no device sync.
+        if self.reseed and "index" in batch:
+            self._batch_seed = int(batch["index"][0])
+        if self.fixed_tokens_per_step is None and "length" in batch:
+            self._tokens += int(batch["length"].sum())
+        return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         wrapped = self.trainer.strategy.model
@@ -177,14 +201,15 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Any:
         if self._redirect_eval:  # an FSDP evaluation routed through the wrapper, see eval_sums()
-            return self._eval_sums(batch)
-        if self.gpt_config.dropout > 0:
-            # Dropout masks from (seed, sample, rank): reproducible after resume without saving RNG state.
-            torch.manual_seed(self.cfg.seed * 1_000_003 + int(batch["index"][0]))
-        _, loss = self(batch["input"], batch["target"])
-        assert loss is not None
+            return self.objective.eval_sums(self.model, batch)
+        if self.reseed:
+            torch.manual_seed(self.seed * 1_000_003 + self._batch_seed)
+        # Not `self._compiled or self.model`: truth-testing a compiled module calls len() on it, which raises.
+        model = self._compiled if self._compiled is not None else self.model
+        loss = self.objective.loss(model, batch)
         self.manual_backward(loss / self.accumulation if self.accumulation > 1 else loss)
         if self._acc.add_loss(loss, self.accumulation):
+            self._steps += 1
             self._optimizer_step()
         return None
 
@@ -201,31 +226,30 @@ class PretrainModule(L.LightningModule):
 
     def _clip_gradients(self, max_norm: float) -> Tensor:
         wrapped = self.trainer.strategy.model
-        for fsdp in (self.model, wrapped):  # the GPT is the FSDP root (ShardedFSDPStrategy) or inside it
+        for fsdp in (self.model, wrapped):  # the model is the FSDP root (ShardedFSDPStrategy) or inside it
             if isinstance(fsdp, FullyShardedDataParallel):
                 return fsdp.clip_grad_norm_(max_norm).float()  # norm over all shards
         # No .item(): the clip coefficient is applied on the device, no host sync.
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True).float()
+        return torch.nn.utils.clip_grad_norm_(self._trainable, max_norm, foreach=True).float()
 
     def consume_stats(self) -> dict[str, Any]:
-        """Device tensors of the mean train loss and grad norm since the last call, then reset."""
-        return self._acc.consume()
+        """Device tensors of the mean train loss and grad norm since the last call, then reset;
+        with counted tokens also sets ``tokens_per_step`` for the interval's throughput."""
+        if self.fixed_tokens_per_step is None:
+            self.tokens_per_step = self._tokens * self.trainer.world_size / max(1, self._steps)
+            self._tokens = self._steps = 0
+        stats = self._acc.consume()
+        stats["parts"] = self.objective.consume_parts()
+        return stats
 
     # ------------------------------------------------------------------------------ eval
 
     @torch.no_grad()
-    def _eval_sums(self, batch: dict[str, Tensor]) -> Tensor:
-        _, loss = self.model(batch["input"], batch["target"])
-        assert loss is not None
-        count = (batch["target"] != -100).sum()
-        return torch.stack([loss.float() * count, count.float()])
-
-    @torch.no_grad()
     def eval_sums(self, batch: dict[str, Tensor]) -> Tensor:
-        """[sum of token losses, token count] of one batch, in eval mode, without gradients."""
+        """The objective's evaluation sums of one batch, without gradients (the caller sets eval mode)."""
         wrapped = self.trainer.strategy.model
         if not isinstance(wrapped, FullyShardedDataParallel):
-            return self._eval_sums(batch)
+            return self.objective.eval_sums(self.model, batch)
         # FSDP: the root's parameters are sharded, so the forward must enter through the wrapper,
         # which Lightning routes to training_step while fitting.
         self._redirect_eval = True
@@ -237,6 +261,4 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # tokens_per_step: the global batch a resume at another world size must keep.
-        checkpoint["lmpipe"] = {"run_key": self.run_key, "model": self.gpt_config.to_dict(),
-                                "tokens_per_step": self.tokens_per_step, "world_size": self.trainer.world_size}
+        checkpoint["lmpipe"] = {"run_key": self.run_key, "world_size": self.trainer.world_size, **self.record}

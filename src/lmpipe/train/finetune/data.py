@@ -3,7 +3,8 @@
 Reading: :func:`read_rows` yields the rows of a data source (``split`` document shards, local
 ``files``, or an ``hf`` dataset, read by :mod:`lmpipe.data.sources`) as :class:`Row` objects that
 remember where they came from, so a bad value becomes a one-line ``DataError`` naming the file and
-line (text files) or 1-based row (parquet, json, datasets). The task modules (:mod:`lmpipe.train.sft`, :mod:`lmpipe.train.classify`) turn rows
+line (text files) or 1-based row (parquet, json, datasets). The task modules (:mod:`lmpipe.train.finetune.sft`,
+:mod:`lmpipe.train.finetune.classify`) turn rows
 into tokenized examples.
 
 Batching: as in pretraining, batches are a pure function of (seed, step). Sample k of the run is
@@ -30,7 +31,7 @@ from lmpipe.data.shards import iter_shards
 from lmpipe.data.sources import files_rows, hf_rows, load_hf
 from lmpipe.errors import DataError
 from lmpipe.train.data import BatchPlan
-from lmpipe.train.finetune_config import DataSource, FilesData, HFData, SplitData
+from lmpipe.train.finetune.config import DataSource, FilesData, HFData, SplitData
 
 Batch = dict[str, torch.Tensor]
 

@@ -24,8 +24,15 @@ from lmpipe.config import Section
 from lmpipe.errors import ConfigError
 from lmpipe.model.gpt import GPTConfig
 from lmpipe.model.presets import PRESETS, preset_config
-from lmpipe.train.config import ModelOverrides
-from lmpipe.train.finetune_config import DataSource, split_source
+from lmpipe.train.finetune.config import DataSource, split_source
+from lmpipe.train.pretrain.config import ModelOverrides
+from lmpipe.train.settings import (
+    OPERATIONAL,
+    AccumulationSettings,
+    HardwareSettings,
+    TrainSettings,
+    stage_default,
+)
 
 
 class StudentModel(ModelOverrides):
@@ -70,8 +77,13 @@ class LossWeights(Section):
         "cosine", description="cosine: 1 - cosine similarity (DistilBERT); mse: mean squared error (TinyBERT).")
 
 
-class DistillConfig(Section):
+class DistillConfig(TrainSettings, AccumulationSettings):
     """Distil a teacher model into a smaller student (language modelling or classification)."""
+
+    # The frozen teacher is replicated on every rank, outside the DDP wrapper: no FSDP.
+    strategy: Literal["auto", "ddp"] = stage_default(
+        HardwareSettings, "strategy", "auto", annotation=Literal["auto", "ddp"],
+        description="auto or ddp. The frozen teacher is replicated on every rank, outside the DDP wrapper.")
 
     task: Literal["lm", "classification"] = Field(
         "lm", description="lm: next-token distillation on data/tokens/; classification: the teacher's class "
@@ -102,41 +114,15 @@ class DistillConfig(Section):
     max_length: int | None = Field(None, gt=2, description="classification: longest example in tokens; null: "
                                    "the student's block_size.")
     seed: int = Field(1337, description="Seed of student init, batch order and dropout.")
-    max_steps: int = Field(600, gt=0, description="Optimizer steps (the budget; the baseline gets the same).")
-    micro_batch_size: int = Field(16, gt=0, description="Sequences per device per forward/backward pass.")
-    accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="After warmup: cosine, wsd or constant.")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent in the final decay.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
-    eval_every: int = Field(100, ge=0, description="Steps between val/dev evaluations (0: only at the end).")
-    eval_batches: int = Field(20, gt=0, description="lm: micro-batches of the val split per evaluation.")
-    eval_batch_size: int = Field(64, gt=0, description="classification: examples per dev batch.")
+    eval_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL,
+                            description="Steps between val/dev evaluations (0: only at the end).")
+    eval_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL,
+                              description="lm: micro-batches of the val split per evaluation.")
+    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL,
+                                 description="classification: examples per dev batch.")
     patience: int = Field(0, ge=0, description="classification: early stopping after this many evaluations "
                           "without improvement (0: never).")
     min_delta: float = Field(0.0, ge=0, description="classification: smallest dev change that counts.")
-    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Hardware: auto, cpu or gpu.")
-    precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true.")
-    strategy: Literal["auto", "ddp"] = Field(
-        "auto", description="auto or ddp. The frozen teacher is replicated on every rank, outside the DDP wrapper.")
-    devices: int | Literal["auto"] = Field(1, description="Devices per node.")
-    num_nodes: int = Field(1, gt=0, description="Machines.")
-    deterministic: bool = Field(False, description="Deterministic kernels (exactly reproducible, slower).")
-    log_every: int = Field(10, gt=0, description="Steps between train-loss logs.")
-    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints (0: only at the end).")
-    keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest ones).")
-    resume: bool = Field(True, description="Resume from the newest complete checkpoint of the same run.")
-    spike_factor: float = Field(4.0, ge=0, description="Stop when a logged train loss exceeds this multiple of its "
-                                "running average (0: only NaN/inf stop training).")
-    progress: bool = Field(True, description="Show a progress bar.")
-
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         if self.student.preset is not None and self.student.preset not in PRESETS:
@@ -167,10 +153,3 @@ class DistillConfig(Section):
         """``distill`` or ``distill_baseline``: names the model directory, metrics and plots."""
         return "distill_baseline" if self.baseline else "distill"
 
-
-# Keys that change how a run is observed or executed but not what it computes: a run resumed with
-# different values of these is the same run (checkpoints are keyed by everything else).
-OPERATIONAL_KEYS = frozenset({
-    "accelerator", "strategy", "devices", "num_nodes", "log_every", "eval_every", "eval_batches", "eval_batch_size",
-    "checkpoint_every", "keep_checkpoints", "resume", "spike_factor", "progress",
-})

@@ -6,7 +6,8 @@ trailing one a fixed position whose state has attended to the whole text (the en
 GPT, Radford et al. 2018, sec. 3.3). ``pooling: last`` reads that token; ``mean`` averages every
 token's state. Batches are right-padded: the model is causal, so real tokens never see the padding.
 
-Rows are validated as they are read: a missing column, an empty text, a missing label or one
+The model itself (:class:`lmpipe.model.classifier.ClassificationModel`), its head file and its
+loading live in ``lmpipe.model``. Rows are validated as they are read: a missing column, an empty text, a missing label or one
 outside the label set is a DataError naming the file and line (or row).
 """
 
@@ -16,71 +17,21 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
-from lmpipe.model.gpt import GPT
-from lmpipe.model.io import load_model
-from lmpipe.train.finetune_config import DataSource
-from lmpipe.train.finetune_data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.finetune.config import DataSource
+from lmpipe.train.finetune.data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.objectives import Objective
 
 log = logging.getLogger(__name__)
-
-HEAD_FILE = "head.safetensors"
-
-
-def decoder_hidden_states(model: GPT, idx: Tensor) -> Tensor:
-    """(B, T, n_embd) output of the model's final norm for token ids ``idx`` (B, T).
-
-    ``GPT.forward`` returns logits only; the final norm's output is captured with a forward hook,
-    so the classifier runs exactly the model's own forward (positions, attention, norms).
-    """
-    captured: list[Tensor] = []
-    handle = model.ln_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model(idx)
-    finally:
-        handle.remove()
-    return captured[0]
-
-
-class ClassificationModel(nn.Module):
-    """A GPT backbone with dropout and a linear head on the pooled final hidden state."""
-
-    def __init__(self, backbone: GPT, num_labels: int, pooling: str = "last", dropout: float = 0.1) -> None:
-        super().__init__()
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-        self.backbone, self.pooling = backbone, pooling
-        self.dropout = nn.Dropout(dropout)
-        # Named 'classifier', not 'head': peft matches modules_to_save by name suffix, and
-        # 'head' would also catch the backbone's lm_head.
-        self.classifier = nn.Linear(backbone.config.n_embd, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)  # GPT-2's init, as the rest of the model
-        nn.init.zeros_(self.classifier.bias)
-
-    def features(self, idx: Tensor, lengths: Tensor) -> Tensor:
-        """(B, n_embd) pooled states of right-padded ``idx`` with ``lengths`` real tokens per row."""
-        hidden = decoder_hidden_states(self.backbone, idx)
-        if self.pooling == "last":
-            return hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-        mask = (torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-        return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
-
-    def forward(self, idx: Tensor, lengths: Tensor) -> Tensor:
-        """(B, num_labels) logits."""
-        return self.classifier(self.dropout(self.features(idx, lengths)))
-
 
 # ------------------------------------------------------------------------------------ reading
 
@@ -194,7 +145,7 @@ def class_weights(setting: str | list[float], train_labels: np.ndarray, num_labe
 # ---------------------------------------------------------------------------------- objective
 
 
-class ClassificationObjective:
+class ClassificationObjective(Objective):
     """(Weighted) cross-entropy; dev metrics from the confusion matrix summed over batches."""
 
     def __init__(self, num_labels: int, weights: list[float] | None = None, monitor: str = "accuracy") -> None:
@@ -286,36 +237,3 @@ def confusion_png(confusion: np.ndarray, labels: Sequence[str], title: str) -> b
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
-
-
-# ------------------------------------------------------------------------------------- export
-
-
-def head_bytes(model: ClassificationModel) -> bytes:
-    """The head's weights as safetensors (the backbone is saved with ``save_model``)."""
-    state = {name: t.detach().cpu().contiguous() for name, t in model.classifier.state_dict().items()}
-    # One metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
-    # file must be byte-identical for identical weights (DVC, manifests).
-    return save_safetensors(state, metadata={"format": "pt"})
-
-
-def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ClassificationModel, list[str], dict[str, Any]]:
-    """Rebuild a classifier written by the finetune stage: (model in eval mode, labels, config.json).
-
-    Raises DataError when the directory is not a classifier's or its files do not match.
-    """
-    directory = Path(directory)
-    backbone, config = load_model(directory)
-    spec = config.get("classifier")
-    if not isinstance(spec, dict) or "labels" not in spec:
-        raise DataError("config.json has no 'classifier' section: not a classification model", path=str(directory))
-    labels = list(spec["labels"])
-    model = ClassificationModel(backbone, len(labels), spec.get("pooling", "last"), dropout=0.0)
-    path = directory / spec.get("head_file", HEAD_FILE)
-    if not path.is_file():
-        raise DataError(f"no {path.name}", path=str(directory))
-    try:
-        model.classifier.load_state_dict(load_safetensors(path.read_bytes()))
-    except (RuntimeError, ValueError) as err:
-        raise DataError(f"head does not match config.json: {str(err).splitlines()[0]}", path=str(path)) from None
-    return model.to(device).eval(), labels, config

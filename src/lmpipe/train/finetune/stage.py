@@ -27,7 +27,8 @@ import csv
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,23 +41,23 @@ from torch import nn
 
 from lmpipe import tracking
 from lmpipe.config import Paths
-from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
+from lmpipe.errors import ConfigError
 from lmpipe.io import (
     atomic_dir,
-    config_hash,
     fingerprint_path,
     write_bytes,
     write_json,
     write_manifest,
 )
+from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
-from lmpipe.model.io import load_model, read_model_config, save_model
+from lmpipe.model.io import ExpectedTokenizer, load_model, save_model
 from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
-from lmpipe.train import classify, sft
-from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor
-from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
-from lmpipe.train.finetune_config import (
-    OPERATIONAL_KEYS,
+from lmpipe.tracking import StageTracker
+from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor
+from lmpipe.train.checkpoint import ResumePoint
+from lmpipe.train.finetune import classify, sft
+from lmpipe.train.finetune.config import (
     ClassificationTask,
     DataSource,
     FilesData,
@@ -64,17 +65,13 @@ from lmpipe.train.finetune_config import (
     SFTTask,
     SplitData,
 )
-from lmpipe.train.finetune_data import Batch, TrainBatches, eval_batches
-from lmpipe.train.finetune_loop import (
-    DevEvaluation,
-    FinetuneModule,
-    Objective,
-    TaskAsyncTracker,
-    TaskProgress,
-    TaskTracker,
-)
+from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
+from lmpipe.train.loop import Run
+from lmpipe.train.loop import fit as fit_run
 from lmpipe.train.lora import apply_lora, merge, parameter_counts, save_adapter
-from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+from lmpipe.train.module import TrainModule
+from lmpipe.train.objectives import Objective
+from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +97,6 @@ def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Se
     task = cfg.tasks.get(task_name)
     if task is None:
         raise ConfigError(f"finetune.tasks: no task named {task_name!r} (tasks: {', '.join(cfg.tasks) or 'none'})")
-    _quiet_lightning()
     sp, info = load_tokenizer(paths.tokenizer)
     init_dir = paths.root / task.init
     base = load_base(init_dir, info)
@@ -117,7 +113,7 @@ def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Se
     if task.method == "lora":
         model = apply_lora(model, task.lora, modules_to_save=prepared.modules_to_save,
                            where=f"finetune.tasks.{task_name}.lora.target_modules")
-    key = run_key(task, fingerprint_path(init_dir), prepared.data_fingerprint)
+    key = run_key(task, base=fingerprint_path(init_dir), data=prepared.data_fingerprint)
     fitted = fit(task, task_name, model, prepared, paths.checkpoints / "finetune" / task_name / key, key, callbacks)
     if fitted is None:  # not rank 0: rank 0 exports
         return {}
@@ -138,58 +134,48 @@ class Fitted:
 
 def fit(task: Task, task_name: str, model: nn.Module, prepared: Prepared, ckpt_dir: Path, key: str,
         callbacks: Sequence[Callback]) -> Fitted | None:
-    """Train ``model`` (resuming from ``ckpt_dir`` when a checkpoint of run ``key`` is there), then
-    load the best dev evaluation's weights into it. Returns None on ranks other than 0."""
+    """Train ``model`` in the one loop (resuming from ``ckpt_dir`` when a checkpoint of run ``key``
+    is there), then load the best dev evaluation's weights into it. None on ranks other than 0."""
     tracker = TaskAsyncTracker(tracking.active(), task_name)
     mean_length = int(np.mean([len(e.ids) for e in prepared.train]))
-    monitor = TrainingMonitor(
-        log_every=task.log_every, also_at=(task.eval_every, task.checkpoint_every), tracker=tracker,
-        flops_per_token=estimate_flops_per_token(prepared.gpt_config, mean_length), peak_flops=None,
-        guard=DivergenceGuard(task.spike_factor, task.warmup_steps),
-    )
-    evaluation = DevEvaluation(
-        every=task.eval_every, objective=prepared.objective, patience=task.patience, min_delta=task.min_delta,
-        tracker=tracker, batches=lambda rank, world: eval_batches(prepared.dev, prepared.collate,
-                                                                   task.eval_batch_size, rank, world),
-    )
-    stage_callbacks: list[Callback] = [monitor, evaluation,
-                                       PeriodicCheckpoint(ckpt_dir, task.checkpoint_every, task.keep_checkpoints)]
-    if task.progress:
-        stage_callbacks.append(TaskProgress(monitor, f"finetune {task_name}"))
-    # build_trainer reads accelerator, devices, num_nodes, strategy, precision, max_steps and
-    # deterministic, which a task has under the same names and meanings as the pretrain section.
-    trainer = build_trainer(task, [*stage_callbacks, *callbacks])  # type: ignore[arg-type]
-    data = TrainBatches(prepared.train, prepared.collate, micro_batch_size=task.micro_batch_size,
-                        accumulation=task.accumulation, max_steps=task.max_steps, seed=task.seed)
-    module = FinetuneModule(model, prepared.objective, task, data, run_key=key)
     counts = parameter_counts(model)
-    resume = find_resume_checkpoint(ckpt_dir, key) if task.resume else None
-    if trainer.is_global_zero:
-        log.info("finetune %s (%s, %s): %d train / %d dev examples, %s of %s parameters trainable, run %s",
-                 task_name, task.type, task.method, len(prepared.train), len(prepared.dev),
-                 f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}", key)
-        if resume:
-            log.info("resuming from %s (step %d)", resume[0], resume[1])
-        tracker.log_params({"resolved": {**counts, **prepared.counts, "run_key": key,
-                                         "precision": str(trainer.precision), "world_size": trainer.world_size}})
-    try:
-        trainer.fit(module, ckpt_path=resume[0] if resume else None, weights_only=True)
-    finally:
-        tracker.close()
-    if not trainer.is_global_zero:
+
+    def evaluation(monitor: TrainingMonitor) -> list[Callback]:
+        return [DevEvaluation(
+            every=task.eval_every, objective=prepared.objective, patience=task.patience, min_delta=task.min_delta,
+            tracker=tracker, batches=lambda rank, world: eval_batches(prepared.dev, prepared.collate,
+                                                                       task.eval_batch_size, rank, world))]
+
+    def start(trainer: L.Trainer, resume: ResumePoint | None) -> TrainModule:
+        data = TrainBatches(prepared.train, prepared.collate, micro_batch_size=task.micro_batch_size,
+                            accumulation=task.accumulation, max_steps=task.max_steps, seed=task.seed)
+        if trainer.is_global_zero:
+            log.info("finetune %s (%s, %s): %d train / %d dev examples, %s of %s parameters trainable, run %s",
+                     task_name, task.type, task.method, len(prepared.train), len(prepared.dev),
+                     f"{counts['trainable_parameters']:,}", f"{counts['total_parameters']:,}", key)
+            tracker.log_params({"resolved": {**counts, **prepared.counts, "run_key": key,
+                                             "precision": str(trainer.precision), "world_size": trainer.world_size}})
+        return TrainModule(model, prepared.objective, task, seed=task.seed, run_key=key,
+                           accumulation=task.accumulation, data=data)
+
+    fitted = fit_run(Run(
+        label=f"finetune {task_name}", settings=task, checkpoint_dir=ckpt_dir, key=key, tracker=tracker, start=start,
+        evaluation=evaluation, also_at=(task.eval_every,), extra_callbacks=callbacks,
+        flops_per_token=estimate_flops_per_token(prepared.gpt_config, mean_length),
+    ))
+    if not fitted.trainer.is_global_zero:
         return None
-    evaluation.restore_best(model)
+    dev = fitted.callbacks[0]
+    assert isinstance(dev, DevEvaluation)
+    dev.restore_best(model)
     numbers: dict[str, Any] = {
-        "steps": trainer.global_step, "best_step": int(evaluation.best["step"]) if evaluation.best else 0,
-        "stopped_early": int(evaluation.stopped), "resumed_from_step": resume[1] if resume else 0,
-        "tokens_per_s": monitor.mean_tokens_per_s(), **counts, **prepared.counts,
+        **fitted.summary, "best_step": int(dev.best["step"]) if dev.best else 0,
+        "stopped_early": int(dev.stopped), **counts, **prepared.counts,
     }
-    if monitor.train:
-        numbers["train_loss"] = monitor.train[-1][1]
-    if evaluation.history:
+    if dev.history:
         name = prepared.objective.monitor
-        numbers[f"dev_{name}_initial"] = evaluation.history[0][name]
-    return Fitted(evaluation, numbers, trainer.strategy.root_device)
+        numbers[f"dev_{name}_initial"] = dev.history[0][name]
+    return Fitted(dev, numbers, fitted.trainer.strategy.root_device)
 
 
 # ------------------------------------------------------------------------------ preparation
@@ -218,27 +204,13 @@ def load_base(init_dir: Path, info: TokenizerInfo) -> GPT:
     Raises FingerprintMismatch on another tokenizer, DataError for a missing or broken model
     directory, ConfigError for a bidirectional (masked-LM) model.
     """
-    config = read_model_config(init_dir)
-    check_fingerprint(config, info, init_dir)
-    model, _ = load_model(init_dir)
+    model, _ = load_model(init_dir, tokenizer=ExpectedTokenizer(
+        info.fingerprint, str(info.directory),
+        "re-run pretrain (dvc repro) with this tokenizer, or point init at a model trained with it"))
     if model.config.bidirectional:
         raise ConfigError(f"{init_dir}: the model was pretrained as a masked LM (bidirectional); fine-tuning here "
                           "needs a causal model (pretrain.objective: clm)")
     return model
-
-
-def check_fingerprint(model_config: dict[str, Any], info: TokenizerInfo, where: Path) -> None:
-    """Refuse a model whose recorded tokenizer fingerprint differs from the tokenizer's."""
-    recorded = model_config.get("tokenizer_fingerprint")
-    if recorded is None:
-        raise DataError("config.json records no tokenizer_fingerprint: cannot check the model matches "
-                        f"{info.directory} (re-run the stage that wrote it)", path=str(where / "config.json"))
-    if recorded != info.fingerprint:
-        raise FingerprintMismatch(
-            f"{where / 'config.json'}: the model was trained with tokenizer {str(recorded)[:12]}, but "
-            f"{info.directory} holds tokenizer {info.fingerprint[:12]}: re-run pretrain (dvc repro) with this "
-            "tokenizer, or point init at a model trained with it"
-        )
 
 
 def digest(arrays: Iterable[np.ndarray]) -> str:
@@ -248,13 +220,6 @@ def digest(arrays: Iterable[np.ndarray]) -> str:
         hasher.update(str(array.shape).encode())
         hasher.update(np.ascontiguousarray(array).tobytes())
     return hasher.hexdigest()
-
-
-def run_key(task: Task, base_fingerprint: str, data_fingerprint: str) -> str:
-    """Short hash of what a run computes: config minus operational keys, base model and data."""
-    computed = {k: v for k, v in task.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
-    computed.get("lora", {}).pop("save_adapter", None)
-    return config_hash({"config": computed, "base": base_fingerprint, "data": data_fingerprint})[:16]
 
 
 def prepare_sft(task: SFTTask, paths: Paths, base: GPT, sp: Any, info: TokenizerInfo, max_length: int) -> Prepared:
@@ -306,10 +271,10 @@ def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp
     weights = classify.class_weights(task.class_weights, np.array([e.label for e in train]), len(labels))
     objective = classify.ClassificationObjective(len(labels), weights, task.monitor)
     collate = classify.ClassCollate(info.pad_id)
-    model = classify.ClassificationModel(base, len(labels), task.pooling, task.head_dropout)
+    model = ClassificationModel(base, len(labels), task.pooling, task.head_dropout)
 
     def finish(merged: nn.Module, export: Export, tmp: Path) -> None:
-        assert isinstance(merged, classify.ClassificationModel)
+        assert isinstance(merged, ClassificationModel)
         device = merged.classifier.weight.device
         for split, examples in (("dev", dev), ("test", test)):
             if not examples:
@@ -327,9 +292,9 @@ def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp
                 export.plots["confusion.png"] = classify.confusion_png(confusion, labels, f"{export.name}: dev")
                 rows = [(labels[a], labels[p]) for a, p in zip(actual, predicted, strict=True)]
                 export.plot_csv("predictions.csv", ["actual", "predicted"], rows)
-        write_bytes(tmp / classify.HEAD_FILE, classify.head_bytes(merged))
+        write_bytes(tmp / HEAD_FILE, head_bytes(merged))
         export.save(merged.backbone, tmp, {"classifier": {"labels": labels, "pooling": task.pooling,
-                                                          "head_file": classify.HEAD_FILE}})
+                                                          "head_file": HEAD_FILE}})
 
     return Prepared(
         model=model, objective=objective, collate=collate, train=train, dev=dev, finish=finish, gpt_config=base.config,
@@ -441,3 +406,37 @@ class Export:
         # Artifacts are logged above under the task's prefix; none are left for the CLI to log
         # at the run's root, where two tasks' model files would overwrite each other.
         return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+
+class TaskTracker(StageTracker):
+    """The stage's MLflow run seen by one task: metric keys, text/dict names and artifact paths get
+    the task's name as prefix, so several tasks can share one run without overwriting each other."""
+
+    def __init__(self, inner: StageTracker, task: str) -> None:
+        super().__init__(None, inner.run_id)
+        self.inner, self.task = inner, task
+
+    @property
+    def enabled(self) -> bool:
+        return self.inner.enabled
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.inner.log_params({self.task: dict(params)})
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.inner.log_metrics({f"{self.task}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, f"{self.task}/{artifact_path}" if artifact_path else self.task)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.inner.log_dict(obj, f"{self.task}/{name}")
+
+    def log_text(self, text: str, name: str) -> None:
+        self.inner.log_text(text, f"{self.task}/{name}")
+
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        self.inner.log_table(rows, f"{self.task}/{name}")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.inner.set_tags({f"{self.task}.{k}": v for k, v in tags.items()})

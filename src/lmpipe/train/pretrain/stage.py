@@ -18,48 +18,30 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmpipe import tracking
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError
 from lmpipe.io import atomic_dir, atomic_write, sha256_file, write_bytes, write_json, write_manifest
-from lmpipe.model.gpt import GPT, Block, GPTConfig, estimate_flops_per_token
+from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
 from lmpipe.model.io import save_model
-from lmpipe.train.callbacks import (
-    AsyncTracker,
-    DivergenceGuard,
-    SampleGenerations,
-    StepProgress,
-    TrainingInterrupted,
-    TrainingMonitor,
-    Validation,
-)
-from lmpipe.train.checkpoint import (
-    AtomicCheckpointIO,
-    PeriodicCheckpoint,
-    ShardedFSDPStrategy,
-    agreed_resume_checkpoint,
-    reject_lightning_requeue_checkpoints,
-    run_key,
-)
-from lmpipe.train.config import PretrainConfig
+from lmpipe.train.callbacks import AsyncTracker, SampleGenerations, TrainingMonitor, Validation
+from lmpipe.train.checkpoint import ResumePoint, ShardedFSDPStrategy
 from lmpipe.train.data import TokenDataModule, open_token_split, unigram_entropy
-from lmpipe.train.module import PretrainModule
+from lmpipe.train.loop import Run, fit
+from lmpipe.train.module import TrainModule
+from lmpipe.train.objectives import LanguageModelObjective
+from lmpipe.train.pretrain.config import PretrainConfig
+from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s of one device, from the vendors' datasheets (for MFU when not configured).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-
 
 def run(cfg: PretrainConfig, paths: Paths) -> dict[str, Any]:
     """Entry point of ``lmpipe pretrain``; see the module docstring for inputs and outputs."""
@@ -73,22 +55,14 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     Raises DataError / FingerprintMismatch for bad token shards, ConfigError for impossible
     settings, TrainingDiverged when the loss stops being finite or spikes.
     """
-    _quiet_lightning()
     train_split = open_token_split(paths.tokens, "train", paths.tokenizer)
     val_split = open_token_split(paths.tokens, "val", paths.tokenizer)
     meta = train_split.meta
     gpt_cfg = cfg.gpt_config(int(meta["vocab_size"]))
-    key = run_key(cfg, sha256_file(paths.tokens / "meta.json"))
-    ckpt_dir = paths.checkpoints / "pretrain" / key
+    key = run_key(cfg, tokens_meta=sha256_file(paths.tokens / "meta.json"))
     mlm = mlm_settings(cfg, meta) if cfg.objective == "mlm" else None
     flops_per_token = estimate_flops_per_token(gpt_cfg)
-
     tracker = AsyncTracker(tracking.active())
-    monitor = TrainingMonitor(
-        log_every=cfg.log_every, also_at=(cfg.val_every, cfg.checkpoint_every, cfg.sample_every),
-        tracker=tracker, flops_per_token=flops_per_token, peak_flops=None,
-        guard=DivergenceGuard(cfg.spike_factor, cfg.warmup_steps),
-    )
     datamodule = TokenDataModule(
         train_split, val_split, block_size=gpt_cfg.block_size, micro_batch_size=cfg.micro_batch_size,
         accumulation=1, max_steps=cfg.max_steps, seed=cfg.seed, shuffle=cfg.sampling == "random",
@@ -96,53 +70,42 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     )
     next(datamodule.val_batches(1, 0, 1))  # a val split shorter than one window fails now, not mid-run
     tokens_per_byte = val_split.n_tokens / val_split.n_bytes if val_split.n_bytes else None
-    callbacks = [monitor, *_stage_callbacks(cfg, paths, meta, datamodule, monitor, tracker, tokens_per_byte, ckpt_dir),
-                 *extra_callbacks]
-    trainer = build_trainer(cfg, callbacks, ckpt_dir)
-    world = trainer.world_size
-    resume = agreed_resume_checkpoint(trainer, ckpt_dir, key) if cfg.resume else None
-    if resume is None:
-        reject_lightning_requeue_checkpoints(ckpt_dir)
-    # Accumulation depends on the world size, known once the trainer has read the environment,
-    # and on the global batch of the run being resumed.
-    datamodule.accumulation = accumulation = accumulation_steps(
-        cfg, gpt_cfg.block_size, world, resumed_tokens_per_step=resume.tokens_per_step if resume else None)
-    tokens_per_step = cfg.micro_batch_size * gpt_cfg.block_size * accumulation * world
-    monitor.peak_flops = cfg.peak_flops or peak_flops(trainer)
 
-    L.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank and rerun
-    module = PretrainModule(gpt_cfg, cfg, accumulation=accumulation, tokens_per_step=tokens_per_step, run_key=key)
-    if trainer.is_global_zero:
-        log.info("pretrain: %s, %.2fM parameters, %d tokens/step (%d x %d x %d micro-batches x %d devices), run %s",
-                 cfg.preset, module.model.num_parameters() / 1e6, tokens_per_step, cfg.micro_batch_size,
-                 gpt_cfg.block_size, accumulation, world, key)
-        if resume:
-            log.info("resuming from %s (step %d)", resume.path, resume.step)
-        tracker.log_params({"resolved": {
-            "accumulation": accumulation, "tokens_per_step": tokens_per_step, "world_size": world,
-            "parameters": module.model.num_parameters(), "flops_per_token": flops_per_token,
-            "precision": str(trainer.precision), "run_key": key, "model": gpt_cfg.to_dict()}})
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
-    except SIGTERMException:
-        # Lightning stops every rank at a step boundary on SIGTERM but exits with status 0, which
-        # would pass for success to DVC and the flow.
-        raise TrainingInterrupted(f"stopped by SIGTERM at step {trainer.global_step}; no model was written "
-                                  "(the next run resumes from the newest checkpoint)") from None
-    finally:
-        tracker.close()
+    def start(trainer: L.Trainer, resume: ResumePoint | None) -> TrainModule:
+        world = trainer.world_size
+        # Accumulation depends on the world size, known once the trainer has read the environment,
+        # and on the global batch of the run being resumed.
+        datamodule.accumulation = accumulation = accumulation_steps(
+            cfg, gpt_cfg.block_size, world, resumed_tokens_per_step=resume.tokens_per_step if resume else None)
+        tokens_per_step = cfg.micro_batch_size * gpt_cfg.block_size * accumulation * world
+        L.seed_everything(cfg.seed, verbose=False)  # identical initial weights on every rank and rerun
+        model = GPT(gpt_cfg)
+        module = TrainModule(
+            model, LanguageModelObjective(), cfg, seed=cfg.seed, run_key=key, accumulation=accumulation,
+            tokens_per_step=tokens_per_step, reseed=gpt_cfg.dropout > 0, compile_model=cfg.compile,
+            record={"model": gpt_cfg.to_dict(), "tokens_per_step": tokens_per_step})
+        if trainer.is_global_zero:
+            log.info("pretrain: %s, %.2fM parameters, %d tokens/step (%d x %d x %d micro-batches x %d devices), "
+                     "run %s", cfg.preset, model.num_parameters() / 1e6, tokens_per_step, cfg.micro_batch_size,
+                     gpt_cfg.block_size, accumulation, world, key)
+            tracker.log_params({"resolved": {
+                "accumulation": accumulation, "tokens_per_step": tokens_per_step, "world_size": world,
+                "parameters": model.num_parameters(), "flops_per_token": flops_per_token,
+                "precision": str(trainer.precision), "run_key": key, "model": gpt_cfg.to_dict()}})
+        return module
 
+    fitted = fit(Run(
+        label="pretrain", settings=cfg, checkpoint_dir=paths.checkpoints / "pretrain" / key, key=key, tracker=tracker,
+        start=start, also_at=(cfg.val_every, cfg.sample_every), flops_per_token=flops_per_token,
+        peak_flops=cfg.peak_flops, datamodule=datamodule, extra_callbacks=extra_callbacks,
+        evaluation=lambda monitor: _evaluation(cfg, paths, meta, datamodule, monitor, tracker, tokens_per_byte),
+    ))
+    trainer, monitor = fitted.trainer, fitted.monitor
     strategy = trainer.strategy
     # Full weights on rank 0 (FSDP gathers them from the shards).
-    state = strategy.full_state_dict() if isinstance(strategy, ShardedFSDPStrategy) else strategy.lightning_module_state_dict()
-    summary: dict[str, Any] = {
-        "steps": trainer.global_step,
-        "train_tokens": trainer.global_step * tokens_per_step,
-        "tokens_per_s": monitor.mean_tokens_per_s(),
-        "resumed_from_step": resume.step if resume else 0,
-    }
-    if monitor.train:
-        summary["train_loss"] = monitor.train[-1][1]
+    state = (strategy.full_state_dict() if isinstance(strategy, ShardedFSDPStrategy)
+             else strategy.lightning_module_state_dict())
+    summary: dict[str, Any] = {**fitted.summary, "train_tokens": trainer.global_step * int(fitted.module.tokens_per_step)}
     if monitor.val:
         summary["val_loss"], summary["val_bpb"] = monitor.val[-1][1], monitor.val[-1][2]
     if "perf/mfu" in monitor.last:
@@ -150,65 +113,10 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     if not trainer.is_global_zero:
         return summary
     summary["unigram_entropy"] = unigram_entropy(train_split.tokens, gpt_cfg.vocab_size)
-    summary["parameters"] = module.model.num_parameters()
+    model = cast(GPT, fitted.module.model)  # under FSDP the wrapper, which forwards num_parameters to the GPT
+    summary["parameters"] = model.num_parameters()
     summary["artifacts"] = export(cfg, paths, gpt_cfg, state, meta, summary, monitor)
     return summary
-
-
-def _quiet_lightning() -> None:
-    """Lightning's start-up banners (GPU available, tips) and a deprecation notice from its own
-    pytree helper are noise in a stage log; warnings and errors still come through."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-def build_trainer(cfg: PretrainConfig, callbacks: list[Callback], checkpoint_dir: Path | None = None) -> L.Trainer:
-    """A Trainer stripped to what the stage uses: no Lightning logger, progress bar, model summary,
-    checkpointing or validation loop (the stage's callbacks do those without per-step cost).
-
-    With ``checkpoint_dir`` (the pretrain run's checkpoint directory): it is Lightning's root, where
-    under SLURM Lightning would load ``hpc_ckpt_N.ckpt`` by itself, so the stage keeps it free of
-    files it has not checked; Lightning's SLURM auto-requeue is off (:class:`PeriodicCheckpoint`
-    requeues); FSDP saves sharded checkpoints (:class:`ShardedFSDPStrategy`). Without it (the
-    fine-tune and distill stages) FSDP gathers full checkpoints on rank 0.
-    """
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    use_cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if use_cuda and torch.cuda.is_bf16_supported() else "32-true"
-    if use_cuda:
-        torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
-    strategy: Any = cfg.strategy
-    if cfg.strategy == "ddp":
-        import inspect
-
-        from lightning.pytorch.strategies import DDPStrategy
-        from torch.nn.parallel import DistributedDataParallel
-
-        # The model's only buffers are constant position tables: no need to broadcast them every
-        # step (the flag was renamed in torch 2.13).
-        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        ddp_kwargs: dict[str, Any] = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
-        strategy = DDPStrategy(**ddp_kwargs)
-    elif cfg.strategy == "fsdp":
-        if checkpoint_dir is not None:
-            strategy = ShardedFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
-        else:
-            from lightning.pytorch.strategies import FSDPStrategy
-
-            strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if checkpoint_dir is not None and SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
-        precision=precision, max_steps=cfg.max_steps, max_epochs=-1, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, callbacks=callbacks, plugins=plugins,
-        deterministic=cfg.deterministic, use_distributed_sampler=False, default_root_dir=checkpoint_dir,
-    )
 
 
 def accumulation_steps(cfg: PretrainConfig, block_size: int, world_size: int,
@@ -236,14 +144,6 @@ def accumulation_steps(cfg: PretrainConfig, block_size: int, world_size: int,
     if cfg.tokens_per_step % per_pass:
         raise ConfigError(f"pretrain.tokens_per_step: {cfg.tokens_per_step} is not a multiple of {shape}")
     return cfg.tokens_per_step // per_pass
-
-
-def peak_flops(trainer: L.Trainer) -> float | None:
-    """Datasheet bf16 peak of the GPU in use, when training in bf16 on one we know."""
-    if trainer.strategy.root_device.type != "cuda" or "bf16" not in str(trainer.precision):
-        return None
-    name = torch.cuda.get_device_name(trainer.strategy.root_device)
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
 
 
 def mlm_settings(cfg: PretrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
@@ -277,9 +177,9 @@ def tokenizer_codec(tokenizer_dir: Path) -> tuple[Callable[[str], list[int]], Ca
     return (lambda text: list(sp.encode(text))), (lambda ids: sp.decode([i for i in ids if i < size]))
 
 
-def _stage_callbacks(cfg: PretrainConfig, paths: Paths, meta: dict[str, Any], datamodule: TokenDataModule,
-                     monitor: TrainingMonitor, tracker: AsyncTracker, tokens_per_byte: float | None,
-                     ckpt_dir: Path) -> list[Callback]:
+def _evaluation(cfg: PretrainConfig, paths: Paths, meta: dict[str, Any], datamodule: TokenDataModule,
+                monitor: TrainingMonitor, tracker: AsyncTracker, tokens_per_byte: float | None) -> list[Callback]:
+    """Validation (loss and bits per byte) and, for a causal LM, sample generations."""
     callbacks: list[Callback] = [Validation(
         every=cfg.val_every, tokens_per_byte=tokens_per_byte, monitor=monitor,
         batches=lambda rank, world: datamodule.val_batches(cfg.val_batches, rank, world),
@@ -296,12 +196,6 @@ def _stage_callbacks(cfg: PretrainConfig, paths: Paths, meta: dict[str, Any], da
             every=cfg.sample_every, prompts=prompts, decode=decode, max_new_tokens=cfg.sample_tokens,
             temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, stop_id=eos, seed=cfg.seed, tracker=tracker,
         ))
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    callbacks.append(PeriodicCheckpoint(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints,
-                                        requeue=SLURMEnvironment.detect()))
-    if cfg.progress:
-        callbacks.append(StepProgress(monitor))
     return callbacks
 
 

@@ -18,6 +18,15 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from lmpipe.config import Section
+from lmpipe.train.settings import (
+    OPERATIONAL,
+    AccumulationSettings,
+    HardwareSettings,
+    LoggingSettings,
+    OptimSettings,
+    TrainSettings,
+    stage_default,
+)
 
 SplitName = Literal["train", "val", "test"]
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -88,10 +97,27 @@ class LoraSettings(Section):
         description="Names (suffixes) of the Linear layers that get adapters: c_attn (QKV), c_proj (attention and "
         "MLP output), c_fc (MLP input).",
     )
-    save_adapter: bool = Field(True, description="Also write the adapter weights alone (adapter/) next to the merged model.")
+    save_adapter: bool = Field(True, json_schema_extra=OPERATIONAL, description="Also write the adapter weights alone (adapter/) next to the merged model.")
 
 
-class _TaskBase(Section):
+class _TaskBase(TrainSettings, AccumulationSettings):
+    # Fine-tuning starts from trained weights, for a few hundred steps on small batches; where
+    # that calls for another default than pretraining's, it is set here.
+    max_steps: int = stage_default(OptimSettings, "max_steps", 300,
+                                   description="Optimizer steps to train for (early stopping may end sooner).")
+    # A tenth of pretraining's or less, as BERT/RoBERTa fine-tuning: a large step erases what was learned.
+    lr: float = stage_default(OptimSettings, "lr", 5e-4)
+    warmup_steps: int = stage_default(OptimSettings, "warmup_steps", 20)  # short runs: a short warmup
+    # BERT's fine-tuning value: decay pulls the pretrained matrices towards zero, not towards the base.
+    weight_decay: float = stage_default(OptimSettings, "weight_decay", 0.01)
+    # AdamW's usual 0.999 (BERT, Hugging Face recipes): the 0.95 of pretraining guards long
+    # large-batch runs from scratch against loss spikes, not a few hundred steps from trained weights.
+    beta2: float = stage_default(OptimSettings, "beta2", 0.999, description="AdamW beta2.")
+    # Fine-tuning batches are small and uneven, so loss spikes are common and no reason to stop.
+    spike_factor: float = stage_default(LoggingSettings, "spike_factor", 0.0)
+    # A task model is replicated whole; FSDP's sharding is for pretraining sizes.
+    strategy: Literal["auto", "ddp"] = stage_default(HardwareSettings, "strategy", "auto",
+                                                     annotation=Literal["auto", "ddp"])
     init: str = Field("models/pretrain", description="Model directory to start from, relative to the project root.")
     method: Literal["full", "lora"] = Field("full", description="full: train every weight; lora: train adapters only.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (method: lora).")
@@ -99,45 +125,12 @@ class _TaskBase(Section):
         None, gt=1, description="Longest example in tokens (longer ones are cut); null: the model's block_size."
     )
     seed: int = Field(1337, description="Seed of head/adapter init, example order and dropout.")
-    max_steps: int = Field(300, gt=0, description="Optimizer steps to train for (early stopping may end sooner).")
-    micro_batch_size: int = Field(16, gt=0, description="Examples per device per forward/backward pass.")
-    accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step (gradient accumulation).")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine", description="After warmup: cosine decay, warmup-stable-decay (wsd), or constant."
-    )
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent in the final decay.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (matrices only).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
     eval_every: int = Field(50, ge=0, description="Steps between dev evaluations (0: only at the end).")
-    eval_batch_size: int = Field(64, gt=0, description="Examples per dev-evaluation batch.")
+    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL, description="Examples per dev-evaluation batch.")
     patience: int = Field(
         5, ge=0, description="Early stopping: stop after this many evaluations without improvement (0: never stop early)."
     )
     min_delta: float = Field(0.0, ge=0, description="Early stopping: the smallest change that counts as an improvement.")
-    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Hardware: auto, cpu or gpu.")
-    precision: Literal["auto", "32-true", "bf16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true."
-    )
-    strategy: Literal["auto", "ddp"] = Field("auto", description="Distribution strategy across devices.")
-    devices: int | Literal["auto"] = Field(1, description="Devices per node.")
-    num_nodes: int = Field(1, gt=0, description="Machines.")
-    deterministic: bool = Field(False, description="Deterministic kernels (exactly reproducible, slower).")
-    log_every: int = Field(10, gt=0, description="Steps between train-loss logs.")
-    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints (0: only at the end).")
-    keep_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept (the newest ones).")
-    resume: bool = Field(True, description="Resume from the newest complete checkpoint of the same run.")
-    spike_factor: float = Field(
-        0.0, ge=0,
-        description="Stop when a logged train loss exceeds this multiple of its running average (0: only NaN/inf "
-        "stop training; fine-tuning batches are small and uneven, so spikes are common).",
-    )
-    progress: bool = Field(True, description="Show a progress bar.")
 
     def _check_columns(self, allowed: tuple[str, ...]) -> None:
         for name in ("train_data", "dev_data", "test_data", "sample_data"):
@@ -154,7 +147,8 @@ class SFTTask(_TaskBase):
 
     type: Literal["sft"]
     method: Literal["full", "lora"] = Field("lora", description="full: train every weight; lora: train adapters only.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    # LoRA trains a few adapter weights from zero: they take a larger step than full fine-tuning's.
+    lr: float = stage_default(OptimSettings, "lr", 1e-3)
     train_data: DataSource = Field(
         default_factory=lambda: split_source("train", "instruction"),
         description="Training examples: rows with instruction/input/output fields, or a messages list.",
@@ -164,11 +158,12 @@ class SFTTask(_TaskBase):
         description="Dev examples for the answer loss, early stopping and the final metrics.",
     )
     sample_data: DataSource | None = Field(
-        None, description="Held-out prompts answered by the fine-tuned model after training (null: the first "
+        None, json_schema_extra=OPERATIONAL,
+        description="Held-out prompts answered by the fine-tuned model after training (null: the first "
         "conversations of dev_data). The default task uses the test split's instruction pairs.",
     )
-    sample_count: int = Field(1, ge=0, description="How many held-out prompts to answer.")
-    max_new_tokens: int = Field(96, gt=0, description="Longest generated answer in tokens.")
+    sample_count: int = Field(1, ge=0, json_schema_extra=OPERATIONAL, description="How many held-out prompts to answer.")
+    max_new_tokens: int = Field(96, gt=0, json_schema_extra=OPERATIONAL, description="Longest generated answer in tokens.")
     system_prompt: str | None = Field(
         None, description="System message put before every conversation that has none (null: no system turn)."
     )
@@ -194,7 +189,8 @@ class ClassificationTask(_TaskBase):
         description="Dev rows: early stopping, best-model selection and the reported metrics.",
     )
     test_data: DataSource | None = Field(
-        None, description="Test rows scored once with the selected model (null: none). The default task uses "
+        None, json_schema_extra=OPERATIONAL,
+        description="Test rows scored once with the selected model (null: none). The default task uses "
         "the test split's reviews.",
     )
     labels: list[str] | None = Field(
@@ -256,11 +252,3 @@ class FinetuneConfig(Section):
                 raise ValueError(f"tasks: name {name!r} must be letters, digits, '_' or '-' (it names directories)")
         return self
 
-
-# Keys that change how a run is observed or executed but not what it computes: a run resumed with
-# different values of these is the same run (checkpoints are keyed by everything else).
-OPERATIONAL_KEYS = frozenset({
-    "accelerator", "strategy", "devices", "num_nodes", "log_every", "checkpoint_every", "keep_checkpoints",
-    "resume", "progress", "spike_factor", "eval_batch_size", "sample_data", "sample_count", "max_new_tokens",
-    "test_data",
-})

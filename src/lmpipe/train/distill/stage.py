@@ -11,9 +11,8 @@ to the teacher, parameters); ``plots/<name>_loss.csv`` (step, train_loss, val_lo
 in ``checkpoints/distill/{student,baseline}/<run key>/`` and precomputed teacher targets in
 ``checkpoints/distill/teacher_cache/<key>/``.
 
-The loop is the fine-tuning loop (:class:`lmpipe.train.finetune_loop.FinetuneModule`: manual
-optimisation, accumulation, DDP, LR schedule, atomic checkpoints, exact resume) with a
-distillation objective. The teacher lives outside the LightningModule, so it is neither optimised,
+The loop is the one loop of every stage (:func:`lmpipe.train.loop.fit`: manual optimisation,
+accumulation, DDP, LR schedule, atomic checkpoints, exact resume) with a distillation objective. The teacher lives outside the LightningModule, so it is neither optimised,
 checkpointed nor wrapped by DDP; it runs in eval mode under the same autocast (bf16 on GPUs).
 Language modelling trains on the train split's non-overlapping windows of block_size + 1 tokens,
 in a seeded random order per epoch: fixed windows are what let the teacher be precomputed once.
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from lmpipe import tracking
 from lmpipe.config import Paths
-from lmpipe.errors import ConfigError, FingerprintMismatch
+from lmpipe.errors import ConfigError
 from lmpipe.io import (
     atomic_dir,
     atomic_write,
@@ -47,14 +46,14 @@ from lmpipe.io import (
     write_json,
     write_manifest,
 )
+from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.model.io import load_model, read_model_config, save_model
-from lmpipe.train import classify
-from lmpipe.train.callbacks import DivergenceGuard, TrainingMonitor, Validation
-from lmpipe.train.checkpoint import PeriodicCheckpoint, find_resume_checkpoint
+from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, save_model
+from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor, Validation
+from lmpipe.train.checkpoint import ResumePoint
 from lmpipe.train.data import TokenSplit, gather_windows, open_token_split, val_batches
-from lmpipe.train.distill_config import OPERATIONAL_KEYS, DistillConfig
-from lmpipe.train.distill_losses import (
+from lmpipe.train.distill.config import DistillConfig
+from lmpipe.train.distill.losses import (
     DistillLoss,
     TeacherCache,
     TopKTargets,
@@ -67,9 +66,12 @@ from lmpipe.train.distill_losses import (
     precompute_windows,
     soft_kl,
 )
-from lmpipe.train.finetune_data import Batch, TrainBatches, eval_batches
-from lmpipe.train.finetune_loop import DevEvaluation, FinetuneModule, TaskAsyncTracker, TaskProgress
-from lmpipe.train.pretrain import _quiet_lightning, build_trainer
+from lmpipe.train.finetune import classify
+from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
+from lmpipe.train.loop import Run, fit
+from lmpipe.train.module import TrainModule
+from lmpipe.train.objectives import Objective
+from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +85,19 @@ def run(cfg: DistillConfig, paths: Paths) -> dict[str, Any]:
     for an impossible student, DataError for missing or malformed inputs, TrainingDiverged on a
     non-finite loss.
     """
-    _quiet_lightning()
     teacher_dir = paths.root / cfg.teacher
-    teacher_config = read_model_config(teacher_dir)
     if cfg.task == "lm":
-        return train(cfg, paths, prepare_lm(cfg, paths, teacher_dir, teacher_config))
-    return train(cfg, paths, prepare_classification(cfg, paths, teacher_dir, teacher_config))
+        return train(cfg, paths, prepare_lm(cfg, paths, teacher_dir))
+    return train(cfg, paths, prepare_classification(cfg, paths, teacher_dir))
 
 
 # ----------------------------------------------------------------------------------- models
 
 
-def check_fingerprint(teacher_config: dict[str, Any], expected: str, against: str, teacher_dir: Path) -> None:
-    """Refuse a teacher trained with another tokenizer than the data's (FingerprintMismatch)."""
-    recorded = teacher_config.get("tokenizer_fingerprint")
-    if recorded != expected:
-        raise FingerprintMismatch(
-            f"{teacher_dir / 'config.json'}: the teacher was trained with tokenizer {str(recorded)[:12]}, but "
-            f"{against} is from tokenizer {str(expected)[:12]}: distil a teacher trained on these tokens "
-            "(re-run pretrain/finetune with this tokenizer)")
+def expected_tokenizer(fingerprint: str, source: str) -> ExpectedTokenizer:
+    """The tokenizer the teacher must have been trained with: the data's."""
+    return ExpectedTokenizer(fingerprint, source, "distil a teacher trained on these tokens "
+                             "(re-run pretrain/finetune with this tokenizer)")
 
 
 class DistillStudent(nn.Module):
@@ -119,9 +115,8 @@ class DistillStudent(nn.Module):
 # -------------------------------------------------------------------------------- objective
 
 
-class DistillObjective:
-    """The loss the training loop minimises (the :class:`~lmpipe.train.finetune_loop.Objective`
-    protocol): student forward, teacher targets (online, or precomputed in the batch), weighted
+class DistillObjective(Objective):
+    """The loss the one loop minimises: student forward, teacher targets (online, or precomputed in the batch), weighted
     distillation terms. Each term's running sum is kept on the device for logging."""
 
     monitor, mode, sums_size = "loss", "min", 2
@@ -186,29 +181,6 @@ class DistillObjective:
         return out
 
 
-class DistillModule(FinetuneModule):
-    """The fine-tuning loop with the distillation objective; adds what pretraining's Validation
-    callback calls (``eval_sums``) and logs each loss term with the train loss."""
-
-    def __init__(self, model: DistillStudent, objective: DistillObjective, cfg: DistillConfig, data: TrainBatches, *,
-                 run_key: str, tracker: TaskAsyncTracker) -> None:
-        super().__init__(model, objective, cfg, data, run_key=run_key)
-        self.tracker = tracker
-        self.last_parts: dict[str, float] = {}
-
-    def eval_sums(self, batch: Batch) -> Tensor:
-        return self.objective.eval_sums(self.model, batch)
-
-    def consume_stats(self) -> dict[str, Any]:
-        stats = super().consume_stats()
-        parts = self.objective.consume_parts()  # type: ignore[attr-defined]
-        if parts and self.trainer.is_global_zero:
-            values = torch.stack(list(parts.values())).tolist()
-            self.last_parts = dict(zip(parts, values, strict=True))
-            self.tracker.log_metrics({f"train/{k}": v for k, v in self.last_parts.items()}, self.trainer.global_step)
-        return stats
-
-
 # --------------------------------------------------------------------------------- preparation
 
 
@@ -252,15 +224,16 @@ def objective_for(cfg: DistillConfig, teacher: nn.Module | None, student: GPT, t
     return DistillObjective(cfg.task, loss, teacher, pairs), projections
 
 
-def prepare_lm(cfg: DistillConfig, paths: Paths, teacher_dir: Path, teacher_config: dict[str, Any]) -> Prepared:
+def prepare_lm(cfg: DistillConfig, paths: Paths, teacher_dir: Path) -> Prepared:
     train_split = open_token_split(paths.tokens, "train", paths.tokenizer)
     val_split = open_token_split(paths.tokens, "val", paths.tokenizer)
     meta = train_split.meta
-    check_fingerprint(teacher_config, meta["tokenizer_fingerprint"], f"{paths.tokens / 'meta.json'}", teacher_dir)
+    expected = expected_tokenizer(meta["tokenizer_fingerprint"], str(paths.tokens / "meta.json"))
+    teacher_config = read_model_config(teacher_dir, expected)
     teacher_gpt = GPTConfig.from_dict(teacher_config["model"])
     if teacher_gpt.bidirectional:
         raise ConfigError(f"distill.teacher: {teacher_dir} is a masked LM; next-token distillation needs a causal teacher")
-    teacher = None if cfg.baseline else load_model(teacher_dir)[0]
+    teacher = None if cfg.baseline else load_model(teacher_dir, tokenizer=expected)[0]
     student, mapping = build_student(cfg, teacher, teacher_gpt)
     block = student.config.block_size
     if block > teacher_gpt.block_size:
@@ -338,21 +311,21 @@ def lm_scores(student: GPT, teacher: GPT | None, batches: list[Batch], tokens_pe
     return out
 
 
-def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path,
-                           teacher_config: dict[str, Any]) -> Prepared:
+def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path) -> Prepared:
     from lmpipe.tokenizer.train import load_tokenizer
 
     sp, info = load_tokenizer(paths.tokenizer)
-    check_fingerprint(teacher_config, info.fingerprint, str(paths.tokenizer), teacher_dir)
+    expected = expected_tokenizer(info.fingerprint, str(paths.tokenizer))
+    teacher_config = read_model_config(teacher_dir, expected)
     spec = teacher_config.get("classifier")
     if not isinstance(spec, dict):
         raise ConfigError(f"distill.teacher: {teacher_dir} is not a classifier (config.json has no 'classifier'); "
                           "task: classification needs a model written by `lmpipe finetune` for a classification task")
     labels, pooling = list(spec["labels"]), str(spec.get("pooling", "last"))
     teacher_gpt = GPTConfig.from_dict(teacher_config["model"])
-    teacher = None if cfg.baseline else classify.load_classifier(teacher_dir)[0]
+    teacher = None if cfg.baseline else load_classifier(teacher_dir, tokenizer=expected)[0]
     student_gpt, mapping = build_student(cfg, teacher, teacher_gpt)
-    student = classify.ClassificationModel(student_gpt, len(labels), pooling, HEAD_DROPOUT)
+    student = ClassificationModel(student_gpt, len(labels), pooling, HEAD_DROPOUT)
     if mapping is not None and teacher is not None:  # the widths agree: start from the teacher's head too
         head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("backbone.")}
         student.load_state_dict(head, strict=False)
@@ -380,7 +353,7 @@ def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path,
 
     def evaluation(monitor: TrainingMonitor) -> Callback:
         return DevEvaluation(every=cfg.eval_every, objective=scorer, patience=cfg.patience, min_delta=cfg.min_delta,
-                             tracker=monitor.tracker,  # type: ignore[arg-type]
+                             tracker=monitor.tracker,
                              batches=lambda rank, world: eval_batches(dev, dev_collate, cfg.eval_batch_size, rank, world))
 
     def export(model: DistillStudent, callback: Callback, monitor: TrainingMonitor, numbers: dict[str, Any]) -> list[str]:
@@ -388,12 +361,12 @@ def prepare_classification(cfg: DistillConfig, paths: Paths, teacher_dir: Path,
         callback.restore_best(model)
         numbers.update(class_scores(model.student, teacher, eval_batches(dev, dev_collate, cfg.eval_batch_size), scorer))
         extra = {"eos_id": info.eos_id, "pad_id": info.pad_id, "objective": "clm",
-                 "classifier": {"labels": labels, "pooling": pooling, "head_file": classify.HEAD_FILE}}
+                 "classifier": {"labels": labels, "pooling": pooling, "head_file": HEAD_FILE}}
         curve = [(int(h["step"]), h["loss"]) for h in callback.history]
-        assert isinstance(model.student, classify.ClassificationModel)
+        assert isinstance(model.student, ClassificationModel)
         return write_outputs(cfg, paths, model.student.backbone, teacher_dir, teacher_config, extra, numbers, mapping,
                              {"tokenizer": paths.tokenizer / "tokenizer.json"}, monitor.train, curve,
-                             head=classify.head_bytes(model.student))
+                             head=head_bytes(model.student))
 
     return Prepared(DistillStudent(student, projections), objective, data, evaluation, export, fingerprint,
                     {"train_examples": len(train), "dev_examples": len(dev)})
@@ -422,44 +395,31 @@ def class_scores(student: nn.Module, teacher: nn.Module | None, batches: list[Ba
 # ------------------------------------------------------------------------------------ training
 
 
-def run_key(cfg: DistillConfig, teacher_dir: Path, data_fingerprint: str) -> str:
-    """Short hash of what a run computes: config minus operational keys, teacher and data."""
-    computed = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
-    return config_hash({"config": computed, "teacher": fingerprint_path(teacher_dir), "data": data_fingerprint})[:16]
-
-
 def train(cfg: DistillConfig, paths: Paths, prepared: Prepared) -> dict[str, Any]:
-    """Fit the student (resuming a checkpoint of the same run), export it, return the summary."""
+    """Fit the student in the one loop (resuming a checkpoint of the same run), export it, return
+    the summary."""
     name = cfg.run_name
-    key = run_key(cfg, paths.root / cfg.teacher, prepared.fingerprint)
-    ckpt_dir = paths.checkpoints / "distill" / ("baseline" if cfg.baseline else "student") / key
-    tracker = TaskAsyncTracker(tracking.active(), name)
+    key = run_key(cfg, teacher=fingerprint_path(paths.root / cfg.teacher), data=prepared.fingerprint)
     student = backbone(prepared.model.student)
-    monitor = TrainingMonitor(
-        log_every=cfg.log_every, also_at=(cfg.eval_every, cfg.checkpoint_every), tracker=tracker,
-        flops_per_token=0.0, peak_flops=None, guard=DivergenceGuard(cfg.spike_factor, cfg.warmup_steps))
-    evaluation = prepared.evaluation(monitor)
-    callbacks: list[Callback] = [monitor, evaluation, PeriodicCheckpoint(ckpt_dir, cfg.checkpoint_every,
-                                                                         cfg.keep_checkpoints)]
-    callbacks += [TaskProgress(monitor, name)] if cfg.progress else []
-    trainer = build_trainer(cfg, callbacks)  # type: ignore[arg-type]  # reads the same keys as pretrain's
-    L.seed_everything(cfg.seed, verbose=False)
-    module = DistillModule(prepared.model.train(), prepared.objective, cfg, prepared.data, run_key=key, tracker=tracker)
-    resume = find_resume_checkpoint(ckpt_dir, key) if cfg.resume else None
-    if trainer.is_global_zero:
-        log.info("%s (%s): student of %.2fM parameters, %d steps, run %s%s", name, cfg.task,
-                 student.num_parameters() / 1e6, cfg.max_steps, key, f", resuming step {resume[1]}" if resume else "")
-    try:
-        trainer.fit(module, ckpt_path=resume[0] if resume else None, weights_only=True)
-    finally:
-        tracker.close()
-    numbers: dict[str, Any] = {"steps": trainer.global_step, "resumed_from_step": resume[1] if resume else 0,
-                               "tokens_per_s": monitor.mean_tokens_per_s(), "parameters": student.num_parameters(),
-                               **prepared.counts, **({"train_loss": monitor.train[-1][1]} if monitor.train else {}),
-                               **{f"train_{k}": v for k, v in module.last_parts.items()}}
-    if not trainer.is_global_zero:
+
+    def start(trainer: L.Trainer, resume: ResumePoint | None) -> TrainModule:
+        L.seed_everything(cfg.seed, verbose=False)
+        if trainer.is_global_zero:
+            log.info("%s (%s): student of %.2fM parameters, %d steps, run %s", name, cfg.task,
+                     student.num_parameters() / 1e6, cfg.max_steps, key)
+        return TrainModule(prepared.model.train(), prepared.objective, cfg, seed=cfg.seed, run_key=key,
+                           accumulation=cfg.accumulation, data=prepared.data)
+
+    fitted = fit(Run(
+        label=name, settings=cfg, checkpoint_dir=paths.checkpoints / "distill" / ("baseline" if cfg.baseline else
+                                                                                   "student") / key,
+        key=key, tracker=TaskAsyncTracker(tracking.active(), name), start=start,
+        evaluation=lambda monitor: [prepared.evaluation(monitor)], also_at=(cfg.eval_every,),
+    ))
+    numbers: dict[str, Any] = {**fitted.summary, "parameters": student.num_parameters(), **prepared.counts}
+    if not fitted.trainer.is_global_zero:
         return numbers
-    artifacts = prepared.export(prepared.model, evaluation, monitor, numbers)
+    artifacts = prepared.export(prepared.model, fitted.callbacks[0], fitted.monitor, numbers)
     return {**{k: v for k, v in numbers.items() if isinstance(v, int | float)}, "artifacts": artifacts}
 
 
@@ -482,7 +442,7 @@ def write_outputs(cfg: DistillConfig, paths: Paths, student: GPT, teacher_dir: P
                         "teacher_logits": cfg.teacher_logits},
             "training": flat})
         if head is not None:
-            write_bytes(tmp / classify.HEAD_FILE, head)
+            write_bytes(tmp / HEAD_FILE, head)
         write_manifest(tmp, stage="distill", config=cfg, inputs={"teacher": teacher_dir, **inputs},
                        counts={"parameters": flat["parameters"], "steps": flat["steps"]},
                        extra={"tokenizer_fingerprint": teacher_config["tokenizer_fingerprint"]})

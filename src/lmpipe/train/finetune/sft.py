@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
-from lmpipe.train.finetune_config import DataSource
-from lmpipe.train.finetune_data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.finetune.config import DataSource
+from lmpipe.train.finetune.data import Batch, Row, describe_source, pad_rows, read_rows
+from lmpipe.train.objectives import LanguageModelObjective
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +206,14 @@ class SFTCollate:
 # ---------------------------------------------------------------------------------- objective
 
 
-class SFTObjective:
-    """Answer-token cross-entropy; dev metrics are loss (nats/answer token), perplexity and
-    next-token accuracy on answer tokens."""
+class SFTObjective(LanguageModelObjective):
+    """Answer-token cross-entropy (the batch's targets are -100 outside answers); dev metrics are
+    loss (nats/answer token), perplexity and next-token accuracy on answer tokens."""
 
     def __init__(self, monitor: str = "loss") -> None:
         self.monitor = monitor
         self.mode = "min" if monitor == "loss" else "max"
         self.sums_size = 3
-
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        _, loss = model(batch["input"], batch["target"])
-        return loss
 
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: Batch) -> Tensor:

@@ -1,0 +1,99 @@
+"""A GPT with a classification head: the model class, its head file and its loading.
+
+The head is a linear layer on a pooled final hidden state (``last``: the final token, which has
+attended to the whole text; ``mean``: the average over real tokens). The backbone is saved with
+:func:`lmpipe.model.io.save_model`; the head alone goes to ``head.safetensors`` next to it, and
+config.json's ``classifier`` section names the labels, pooling and head file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from lmpipe.errors import DataError
+from lmpipe.model.gpt import GPT
+from lmpipe.model.io import ExpectedTokenizer, load_model
+
+HEAD_FILE = "head.safetensors"
+
+
+def decoder_hidden_states(model: GPT, idx: Tensor) -> Tensor:
+    """(B, T, n_embd) output of the model's final norm for token ids ``idx`` (B, T).
+
+    ``GPT.forward`` returns logits only; the final norm's output is captured with a forward hook,
+    so the classifier runs exactly the model's own forward (positions, attention, norms).
+    """
+    captured: list[Tensor] = []
+    handle = model.ln_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(idx)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class ClassificationModel(nn.Module):
+    """A GPT backbone with dropout and a linear head on the pooled final hidden state."""
+
+    def __init__(self, backbone: GPT, num_labels: int, pooling: str = "last", dropout: float = 0.1) -> None:
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        self.backbone, self.pooling = backbone, pooling
+        self.dropout = nn.Dropout(dropout)
+        # Named 'classifier', not 'head': peft matches modules_to_save by name suffix, and
+        # 'head' would also catch the backbone's lm_head.
+        self.classifier = nn.Linear(backbone.config.n_embd, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)  # GPT-2's init, as the rest of the model
+        nn.init.zeros_(self.classifier.bias)
+
+    def features(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """(B, n_embd) pooled states of right-padded ``idx`` with ``lengths`` real tokens per row."""
+        hidden = decoder_hidden_states(self.backbone, idx)
+        if self.pooling == "last":
+            return hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+        mask = (torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+        return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+
+    def forward(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """(B, num_labels) logits."""
+        return self.classifier(self.dropout(self.features(idx, lengths)))
+
+
+
+def head_bytes(model: ClassificationModel) -> bytes:
+    """The head's weights as safetensors (the backbone is saved with ``save_model``)."""
+    state = {name: t.detach().cpu().contiguous() for name, t in model.classifier.state_dict().items()}
+    # One metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
+    # file must be byte-identical for identical weights (DVC, manifests).
+    return save_safetensors(state, metadata={"format": "pt"})
+
+
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu", *,
+                    tokenizer: ExpectedTokenizer | None = None) -> tuple[ClassificationModel, list[str], dict[str, Any]]:
+    """Rebuild a classifier written by the finetune stage: (model in eval mode, labels, config.json).
+
+    Raises DataError when the directory is not a classifier's or its files do not match,
+    FingerprintMismatch when ``tokenizer`` is given and the model was trained with another.
+    """
+    directory = Path(directory)
+    backbone, config = load_model(directory, tokenizer=tokenizer)
+    spec = config.get("classifier")
+    if not isinstance(spec, dict) or "labels" not in spec:
+        raise DataError("config.json has no 'classifier' section: not a classification model", path=str(directory))
+    labels = list(spec["labels"])
+    model = ClassificationModel(backbone, len(labels), spec.get("pooling", "last"), dropout=0.0)
+    path = directory / spec.get("head_file", HEAD_FILE)
+    if not path.is_file():
+        raise DataError(f"no {path.name}", path=str(directory))
+    try:
+        model.classifier.load_state_dict(load_safetensors(path.read_bytes()))
+    except (RuntimeError, ValueError) as err:
+        raise DataError(f"head does not match config.json: {str(err).splitlines()[0]}", path=str(path)) from None
+    return model.to(device).eval(), labels, config

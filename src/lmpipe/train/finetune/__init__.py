@@ -1,0 +1,2 @@
+"""Stage ``finetune``: config (:mod:`.config`), task data (:mod:`.data`, :mod:`.sft`,
+:mod:`.classify`) and the entry point (:mod:`.stage`)."""

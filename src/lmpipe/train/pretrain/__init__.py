@@ -1,0 +1,1 @@
+"""Stage ``pretrain``: its config section (:mod:`.config`) and entry point (:mod:`.stage`)."""

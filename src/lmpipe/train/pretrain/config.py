@@ -1,0 +1,108 @@
+"""Config section ``pretrain``: model size, objective, optimisation, hardware, logging, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Literal
+
+from pydantic import Field, create_model, model_validator
+
+from lmpipe.config import Section
+from lmpipe.model.gpt import CHOICES, GPTConfig
+from lmpipe.model.presets import PRESETS, preset_config
+from lmpipe.train.settings import OPERATIONAL, TrainSettings
+
+
+def _overrides_of_gpt_config() -> dict[str, Any]:
+    """One optional pydantic field per described GPTConfig field (its doc, bounds and options):
+    null keeps the preset's value. vocab_size (the tokenizer's), norm_eps and bidirectional (the
+    objective's) are not overridable."""
+    out: dict[str, Any] = {}
+    for f in fields(GPTConfig):
+        if "doc" not in f.metadata:
+            continue
+        bounds = {k: v for k, v in f.metadata.items() if k in ("gt", "ge", "lt", "le")}
+        kind: Any = Literal[CHOICES[f.name]] if f.name in CHOICES else {"int": int, "float": float, "bool": bool,
+                                                                       "int | None": int}[str(f.type)]
+        out[f.name] = (kind | None, Field(None, description=f.metadata["doc"], **bounds))
+    return out
+
+
+ModelOverrides = create_model(
+    "ModelOverrides", __base__=Section, __doc__="Changes to the preset's architecture; null keeps the preset's value.",
+    **_overrides_of_gpt_config(),
+)
+
+
+class PretrainConfig(TrainSettings):
+    """Pretrain the GPT on data/tokens/ (causal LM, or BERT-style masked LM) with PyTorch Lightning."""
+
+    preset: str = Field("tiny", description=f"Model size preset: {', '.join(PRESETS)}.")
+    model: ModelOverrides = Field(default_factory=ModelOverrides, description="Architecture overrides of the preset.")
+    objective: Literal["clm", "mlm"] = Field(
+        "clm", description="clm: next-token prediction; mlm: bidirectional masked-LM (BERT) objective."
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="mlm: share of tokens selected for prediction (BERT: 15%; 80/10/10 mask/random/keep)."
+    )
+    mask_token_id: int | None = Field(
+        None, ge=0,
+        description="mlm: id of the mask token; null: a mask piece among meta.json's special tokens, else its pad_id.",
+    )
+    seed: int = Field(1337, description="Seed of weight init, window order, masking and dropout.")
+    tokens_per_step: int | None = Field(
+        None, gt=0,
+        description="Target tokens per optimizer step across all devices; gradients are accumulated to reach "
+        "it (must be a multiple of micro_batch_size * block_size * devices). null: no accumulation.",
+    )
+    sampling: Literal["random", "sequential"] = Field(
+        "random",
+        description="random: each epoch visits every window once in a seeded random order (random offset); "
+        "sequential: windows in corpus order.",
+    )
+    num_workers: int = Field(0, ge=0, json_schema_extra=OPERATIONAL,
+        description="DataLoader worker processes (0: batches built in the training process).")
+    val_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL,
+        description="Steps between validation runs (0: only at the end).")
+    val_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL,
+        description="Micro-batches of the val split per validation (across devices).")
+    sample_every: int = Field(0, ge=0, json_schema_extra=OPERATIONAL,
+        description="Steps between sample generations (0: only at the end).")
+    sample_tokens: int = Field(64, ge=0, json_schema_extra=OPERATIONAL,
+        description="Tokens per sample generation (0: no samples).")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["", "Once upon a time"],
+        json_schema_extra=OPERATIONAL,
+        description="Prompts for sample generations ('' starts a new document); needs the tokenizer's model.",
+    )
+    sample_temperature: float = Field(0.8, ge=0, json_schema_extra=OPERATIONAL,
+        description="Sampling temperature (0: greedy).")
+    sample_top_k: int | None = Field(50, gt=0, json_schema_extra=OPERATIONAL,
+        description="Top-k filter of samples.")
+    # Pretrain only: the task models of finetune and distill (a head read through a forward hook,
+    # adapters, the student wrapper) are run eagerly.
+    compile: bool = Field(False, json_schema_extra=OPERATIONAL,
+                          description="torch.compile the model (worth it on GPU for long runs).")
+    peak_flops: float | None = Field(
+        None, gt=0, json_schema_extra=OPERATIONAL,
+        description="Peak FLOP/s of one device for MFU; null: known GPUs by name, none on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _check_model(self) -> PretrainConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown {self.preset!r} (known: {', '.join(PRESETS)})")
+        # Build the architecture once with a placeholder vocabulary so impossible shapes fail
+        # at config time, not after the data is loaded.
+        try:
+            self.gpt_config(vocab_size=2)
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from None
+        return self
+
+    def gpt_config(self, vocab_size: int) -> Any:
+        """The model's GPTConfig for this section and the given vocabulary."""
+        return preset_config(
+            self.preset, vocab_size, bidirectional=self.objective == "mlm", **self.model.model_dump()
+        )
+
