@@ -38,6 +38,8 @@ def test_missing_sections_take_defaults(tmp_path: Path) -> None:
         ("collect: {sources: [{type: ftp, name: a}]}", "collect.sources.0"),
         ("clean: {quality: {min_words: '50'}}", "clean.quality.min_words: Input should be a valid integer (got '50')"),
         ("clean: [1, 2]", "clean: must be a mapping"),
+        ("pretrain: {max_time: 0}", "pretrain.max_time: Input should be greater than 0"),
+        ("distill: {max_time: -5}", "distill.max_time: Input should be greater than 0"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -146,6 +146,12 @@ def test_learning_rate_schedules() -> None:
     assert learning_rate(79, wsd) == 1.0
     assert learning_rate(85, wsd) == pytest.approx(1 - math.sqrt(5 / 20))
     assert learning_rate(100, wsd) == 0.0
+    # With max_time, the decay follows whichever of steps and elapsed time is further along.
+    assert learning_rate(20, wsd, time_fraction=0.7) == 1.0
+    assert learning_rate(20, wsd, time_fraction=0.85) == pytest.approx(1 - math.sqrt(0.25))
+    assert learning_rate(85, wsd, time_fraction=0.1) == pytest.approx(1 - math.sqrt(5 / 20))
+    assert learning_rate(20, cosine, time_fraction=0.5) == pytest.approx(0.55)
+    assert learning_rate(5, cosine, time_fraction=0.9) == pytest.approx(0.6)  # warmup stays in steps
 
 
 def test_samples_are_decoded_with_the_tokenizer_stage_model(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
@@ -185,3 +191,27 @@ def test_progress_off_a_terminal_is_plain_lines_with_loss_rate_and_eta(
     lines = [m for m in caplog.messages if m.startswith("pretrain: ")]
     assert len(lines) >= 3 and lines[-1].startswith("pretrain: 6/6 steps (100%)"), lines
     assert any("loss " in line and " tok/s" in line and "ETA " in line for line in lines), lines
+
+
+def test_max_time_ends_training_inside_the_budget_with_the_decay_done_and_resumes_the_rest(paths: Paths) -> None:
+    import time
+
+    cfg = config(max_steps=10**6, max_time=6.0, lr=1e-2, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.3,
+                 log_every=50, val_every=100, checkpoint_every=0)
+    started = time.monotonic()
+    summary = train(cfg, paths)
+    took = time.monotonic() - started
+    assert 6.0 * 0.6 < took < 6.0 + 3.0  # setup and export are outside the budget, the rest inside
+    last = torch.load(next(paths.checkpoints.glob("pretrain/*/last.ckpt")), weights_only=True)
+    budget = next(state for key, state in last["callbacks"].items() if "TimeBudget" in key)
+    assert budget["time_elapsed"]["train"] <= 6.0 + 0.25  # the final evaluation and samples included
+    assert last["global_step"] == summary["steps"] > 100
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3)  # the wsd floor
+    metrics = json.loads((paths.metrics / "pretrain.json").read_text())
+    assert metrics["steps"] == summary["steps"] and math.isfinite(metrics["val_loss"])
+    rows = (paths.plots / "pretrain_loss.csv").read_text().splitlines()
+    assert rows[-1].startswith(f"{summary['steps']},") and rows[-1].split(",")[2]  # evaluated at the last step
+
+    # A rerun resumes the spent budget: nothing is left to train.
+    again = train(cfg, paths)
+    assert again["resumed_from_step"] == again["steps"] == summary["steps"]

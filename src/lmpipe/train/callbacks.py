@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 from torch import Tensor, nn
 
 from lmpipe.errors import ConfigError, LmpipeError
@@ -206,6 +206,95 @@ class DivergenceGuard:
         self.average = loss if self.average is None else self.decay * self.average + (1 - self.decay) * loss
 
 
+def at_end(trainer: L.Trainer) -> bool:
+    """True on the run's last optimizer step: max_steps reached, or the loop told to stop (the time
+    budget, early stopping) at this step. The callbacks that act "at the end" ask this."""
+    return trainer.global_step >= trainer.max_steps or trainer.should_stop
+
+
+class TimeBudget(Timer):
+    """``max_time``: ends training at the step boundary where the time budget would run out,
+    keeping time for the final evaluation and checkpoint; Lightning's Timer keeps the clock (and,
+    in checkpoints, the elapsed time, so a resumed run continues its remaining budget).
+
+    At every optimizer step boundary rank 0 predicts the time at the end of the next step (its
+    clock plus the average step time) and adds the reserve: the longest step-boundary work seen
+    so far (evaluations, checkpoints, samples, timed from this callback's turn to the next step's
+    start), and at least :attr:`MARGIN` of the budget for end-only work no earlier step showed
+    (samples or a checkpoint written only at the end). When the next step would end past ``max_time - reserve`` it
+    is the last one: the time fraction handed to the learning-rate schedule becomes 1 (the decay
+    ends on it) and the loop stops after it. Rank 0's decision and fraction are broadcast every
+    step, so ranks never disagree on when to stop. Must come first among the callbacks, so the
+    others see ``trainer.should_stop`` on the last step (:func:`at_end`).
+    """
+
+    MARGIN = 0.02
+
+    def __init__(self, max_time: float) -> None:
+        super().__init__(duration={"seconds": max_time}, interval="step")
+        self.max_time = max_time
+        self.time_fraction = 0.0  # read by TrainModule for the learning rate of the next step
+        self.reserve = 0.0
+        self._step_time: float | None = None
+        self._step_start: float | None = None
+        self._boundary: float | None = None
+        self._last_next = False
+
+    def on_fit_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # After a resume has restored the elapsed time: a spent budget trains no further step.
+        self._decide(trainer, final=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        pl_module.budget = self
+
+    def _decide(self, trainer: L.Trainer, final: bool) -> None:
+        """Rank 0's plan for the next step, on every rank: stop now (``final``: the step just
+        done was planned as the last), make it the last one, or go on; and its time fraction."""
+        stop, self._last_next = final, False
+        if not stop:
+            training_time = self.max_time - max(self.reserve, self.MARGIN * self.max_time)  # for steps
+            step_end = self.time_elapsed() + (self._step_time or 0.0)  # the end of one more step
+            self._last_next = step_end + (self._step_time or 0.0) > training_time
+            self.time_fraction = 1.0 if self._last_next else min(1.0, step_end / max(training_time, 1e-9))
+            stop = step_end > training_time  # not even one more step fits
+        if trainer.world_size > 1:
+            stop, self._last_next, self.time_fraction = trainer.strategy.broadcast(
+                (stop, self._last_next, self.time_fraction), src=0)
+        if stop:
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                log.info("time budget: stopping at step %d after %.1f s of max_time %.1f s (%.1f s kept for the "
+                         "final evaluation and checkpoint)", trainer.global_step, self.time_elapsed(),
+                         self.max_time, self.reserve)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if pl_module._acc.micro:  # not the first micro-batch of an optimizer step
+            return
+        now = time.monotonic()
+        if self._boundary is not None:
+            self.reserve = max(self.reserve, now - self._boundary)
+        self._step_start = now
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not pl_module.stepped:
+            return
+        now = time.monotonic()
+        if self._step_start is not None:
+            took = now - self._step_start
+            self._step_time = took if self._step_time is None else 0.8 * self._step_time + 0.2 * took
+        self._decide(trainer, final=self._last_next)
+        self._boundary = time.monotonic()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "reserve": self.reserve, "step_time": self._step_time}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.reserve = float(state_dict.get("reserve", 0.0))
+        self._step_time = state_dict.get("step_time")
+
+
 class TrainingMonitor(Callback):
     """Every ``log_every`` steps (and on the steps other callbacks act on): one host sync to read
     the mean train loss and grad norm, throughput and MFU, the divergence guard, MLflow metrics,
@@ -222,14 +311,15 @@ class TrainingMonitor(Callback):
         self.last_parts: dict[str, float] = {}
         self._mark: tuple[float, int] | None = None
 
-    def wants(self, step: int, max_steps: int) -> bool:
-        return step % self.log_every == 0 or step == max_steps or any(step % n == 0 for n in self.also_at)
+    def wants(self, trainer: L.Trainer) -> bool:
+        step = trainer.global_step
+        return step % self.log_every == 0 or at_end(trainer) or any(step % n == 0 for n in self.also_at)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._mark = (time.perf_counter(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if pl_module.stepped and self.wants(trainer.global_step, trainer.max_steps):
+        if pl_module.stepped and self.wants(trainer):
             self.flush(trainer, pl_module)
 
     def flush(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -296,7 +386,7 @@ class Validation(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if pl_module.stepped and ((self.every and step % self.every == 0) or step == trainer.max_steps):
+        if pl_module.stepped and ((self.every and step % self.every == 0) or at_end(trainer)):
             self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: Any) -> tuple[float, float | None]:
@@ -342,7 +432,7 @@ class DevEvaluation(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if pl_module.stepped and ((self.every and step % self.every == 0) or step == trainer.max_steps):
+        if pl_module.stepped and ((self.every and step % self.every == 0) or at_end(trainer)):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
@@ -414,7 +504,7 @@ class SampleGenerations(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        due = (self.every and step % self.every == 0) or step == trainer.max_steps
+        due = (self.every and step % self.every == 0) or at_end(trainer)
         if pl_module.stepped and due and trainer.is_global_zero:
             self.generate(trainer, pl_module)
 
@@ -469,7 +559,7 @@ class StepProgress(Callback):
         if self._progress is None or not pl_module.stepped:
             return
         step = trainer.global_step
-        if self.monitor.wants(step, trainer.max_steps):
+        if self.monitor.wants(trainer):
             m = self.monitor.last
             text = f"loss {m.get('train/loss', float('nan')):.3f}, {m.get('perf/tokens_per_s', 0):,.0f} tok/s"
             self._progress.update(self._task, completed=step, description=text)

@@ -28,6 +28,7 @@ from lmpipe.train.callbacks import (
     AsyncTracker,
     DivergenceGuard,
     StepProgress,
+    TimeBudget,
     TrainingInterrupted,
     TrainingMonitor,
 )
@@ -163,7 +164,9 @@ def fit(run: Run) -> Fitted:
         flops_per_token=run.flops_per_token, peak_flops=None, guard=DivergenceGuard(cfg.spike_factor, cfg.warmup_steps),
     )
     evaluation = run.evaluation(monitor)
-    callbacks: list[Callback] = [monitor, *evaluation, PeriodicCheckpoint(
+    # The time budget first: the callbacks after it see on the last step that it is the last.
+    callbacks: list[Callback] = [TimeBudget(cfg.max_time)] if cfg.max_time else []
+    callbacks += [monitor, *evaluation, PeriodicCheckpoint(
         run.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, requeue=SLURMEnvironment.detect())]
     if cfg.progress:
         callbacks.append(StepProgress(monitor, run.label))

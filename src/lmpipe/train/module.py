@@ -74,10 +74,13 @@ class StepStats:
         return stats
 
 
-def learning_rate(step: int, cfg: OptimSettings) -> float:
+def learning_rate(step: int, cfg: OptimSettings, time_fraction: float | None = None) -> float:
     """LR for optimizer step ``step`` (0-based): linear warmup, then cosine decay to
     min_lr_ratio * lr (GPT-3 / Chinchilla), warmup-stable-decay with a 1-sqrt cooldown over the
-    last decay_fraction of steps (Hägele et al. 2024), or constant."""
+    last decay_fraction of steps (Hägele et al. 2024), or constant.
+
+    ``time_fraction``: the share of the time budget (``max_time``) used so far; the decay then
+    follows whichever of steps and time is further along, so it ends with the run."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
@@ -85,13 +88,14 @@ def learning_rate(step: int, cfg: OptimSettings) -> float:
         return peak
     if cfg.schedule == "wsd":
         decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
-        decay_start = cfg.max_steps - decay_steps
-        if step < decay_start:
+        progress = (step - (cfg.max_steps - decay_steps)) / decay_steps
+        if time_fraction is not None:
+            progress = max(progress, (time_fraction - (1 - cfg.decay_fraction)) / cfg.decay_fraction)
+        if progress < 0:
             return peak
-        progress = min(1.0, (step - decay_start) / decay_steps)
-        return floor + (peak - floor) * (1 - math.sqrt(progress))
+        return floor + (peak - floor) * (1 - math.sqrt(min(1.0, progress)))
     span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    progress = min(1.0, max((step - cfg.warmup_steps) / span, time_fraction or 0.0))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
@@ -150,6 +154,7 @@ class TrainModule(L.LightningModule):
         self._batch_seed = 0
         self._tokens = self._steps = 0
         self._trainable: list[nn.Parameter] = []
+        self.budget: Any = None  # the run's TimeBudget callback when max_time is set (time_fraction)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets _current_fx_name around every hook call, some 30 times a step;
@@ -218,7 +223,8 @@ class TrainModule(L.LightningModule):
         assert not isinstance(optimizer, list)
         if self.cfg.grad_clip > 0:
             self._acc.add_norm(self._clip_gradients(self.cfg.grad_clip))
-        lr = learning_rate(self.trainer.global_step, self.cfg)
+        fraction = self.budget.time_fraction if self.budget is not None else None
+        lr = learning_rate(self.trainer.global_step, self.cfg, fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()

@@ -74,7 +74,12 @@ def stage_default(owner: type[BaseModel], name: str, default: Any, **changes: An
 class OptimSettings(Section):
     """Step budget, batch, AdamW and the learning-rate schedule."""
 
-    max_steps: int = Field(600, gt=0, description="Optimizer steps to train for.")
+    max_steps: int = Field(600, gt=0, description="Optimizer steps to train for (with max_time: at most).")
+    max_time: float | None = Field(
+        None, gt=0,
+        description="Wall-clock budget of the training loop in seconds (null: off); training ends at whichever "
+        "of max_steps and max_time comes first, the final evaluation and checkpoint inside the budget, and the "
+        "cosine / wsd decay follows the elapsed share of the time.")
     micro_batch_size: int = Field(16, gt=0, description="Sequences (examples) per device per forward/backward pass.")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
@@ -82,7 +87,7 @@ class OptimSettings(Section):
     schedule: Literal["cosine", "wsd", "constant"] = Field(
         "cosine", description="After warmup: cosine decay, warmup-stable-decay (wsd), or constant."
     )
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent in the final decay.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps (or of max_time) spent in the final decay.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (0.95 as GPT-3, for stability from scratch).")
