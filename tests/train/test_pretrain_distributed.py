@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,6 +80,12 @@ if options.get("lagging_rank") is not None and os.environ.get("LOCAL_RANK") == s
     for module in (checkpoint, pretrain):
         if hasattr(module, "find_resume_checkpoint"):
             module.find_resume_checkpoint = lambda directory, key: None
+if options.get("fast_clock_rank") is not None and os.environ.get("LOCAL_RANK") == str(options["fast_clock_rank"]):
+    # This rank's clock runs twice as fast: ranks that judged a time budget each by their own
+    # clock would disagree on when to stop, and one would be left waiting in a collective.
+    import time
+    real_clock = time.monotonic
+    time.monotonic = lambda: 2 * real_clock()
 record = Record(root, options.get("stop_at", 0), options.get("nan_at", 0))
 pretrain.train(PretrainConfig.model_validate(options["config"]), Paths(root), extra_callbacks=[record])
 """
@@ -99,14 +106,22 @@ def launch(root: Path, options: dict[str, Any], processes: int = 2) -> subproces
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                    "--no-python", *command]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A session of its own: a hung run is killed with its ranks, not just torchrun (see kill()).
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    """Kill a launched run and every rank of it (ranks outlive a killed torchrun and keep its
+    output pipe open)."""
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        kill(proc)
         output, _ = proc.communicate()
         pytest.fail(f"did not finish in {timeout:.0f} s (ranks waiting on each other?):\n{output[-3000:]}")
     return proc.returncode, output
@@ -138,6 +153,8 @@ def assert_same_training(got: Path, reference: Path, atol: float = 1e-5) -> None
 
 FSDP = {**BASE, "strategy": "fsdp", "devices": 2}
 DDP = {**EXPLICIT, "strategy": "ddp", "devices": 2}
+BUDGET = {**DDP, "max_steps": 10**6, "max_time": 4.0, "schedule": "wsd", "val_every": 0, "log_every": 10,
+          "checkpoint_every": 0}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +162,7 @@ def first_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, t
     """The tests' first runs, started together (the machine has 2 cores; most of a short run is
     start-up and waiting on the other rank): name -> (project root, process)."""
     plans = {"fsdp": ({"config": FSDP, "stop_at": 4}, 2), "stopped": ({"config": EXPLICIT, "stop_at": 4}, 1),
-             "nan": ({"config": DDP, "nan_at": 3}, 2)}
+             "nan": ({"config": DDP, "nan_at": 3}, 2), "budget": ({"config": BUDGET, "fast_clock_rank": 1}, 2)}
     started = {}
     for name, (options, processes) in plans.items():
         root = shards(tmp_path_factory.mktemp(name))
@@ -153,7 +170,7 @@ def first_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, t
     yield started
     for _, proc in started.values():
         if proc.poll() is None:
-            proc.kill()
+            kill(proc)
             proc.communicate()
 
 
@@ -241,3 +258,19 @@ def test_nan_on_one_rank_stops_every_rank_and_writes_no_model(first_runs: dict[s
     assert not (root / "models" / "pretrain").exists() and not (root / "metrics" / "pretrain.json").exists()
     [ckpt_dir] = (root / "checkpoints" / "pretrain").iterdir()
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["step-00000002.ckpt"]
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_when_a_time_budget_ends(first_runs: dict[str, Any]) -> None:
+    """max_time under DDP with rank 1's clock running twice as fast: rank 0's clock decides, so
+    both ranks stop after the same step and the run ends normally, inside rank 0's budget."""
+    root, proc = first_runs["budget"]
+    code, output = finish(proc)
+    assert code == 0, output[-3000:]
+    last_steps = {max(json.loads(line)["step"] for line in file.read_text().splitlines())
+                  for file in root.glob("samples-*.jsonl")}
+    metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
+    assert last_steps == {metrics["steps"]}
+    last = torch.load(next(root.glob("checkpoints/pretrain/*/last.ckpt")), weights_only=True)
+    budget = next(state for key, state in last["callbacks"].items() if "TimeBudget" in key)
+    assert 4.0 * 0.6 < budget["time_elapsed"]["train"] <= 4.0 + 0.25  # rank 0's clock, not rank 1's
