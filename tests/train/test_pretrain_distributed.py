@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -106,15 +105,18 @@ def launch(root: Path, options: dict[str, Any], processes: int = 2) -> subproces
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                    "--no-python", *command]
-    # A session of its own: a hung run is killed with its ranks, not just torchrun (see kill()).
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def kill(proc: subprocess.Popen[str]) -> None:
-    """Kill a launched run and every rank of it (ranks outlive a killed torchrun and keep its
-    output pipe open)."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    """Stop a launched run with every rank of it: on SIGTERM torchrun ends its ranks (each in a
+    session of its own, so a killed torchrun would leave them running, its output pipe open) and
+    kills those still running after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
