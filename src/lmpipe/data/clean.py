@@ -554,6 +554,30 @@ def run_inputs(cfg: CleanConfig, paths: Paths) -> tuple[list[Path], NgramIndex |
     return files, index, eval_files
 
 
+def write_report(cfg: CleanConfig, tally: _Tally, dedup: StreamDedup, tmp: Path, paths: Paths,
+                 eval_files: list[Path]) -> dict[str, Any]:
+    """Write a clean run's report and manifest into its staging dir ``tmp``; its summary (both engines)."""
+    report = _report(cfg, tally, dedup)
+    write_json(tmp / REPORT_NAME, report)
+    inputs: dict[str, Path] = {"raw": paths.raw}
+    for path in eval_files:
+        inputs[f"eval:{path.relative_to(paths.root) if path.is_relative_to(paths.root) else path}"] = path
+    summary = summary_of(report)
+    write_manifest(tmp, stage="clean", config=cfg, inputs=inputs,
+                   counts={k: v for k, v in summary.items() if k.startswith(("docs_", "bytes_"))})
+    return summary
+
+
+def add_throughput(summary: dict[str, Any], started: float, cpu_started: float, workers: int) -> None:
+    """Add wall and CPU seconds and MB/s to ``summary``; CPU time counts from ``cpu_started`` (lower it
+    by the CPU seconds spent in other processes to count them)."""
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    summary.update(seconds=round(seconds, 3), cpu_seconds=round(cpu, 3), workers=workers,
+                   mb_per_s=round(summary["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
+                   mb_per_cpu_s=round(summary["bytes_in"] / 1e6 / max(cpu, 1e-9), 3))
+
+
 def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     """Clean ``paths.raw`` into ``paths.clean`` (parquet shards, clean_report.json, manifest.json).
 
@@ -595,19 +619,8 @@ def run(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
             assert isinstance(near, SpilledNearDuplicateIndex)
             drop_spilled(near, waiting, writer, tally, dedup)
         writer.close()
-        report = _report(cfg, tally, dedup)
-        write_json(tmp / REPORT_NAME, report)
-        inputs: dict[str, Path] = {"raw": paths.raw}
-        for path in eval_files:
-            inputs[f"eval:{path.relative_to(paths.root) if path.is_relative_to(paths.root) else path}"] = path
-        summary = summary_of(report)
-        write_manifest(tmp, stage="clean", config=cfg, inputs=inputs,
-                       counts={k: v for k, v in summary.items() if k.startswith(("docs_", "bytes_"))})
-    seconds = time.perf_counter() - started
+        summary = write_report(cfg, tally, dedup, tmp, paths, eval_files)
     # CPU time of this process plus the workers' chunks: throughput per core even on a busy machine
-    cpu = time.process_time() - cpu_started + (tally.worker_cpu if workers > 1 else 0.0)
-    summary.update(seconds=round(seconds, 3), cpu_seconds=round(cpu, 3), workers=workers,
-                   mb_per_s=round(summary["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
-                   mb_per_cpu_s=round(summary["bytes_in"] / 1e6 / max(cpu, 1e-9), 3))
+    add_throughput(summary, started, cpu_started + (-tally.worker_cpu if workers > 1 else 0.0), workers)
     log.info("clean: %d -> %d documents (%.1f MB/s)", summary["docs_in"], summary["docs_out"], summary["mb_per_s"])
     return {**summary, "artifacts": [str(paths.clean / REPORT_NAME)]}

@@ -44,12 +44,12 @@ from lmpipe.data.clean import (
     REPORT_NAME,
     ChunkResult,
     _check,
-    _report,
     _Tally,
+    add_throughput,
     process_chunk,
     rule_names,
     run_inputs,
-    summary_of,
+    write_report,
 )
 from lmpipe.data.config import CleanConfig
 from lmpipe.data.decontam import NgramIndex
@@ -65,7 +65,7 @@ from lmpipe.data.shards import COLUMNS, SCHEMA, conform
 from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, user_errors
 from lmpipe.engine import collect as _collect
 from lmpipe.errors import DataError
-from lmpipe.io import atomic_dir, write_json, write_manifest
+from lmpipe.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -369,19 +369,8 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
                     tally.languages[lang] = tally.languages.get(lang, 0) + count
         else:  # as the local writer: an empty stream still writes one empty shard
             pq.write_table(SCHEMA.empty_table(), tmp / "part-00000.parquet", compression="zstd")
-        report = _report(cfg, tally, dedup)
-        write_json(tmp / REPORT_NAME, report)
-        inputs: dict[str, Path] = {"raw": paths.raw}
-        for path in eval_files:
-            inputs[f"eval:{path.relative_to(paths.root) if path.is_relative_to(paths.root) else path}"] = path
-        summary = summary_of(report)
-        write_manifest(tmp, stage="clean", config=cfg, inputs=inputs,
-                       counts={k: v for k, v in summary.items() if k.startswith(("docs_", "bytes_"))})
-    seconds = time.perf_counter() - started
-    cpu = time.process_time() - cpu_started + tally.worker_cpu
-    summary.update(seconds=round(seconds, 3), cpu_seconds=round(cpu, 3), workers=cpus,
-                   mb_per_s=round(summary["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
-                   mb_per_cpu_s=round(summary["bytes_in"] / 1e6 / max(cpu, 1e-9), 3))
+        summary = write_report(cfg, tally, dedup, tmp, paths, eval_files)
+    add_throughput(summary, started, cpu_started - tally.worker_cpu, cpus)
     log.info("clean on Ray: %d -> %d documents (%.1f MB/s)", summary["docs_in"], summary["docs_out"],
              summary["mb_per_s"])
     return {**summary, "artifacts": [str(paths.clean / REPORT_NAME)]}
