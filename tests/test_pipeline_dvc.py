@@ -69,7 +69,8 @@ TINY = {
     "distill": {"student": {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2}, "init": "auto"},
                 "max_steps": 6, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 3, "eval_batches": 2,
                 "checkpoint_every": 0, "progress": False},
-    "evaluate": {"max_tokens": 4000, "sample_tokens": 4,
+    # the baselines and lm-eval have tests of their own (tests/evaluate): off here, where evaluate runs thrice
+    "evaluate": {"max_tokens": 4000, "sample_tokens": 4, "baselines": {"enabled": False}, "lm_eval": {"enabled": False},
                  "speed": {"batch_sizes": [1], "new_tokens": 4, "repeats": 1, "warmup": 0, "threads": 1}},
 }
 TASK = {"max_steps": 4, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 0,
