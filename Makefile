@@ -40,7 +40,7 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check src tests pipelines benchmarks infra
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
