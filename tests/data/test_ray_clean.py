@@ -24,7 +24,7 @@ from test_dedup import near_signatures
 from lmpipe import engine
 from lmpipe.config import Paths, load_params
 from lmpipe.data import clean, ray_clean
-from lmpipe.data.dedup import NearDuplicateIndex, band_hashes
+from lmpipe.data.dedup import NearDuplicateIndex, band_hashes, bucket_pairs
 from lmpipe.data.shards import read_documents
 from lmpipe.data.synthetic import generate
 from lmpipe.errors import ConfigError, DataError, LmpipeError
@@ -32,16 +32,19 @@ from lmpipe.io import read_manifest
 
 
 def _edges_by_bucket(sigs: np.ndarray, near: NearDuplicateIndex, cells: int = 1 << 25) -> pa.Table:
-    """What the Ray pipeline's band shuffle feeds :func:`ray_clean.bucket_pairs`, grouped in numpy."""
+    """What the Ray pipeline's band shuffle feeds :func:`ray_clean.near_partition`: three
+    partitions by band hash, and (``cells``) each bucket's comparisons done that many at a time."""
     table = ray_clean.band_rows(pa.table({"order": pa.array(np.arange(len(sigs), dtype=np.int64)),
                                           "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}),
                                 sigs.shape[1], near.bands, near.rows)
+    table = ray_clean.with_part(table, "bucket", 3)
+    part = table.column("part").to_numpy()
+    if cells == 1 << 25:
+        return pa.concat_tables([ray_clean.near_partition(table.filter(pa.array(part == p)), sigs.shape[1],
+                                                          near.min_equal) for p in range(3)])
     buckets = table.column("bucket").to_numpy()
-    edges = []
-    for bucket in np.unique(buckets):
-        group = table.filter(pa.array(buckets == bucket))
-        edges.append(ray_clean.bucket_pairs(group, sigs.shape[1], near.min_equal, cells))
-    return pa.concat_tables(edges)
+    return pa.concat_tables([bucket_pairs(table.filter(pa.array(buckets == b)), sigs.shape[1], near.min_equal, cells)
+                             for b in np.unique(buckets)])
 
 
 def test_distributed_near_dedup_matches_the_streaming_index() -> None:

@@ -361,6 +361,31 @@ def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 
                     schema=EDGE_SCHEMA)
 
 
+def shared_buckets(buckets: np.ndarray) -> np.ndarray:
+    """Rows whose bucket holds at least two rows (a lone document pairs with nothing), grouped by
+    bucket, input order kept within each."""
+    values, counts = np.unique(buckets, return_counts=True)
+    shared = np.flatnonzero(np.isin(buckets, values[counts > 1]))
+    return shared[np.argsort(buckets[shared], kind="stable")]
+
+
+def partition_pairs(table: pa.Table, num_perm: int, min_equal: int, grouped: bool = False) -> pa.Table:
+    """Verified pairs of a partition of band rows (``BAND_SCHEMA``) holding any number of buckets:
+    :func:`bucket_pairs` of each bucket with two or more rows. ``grouped``: the rows are already
+    those of :func:`shared_buckets`, in its order. One call per partition rather than per bucket:
+    most buckets hold one document, and a call per bucket costs more than its comparisons."""
+    if not grouped:
+        table = table.take(pa.array(shared_buckets(table.column("bucket").to_numpy())))
+    buckets = table.column("bucket").to_numpy()
+    if len(buckets) == 0:
+        return EDGE_SCHEMA.empty_table()
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    edges = [EDGE_SCHEMA.empty_table()]
+    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(buckets)], strict=True):
+        edges.append(bucket_pairs(table.slice(start, end - start), num_perm, min_equal))
+    return pa.concat_tables(edges)
+
+
 def resolve_near(edges: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(removed order keys, the kept document each duplicates), ascending, by the local rule.
 
@@ -460,20 +485,15 @@ class SpilledNearDuplicateIndex:
             path = self.directory / f"bands-{p:05d}.parquet"
             table = pq.read_table(path)
             path.unlink()
-            buckets = table.column("bucket").to_numpy()
-            values, counts = np.unique(buckets, return_counts=True)
-            shared = np.flatnonzero(np.isin(buckets, values[counts > 1]))  # a lone document pairs with nothing
+            shared = shared_buckets(table.column("bucket").to_numpy())
             if not len(shared) or sigs is None:
                 continue
-            shared = shared[np.argsort(buckets[shared], kind="stable")]
-            table, buckets = table.take(pa.array(shared)), buckets[shared]
+            table = table.take(pa.array(shared))
             sig_rows = np.asarray(sigs[table.column("k").to_numpy()])
             table = pa.table({"bucket": table.column("bucket"), "band": table.column("band"),
                               "order": table.column("order"),
                               "sig": pa.array([row.tobytes() for row in sig_rows], pa.binary())}, schema=BAND_SCHEMA)
-            starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(buckets)], strict=True):
-                edges.append(bucket_pairs(table.slice(start, end - start), self.num_perm, self.min_equal))
+            edges.append(partition_pairs(table, self.num_perm, self.min_equal, grouped=True))
         del sigs
         self._sig_path.unlink()
         self._writers = {}

@@ -6,11 +6,12 @@ The output is the local engine's, byte for byte: the same documents, the same sh
 1. **Filter** (``map_batches``, one task per raw row group): :func:`lmpipe.data.clean.process_chunk`,
    the local engine's kernel, judges, decontaminates and redacts; it gives each survivor its exact
    key and MinHash signature. A survivor's *order key* is ``chunk << 32 | row``: input order.
-2. **Exact dedup** (hash shuffle): ``groupby`` on the exact key; in each group the document with the
-   smallest order key is kept, the others are removed by a ``left_anti`` join.
+2. **Exact dedup** (hash shuffle): ``groupby`` on the exact key modulo the partition count puts
+   every copy of a document in one partition; there, of each key's documents the one with the
+   smallest order key is kept.
 3. **Near dedup**: each exact survivor emits one row per LSH band (band hash, order key, signature);
-   ``groupby`` on the band hash puts candidates together and each group emits its verified pairs
-   (estimated Jaccard >= threshold). The driver resolves the pair graph's connected components with
+   ``groupby`` on the band hash modulo the partition count puts candidates together and each
+   partition emits the verified pairs of its buckets (estimated Jaccard >= threshold). The driver resolves the pair graph's connected components with
    the local engine's rule, in order-key order: a document is removed when it matches an earlier
    *kept* one. The driver holds only the verified pairs (near duplicates), never a signature.
 4. **Write** (two shuffles): kept documents are counted per chunk, which gives each its global
@@ -58,7 +59,7 @@ from lmpipe.data.dedup import (
     NearDuplicateIndex,
     StreamDedup,
     band_rows,
-    bucket_pairs,
+    partition_pairs,
     resolve_near,
 )
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform
@@ -70,6 +71,7 @@ from lmpipe.io import atomic_dir
 log = logging.getLogger(__name__)
 
 ROW_BITS = 32
+SHUFFLE_BYTES = 256 << 20  # raw (uncompressed) bytes per shuffle partition, at most
 
 DOC_SCHEMA = pa.schema([
     ("order", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
@@ -142,12 +144,32 @@ def _stats(batch: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------------------------- 2. exact dedup
 
 
-def exact_group(group: pa.Table) -> pa.Table:
-    """All documents with one exact key, the first (by order key) with a null ``dup_id``, every
-    other one with the first's id in ``dup_id``: a duplicate."""
-    group = group.sort_by("order")
-    dup_id = [None] + [group.column("id")[0].as_py()] * (group.num_rows - 1)
-    return group.append_column("dup_id", pa.array(dup_id, pa.string()))
+def with_part(batch: pa.Table, column: str, parts: int) -> pa.Table:
+    """``batch`` with ``part``: its ``column`` (a hash) modulo ``parts``, the key of a shuffle.
+
+    The shuffles group by this coarse key, not by the hash itself: a Ray ``map_groups`` call per
+    exact key or per LSH bucket would be a Python call per document (per band, for LSH), which
+    costs far more than the work done in it."""
+    values = batch.column(column).to_numpy()
+    return batch.append_column("part", pa.array((values % np.uint64(parts)).astype(np.int64)))
+
+
+def exact_partition(group: pa.Table) -> pa.Table:
+    """Documents of one shuffle partition, any number of exact keys: of each key's documents the
+    first by order key gets a null ``dup_id``, every other one the first's id: a duplicate."""
+    group = group.sort_by([("key", "ascending"), ("order", "ascending")]).combine_chunks()
+    keys = group.column("key").to_numpy()
+    n = len(keys)
+    first = np.ones(n, np.bool_)
+    first[1:] = keys[1:] != keys[:-1]
+    head = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    dup_id = pc.if_else(pa.array(first), pa.nulls(n, pa.string()), group.column("id").take(pa.array(head)))
+    return group.drop_columns(["part"]).append_column("dup_id", dup_id)
+
+
+def near_partition(group: pa.Table, num_perm: int, min_equal: int) -> pa.Table:
+    """Verified pairs of one shuffle partition of band rows (any number of LSH buckets)."""
+    return partition_pairs(group.combine_chunks(), num_perm, min_equal)
 
 
 def _unique(batch: pa.Table) -> pa.Table:
@@ -215,7 +237,8 @@ def _chunks(files: list[Path]) -> list[dict[str, Any]]:
         for rg in range(meta.num_row_groups):
             rows = meta.row_group(rg).num_rows
             if rows:
-                items.append({"path": str(path), "row_group": rg, "chunk": len(items), "first_row": first})
+                items.append({"path": str(path), "row_group": rg, "chunk": len(items), "first_row": first,
+                              "bytes": meta.row_group(rg).total_byte_size})
             first += rows
     return items
 
@@ -279,6 +302,8 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
     items = _chunks(files)
+    # shuffle partitions: a few per CPU, and none holding more than SHUFFLE_BYTES of raw text
+    shuffle_parts = max(4 * cpus, -(-sum(item["bytes"] for item in items) // SHUFFLE_BYTES))
     if not items:  # only empty shards: nothing to distribute
         return clean_locally(cfg, paths)
     index_box = [ray.put(index)] if index is not None and len(index) else []
@@ -296,8 +321,9 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     by_lang: dict[str, dict[str, int]] = {}  # dedup rule -> language -> documents removed (the report's by_language)
     if cfg.exact_dedup.enabled:
         # the hash shuffle: every document moves once, to the group of its exact key
-        judged = docs.groupby("key", num_partitions=parts).map_groups(
-            exact_group, batch_format="pyarrow", **remote).materialize()
+        judged = docs.map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "key", "parts": shuffle_parts}) \
+            .groupby("part", num_partitions=shuffle_parts).map_groups(
+                exact_partition, batch_format="pyarrow", **remote).materialize()
         survivors = judged.map_batches(_unique, batch_format="pyarrow")
         dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
         dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
@@ -312,8 +338,9 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
             survivors.select_columns(["order", "sig"])
             .map_batches(band_rows, batch_format="pyarrow",
                          fn_kwargs={"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}, **remote)
-            .groupby("bucket", num_partitions=parts)
-            .map_groups(bucket_pairs, batch_format="pyarrow",
+            .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts})
+            .groupby("part", num_partitions=shuffle_parts)
+            .map_groups(near_partition, batch_format="pyarrow",
                         fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
             EDGE_SCHEMA)
         removed, dup_of = resolve_near(edges)
