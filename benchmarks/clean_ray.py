@@ -39,6 +39,8 @@ def one_run(root: Path, kind: str, cpus: int) -> dict[str, Any]:
     """Clean root/data/raw into root/data/clean in this process; the summary plus peak RSS."""
     cfg = CleanConfig.model_validate({"workers": cpus, "decontaminate": {"eval_files": ["eval.jsonl"]}})
     with engine.use(engine.EngineConfig(kind=kind, num_cpus=cpus)):  # type: ignore[arg-type]
+        if kind == "ray":  # the cluster is up before the stage starts, as on a cluster in service
+            engine.connect(engine.current())
         start = time.perf_counter()
         summary = clean.run(cfg, Paths(root))
         wall = time.perf_counter() - start

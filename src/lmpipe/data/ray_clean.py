@@ -264,6 +264,10 @@ def _kept(batch: pa.Table, drop: list[Any]) -> pa.Table:
     return batch.append_column("chunk", pc.shift_right(batch.column("order"), ROW_BITS))
 
 
+def _phase(what: str, started: float, *args: Any) -> None:
+    log.info("clean on Ray: " + what + " (%.1f s)", *args, time.perf_counter() - started)
+
+
 def run(cfg: CleanConfig, paths: Paths, engine: EngineConfig | None = None) -> dict[str, Any]:
     """Clean ``paths.raw`` into ``paths.clean`` on Ray; the same output and summary keys as
     :func:`lmpipe.data.clean.run` (``workers`` is the cluster's CPU count).
@@ -310,6 +314,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     filtered = rdata.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         filter_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "index_box": index_box},
         **remote).materialize()
+    _phase("filtered %d raw chunks", started, len(items))
     stats_rows = _collect(filtered.map_batches(_stats, batch_format="pyarrow"), pa.schema(
         [("order", pa.int64()), ("stats", pa.binary())])).sort_by("order")
     docs = filtered.map_batches(_documents, batch_format="pyarrow")
@@ -324,6 +329,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         judged = docs.map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "key", "parts": shuffle_parts}) \
             .groupby("part", num_partitions=shuffle_parts).map_groups(
                 exact_partition, batch_format="pyarrow", **remote).materialize()
+        _phase("exact dedup over %d partitions", started, shuffle_parts)
         survivors = judged.map_batches(_unique, batch_format="pyarrow")
         dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
         dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
@@ -344,6 +350,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
                         fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
             EDGE_SCHEMA)
         removed, dup_of = resolve_near(edges)
+        _phase("near dedup: %d verified pairs", started, edges.num_rows)
         entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
         if len(removed):
             drop = [ray.put(removed)]
@@ -362,6 +369,7 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     kept = survivors.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
         _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
     survivors = judged = dups = None
+    _phase("kept documents listed", started)
     counts = _collect(kept.groupby("chunk", num_partitions=parts).count(),
                       pa.schema([("chunk", pa.int64()), ("count()", pa.int64())]))
     offsets, total = {}, 0
