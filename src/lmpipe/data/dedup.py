@@ -315,21 +315,26 @@ class NearDuplicateIndex:
 
 BAND_SCHEMA = pa.schema([("bucket", pa.uint64()), ("band", pa.int32()), ("order", pa.int64()),
                          ("sig", pa.binary())])
+BAND_KEY_SCHEMA = pa.schema([("bucket", pa.uint64()), ("band", pa.int32()), ("order", pa.int64())])
 EDGE_SCHEMA = pa.schema([("lo", pa.int64()), ("hi", pa.int64()), ("band", pa.int32())])
 
 
-def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table:
-    """One row per document and LSH band: (band hash, band, order key, signature)."""
+def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int, signatures: bool = True) -> pa.Table:
+    """One row per document and LSH band: (band hash, band, order key, signature); without the
+    signature (``signatures=False``, ``BAND_KEY_SCHEMA``), a twentieth of the bytes to shuffle."""
     n = batch.num_rows
+    schema = BAND_SCHEMA if signatures else BAND_KEY_SCHEMA
     if n == 0:
-        return BAND_SCHEMA.empty_table()
+        return schema.empty_table()
     sigs = np.frombuffer(b"".join(batch.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
     keys = band_hashes(sigs, bands, rows)  # [n, bands]
     take = pa.array(np.repeat(np.arange(n), bands))
-    return pa.table({"bucket": pa.array(keys.reshape(-1), pa.uint64()),
-                     "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
-                     "order": batch.column("order").take(take), "sig": batch.column("sig").take(take)},
-                    schema=BAND_SCHEMA)
+    columns = {"bucket": pa.array(keys.reshape(-1), pa.uint64()),
+               "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
+               "order": batch.column("order").take(take)}
+    if signatures:
+        columns["sig"] = batch.column("sig").take(take)
+    return pa.table(columns, schema=schema)
 
 
 def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 << 25) -> pa.Table:

@@ -10,10 +10,13 @@ The output is the local engine's, byte for byte: the same documents, the same sh
    every copy of a document in one partition; there, of each key's documents the one with the
    smallest order key is kept.
 3. **Near dedup**: each exact survivor emits one row per LSH band (band hash, order key, signature);
-   ``groupby`` on the band hash modulo the partition count puts candidates together and each
-   partition emits the verified pairs of its buckets (estimated Jaccard >= threshold). The driver resolves the pair graph's connected components with
+   ``groupby`` on the band hash modulo the partition count puts candidates together. A first
+   shuffle moves band hashes and order keys only and finds the candidates (documents sharing a
+   bucket); a second moves the candidates' rows with their signatures, and each partition emits
+   the verified pairs of its buckets (estimated Jaccard >= threshold). The driver resolves the pair graph's connected components with
    the local engine's rule, in order-key order: a document is removed when it matches an earlier
-   *kept* one. The driver holds only the verified pairs (near duplicates), never a signature.
+   *kept* one. The driver holds the candidates' order keys (8 bytes each) and the verified pairs,
+   never a signature.
 4. **Write** (two shuffles): kept documents are counted per chunk, which gives each its global
    row number and so its shard; each shard is written by one task, sorted by order key.
 
@@ -61,6 +64,7 @@ from lmpipe.data.dedup import (
     band_rows,
     partition_pairs,
     resolve_near,
+    shared_buckets,
 )
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform
 from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, user_errors
@@ -81,6 +85,7 @@ DOC_SCHEMA = pa.schema([
 DUP_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("dup_id", pa.string()),
                         ("bytes", pa.int64()), ("head", pa.string())])
 INFO_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("bytes", pa.int64()), ("head", pa.string())])
+ORDER_SCHEMA = pa.schema([("order", pa.int64())])
 SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
                           ("languages", pa.string())])
 
@@ -165,6 +170,12 @@ def exact_partition(group: pa.Table) -> pa.Table:
     head = np.maximum.accumulate(np.where(first, np.arange(n), 0))
     dup_id = pc.if_else(pa.array(first), pa.nulls(n, pa.string()), group.column("id").take(pa.array(head)))
     return group.drop_columns(["part"]).append_column("dup_id", dup_id)
+
+
+def shared_orders(group: pa.Table) -> pa.Table:
+    """Order keys of the documents of one shuffle partition of band keys that share a bucket."""
+    orders = group.column("order").to_numpy()[shared_buckets(group.column("bucket").to_numpy())]
+    return pa.table({"order": pa.array(np.unique(orders))}, schema=ORDER_SCHEMA)
 
 
 def near_partition(group: pa.Table, num_perm: int, min_equal: int) -> pa.Table:
@@ -340,15 +351,30 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
     if dedup.near is not None:
         near = dedup.near
-        edges = _collect(
-            survivors.select_columns(["order", "sig"])
-            .map_batches(band_rows, batch_format="pyarrow",
-                         fn_kwargs={"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}, **remote)
+        bands = {"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}
+        sigs = survivors.select_columns(["order", "sig"])
+        # two band shuffles: the first moves only (band hash, order key) and finds the candidates,
+        # the documents sharing a bucket with another; the second moves the candidates'
+        # signatures only, to verify their pairs. Most documents share no bucket, so their
+        # signatures (num_perm * 4 bytes per band row) never cross the network.
+        candidates = _collect(
+            sigs.map_batches(band_rows, batch_format="pyarrow", fn_kwargs={**bands, "signatures": False}, **remote)
             .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts})
             .groupby("part", num_partitions=shuffle_parts)
-            .map_groups(near_partition, batch_format="pyarrow",
-                        fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
-            EDGE_SCHEMA)
+            .map_groups(shared_orders, batch_format="pyarrow", **remote),
+            ORDER_SCHEMA).column("order").to_numpy()
+        candidates = np.unique(candidates)  # a document shares buckets in several partitions
+        _phase("near dedup: %d candidate documents", started, len(candidates))
+        edges = EDGE_SCHEMA.empty_table()
+        if len(candidates):
+            edges = _collect(
+                sigs.map_batches(_rows_in, batch_format="pyarrow", fn_kwargs={"wanted": [ray.put(candidates)]})
+                .map_batches(band_rows, batch_format="pyarrow", fn_kwargs=bands, **remote)
+                .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts})
+                .groupby("part", num_partitions=shuffle_parts)
+                .map_groups(near_partition, batch_format="pyarrow",
+                            fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
+                EDGE_SCHEMA)
         removed, dup_of = resolve_near(edges)
         _phase("near dedup: %d verified pairs", started, edges.num_rows)
         entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
