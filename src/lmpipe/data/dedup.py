@@ -326,7 +326,7 @@ def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int, signatures:
     schema = BAND_SCHEMA if signatures else BAND_KEY_SCHEMA
     if n == 0:
         return schema.empty_table()
-    sigs = np.frombuffer(b"".join(batch.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
+    sigs = signature_matrix(batch.column("sig"), num_perm)
     keys = band_hashes(sigs, bands, rows)  # [n, bands]
     take = pa.array(np.repeat(np.arange(n), bands))
     columns = {"bucket": pa.array(keys.reshape(-1), pa.uint64()),
@@ -352,7 +352,7 @@ def bucket_pairs(group: pa.Table, num_perm: int, min_equal: int, cells: int = 1 
     group = group.sort_by("order")
     order = group.column("order").to_numpy()
     band = group.column("band").to_numpy()
-    sigs = np.frombuffer(b"".join(group.column("sig").to_pylist()), np.uint32).reshape(n, num_perm)
+    sigs = signature_matrix(group.column("sig"), num_perm)
     los, his = [], []
     for start in range(0, n, block):  # n x block x num_perm at a time: a huge bucket stays bounded
         equal = (sigs[start:start + block, None, :] == sigs[None, :, :]).sum(axis=2)
@@ -374,20 +374,67 @@ def shared_buckets(buckets: np.ndarray) -> np.ndarray:
     return shared[np.argsort(buckets[shared], kind="stable")]
 
 
-def partition_pairs(table: pa.Table, num_perm: int, min_equal: int, grouped: bool = False) -> pa.Table:
-    """Verified pairs of a partition of band rows (``BAND_SCHEMA``) holding any number of buckets:
-    :func:`bucket_pairs` of each bucket with two or more rows. ``grouped``: the rows are already
-    those of :func:`shared_buckets`, in its order. One call per partition rather than per bucket:
-    most buckets hold one document, and a call per bucket costs more than its comparisons."""
+SMALL_BUCKET = 16  # buckets up to this size are verified together, all pairs at once
+
+
+def signature_matrix(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
+    """A binary column of ``num_perm`` uint32 signatures as an [n, num_perm] array, without a
+    Python object per row where the column is one contiguous buffer."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n, width = len(arr), num_perm * 4
+    if n and arr.null_count == 0 and pa.types.is_binary(arr.type):
+        offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
+        if offsets[-1] - offsets[0] == n * width and np.all(np.diff(offsets) == width):
+            data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
+            return data.view(np.uint32).reshape(n, num_perm)
+    return np.frombuffer(b"".join(arr.to_pylist()), np.uint32).reshape(n, num_perm)
+
+
+def signature_column(signatures: np.ndarray) -> pa.BinaryArray:
+    """[n, num_perm] uint32 signatures as a binary column, one value per row (no Python object
+    per row): what :func:`signature_matrix` reads back."""
+    sigs = np.ascontiguousarray(signatures, np.uint32)
+    n, width = sigs.shape[0], sigs.shape[1] * 4 if sigs.ndim == 2 else 0
+    offsets = np.arange(n + 1, dtype=np.int32) * width
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(sigs.tobytes())])
+
+
+def partition_pairs(table: pa.Table, num_perm: int, min_equal: int, grouped: bool = False,
+                    cells: int = 1 << 25) -> pa.Table:
+    """Verified pairs of a partition of band rows (``BAND_SCHEMA``) holding any number of buckets,
+    as :func:`bucket_pairs` of each bucket with two or more rows. ``grouped``: the rows are
+    already those of :func:`shared_buckets`, in its order. Buckets of up to ``SMALL_BUCKET`` rows,
+    nearly all of them, are compared together in a few vectorised passes: a call per bucket costs
+    more than its comparisons."""
     if not grouped:
         table = table.take(pa.array(shared_buckets(table.column("bucket").to_numpy())))
     buckets = table.column("bucket").to_numpy()
-    if len(buckets) == 0:
+    n = len(buckets)
+    if n == 0:
         return EDGE_SCHEMA.empty_table()
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    order = table.column("order").to_numpy()
+    band = table.column("band").to_numpy()
+    sigs = signature_matrix(table.column("sig"), num_perm)
     edges = [EDGE_SCHEMA.empty_table()]
-    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(buckets)], strict=True):
-        edges.append(bucket_pairs(table.slice(start, end - start), num_perm, min_equal))
+    step = max(1, cells // num_perm)
+    for size in np.unique(sizes[sizes <= SMALL_BUCKET]).tolist():
+        base = starts[sizes == size]
+        a, b = np.triu_indices(size, 1)
+        left, right = (base[:, None] + a).ravel(), (base[:, None] + b).ravel()
+        for at in range(0, len(left), step):  # `step` pairs at a time: memory stays bounded
+            i, j = left[at: at + step], right[at: at + step]
+            hit = (sigs[i] == sigs[j]).sum(axis=1) >= min_equal
+            i, j = i[hit], j[hit]
+            early = order[i] < order[j]
+            lo, hi = np.where(early, i, j), np.where(early, j, i)
+            same = order[i] == order[j]
+            lo, hi = lo[~same], hi[~same]
+            edges.append(pa.table({"lo": pa.array(order[lo]), "hi": pa.array(order[hi]),
+                                   "band": pa.array(band[hi])}, schema=EDGE_SCHEMA))
+    for start, size in zip(starts[sizes > SMALL_BUCKET].tolist(), sizes[sizes > SMALL_BUCKET].tolist(), strict=True):
+        edges.append(bucket_pairs(table.slice(start, size), num_perm, min_equal, cells))
     return pa.concat_tables(edges)
 
 
@@ -497,7 +544,7 @@ class SpilledNearDuplicateIndex:
             sig_rows = np.asarray(sigs[table.column("k").to_numpy()])
             table = pa.table({"bucket": table.column("bucket"), "band": table.column("band"),
                               "order": table.column("order"),
-                              "sig": pa.array([row.tobytes() for row in sig_rows], pa.binary())}, schema=BAND_SCHEMA)
+                              "sig": signature_column(sig_rows)}, schema=BAND_SCHEMA)
             edges.append(partition_pairs(table, self.num_perm, self.min_equal, grouped=True))
         del sigs
         self._sig_path.unlink()

@@ -65,6 +65,7 @@ from lmpipe.data.dedup import (
     partition_pairs,
     resolve_near,
     shared_buckets,
+    signature_column,
 )
 from lmpipe.data.shards import COLUMNS, SCHEMA, conform
 from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, user_errors
@@ -125,7 +126,7 @@ def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any]) -> pa
             "order": pa.array((item["chunk"] << ROW_BITS) + np.arange(n, dtype=np.int64)),
             "id": kept.column("id"), "text": texts, "source": kept.column("source"), "meta": kept.column("meta"),
             "lang": kept.column("lang"), "key": pa.array(result.keys, pa.uint64()),
-            "sig": pa.array([row.tobytes() for row in sig] if sig is not None else [b""] * n, pa.binary()),
+            "sig": signature_column(sig) if sig is not None else pa.array([b""] * n, pa.binary()),
             "bytes": pc.binary_length(pc.cast(texts, pa.large_binary())).cast(pa.int64()),
             "head": pc.utf8_slice_codeunits(texts, 0, EXAMPLE_CHARS),
             "stats": pa.nulls(n, pa.binary()),
