@@ -95,6 +95,7 @@ def test_evaluate_scores_a_masked_lm_on_masked_tokens_never_causally(
     assert "Causal loss and bits per byte of <b>teacher</b> skipped: a masked LM sees the tokens after" in page
     assert "Generation speed of <b>teacher</b> skipped" in page and "Sample generations of <b>teacher</b> skipped" in page
     assert "Prompted baselines (zero- and few-shot) skipped: the base model models/pretrain is a masked LM" in page
+    assert "No comparison: the teacher &#x27;teacher&#x27; is a masked LM" in page
 
 
 def test_pairings_a_masked_lm_cannot_do_fail_at_config_time(project: tuple[Paths, str, dict[str, Any]],

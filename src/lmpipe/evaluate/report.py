@@ -247,6 +247,8 @@ def training_section(paths: Paths) -> str:
 def comparison_section(results: dict[str, Any]) -> str:
     head = "<h2>4. Teacher vs student vs baseline</h2>"
     comparison = results.get("comparison")
+    if not comparison and results.get("comparison_skipped"):
+        return head + f"<p class='note'>No comparison: {html.escape(results['comparison_skipped'])}.</p>"
     if not comparison:
         return head + missing("The comparison", "list the teacher and students in evaluate.models and "
                               "evaluate.compare (and run `lmpipe distill`)")

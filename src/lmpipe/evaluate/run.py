@@ -163,16 +163,18 @@ def streams(cfg: EvaluateConfig, paths: Paths, sp: Any, info: Any) -> dict[str, 
 
 def comparison(cfg: EvaluateConfig, results: dict[str, Any]) -> dict[str, Any] | None:
     """Teacher and students side by side: parameters (% of teacher), quality retained (teacher bpb /
-    model bpb, %), tokens/s and speed-up (x) per batch size. None when the teacher is not evaluated."""
+    model bpb, %), tokens/s and speed-up (x) per batch size. None when the teacher is not evaluated,
+    or is a masked LM (then ``results["comparison_skipped"]`` says so)."""
     models = results["models"]
     spec = cfg.compare
     if spec.teacher not in models:
         log.warning("evaluate.compare.teacher %r was not evaluated: no comparison table", spec.teacher)
         return None
     teacher = models[spec.teacher]
-    if teacher.get("objective") == "mlm":
-        log.warning("evaluate.compare.teacher %r is a masked LM (no bits per byte, no speed): no comparison table",
-                    spec.teacher)
+    if teacher.get("objective") == "mlm":  # the report says why the table is absent
+        results["comparison_skipped"] = (f"the teacher {spec.teacher!r} is a masked LM: it has no bits per byte or "
+                                         "decoding speed to compare students with")
+        log.warning("evaluate.compare: %s; no comparison table", results["comparison_skipped"])
         return None
     batches = list(cfg.speed.batch_sizes) if "speed_settings" in results else []
     rows = []
