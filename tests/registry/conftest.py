@@ -101,11 +101,13 @@ def save_chat(paths: Paths, seed: int = 1) -> GPT:
 
 
 def save_classifier(paths: Paths, seed: int = 2, accuracy: float = 0.8, majority: float = 0.5,
-                    head_outputs: int | None = None) -> tuple[GPT, torch.nn.Linear]:
-    """A classifier in models/finetune/cls; ``head_outputs`` other than the label count makes a
-    head that does not fit its labels (the model loads in lmpipe but not as a served model)."""
+                    head_outputs: int | None = None, pooling: str = "last",
+                    bidirectional: bool = False) -> tuple[GPT, torch.nn.Linear]:
+    """A classifier in models/finetune/cls, on a causal or (``bidirectional``) masked-LM backbone;
+    ``head_outputs`` other than the label count makes a head that does not fit its labels (the
+    model loads in lmpipe but not as a served model)."""
     sp, info = load_tokenizer(paths.tokenizer)
-    model = tiny_gpt(sp.vocab_size(), seed)
+    model = tiny_gpt(sp.vocab_size(), seed, bidirectional=bidirectional)
     torch.manual_seed(seed + 100)
     head = torch.nn.Linear(model.config.n_embd, head_outputs or len(LABELS))
     directory = paths.models / "finetune" / "cls"
@@ -113,7 +115,8 @@ def save_classifier(paths: Paths, seed: int = 2, accuracy: float = 0.8, majority
         {k: v.contiguous() for k, v in head.state_dict().items()}, metadata={"pooling": "last"}))
     save_model(model, directory, extra={
         "tokenizer_fingerprint": info.fingerprint, "eos_id": info.eos_id, "pad_id": info.pad_id,
-        "objective": "clm", "classifier": {"labels": LABELS, "pooling": "last", "head_file": "head.safetensors"},
+        "objective": "mlm" if bidirectional else "clm",
+        "classifier": {"labels": LABELS, "pooling": pooling, "head_file": "head.safetensors"},
         "finetune": {"task": "cls", "max_length": 32}})
     seal(directory, "finetune")
     write_json(paths.metrics / "finetune_cls.json", {"test_accuracy": accuracy, "test_majority_accuracy": majority})

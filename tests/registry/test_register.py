@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from lmpipe.config import Paths
-from lmpipe.errors import DataError, FingerprintMismatch
+from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.io import write_json
 from lmpipe.registry import register
 from lmpipe.registry.config import RegisterConfig
@@ -195,7 +195,9 @@ def test_masked_lm_and_missing_models_are_clear_errors(project: Paths, models: A
     with pytest.raises(DataError, match="no model directory"):
         register.run(pretrain_only("missing"), project)
     models.pretrain(project, seed=0, val_bpb=1.0, bidirectional=True)
-    with pytest.raises(DataError, match="masked-LM"):
+    (project.models / "pretrain" / "manifest.json").unlink()  # refused from config.json, before anything else
+    with pytest.raises(ConfigError, match=r"register.models: .*pretrain was pretrained as a masked LM .*a served "
+                                          r"generate or chat model writes text left to right"):
         register.run(pretrain_only("mlm"), project)
 
 

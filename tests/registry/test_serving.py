@@ -73,14 +73,16 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tokenizer_project: Path, _store_uri: str, tmp_path_factory: pytest.TempPathFactory,
            models: Any) -> Iterator[Served]:
-    """Pretrain, chat and classifier models registered (and promoted) under the prefix ``srv``."""
+    """Pretrain, chat and classifier models registered (and promoted) under the prefix ``srv``; the
+    classifier is BERT-style, a masked-LM encoder pooled at its first token (serving it needs no
+    generation)."""
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(tokenizer_project / "artifacts", root / "artifacts")
     shutil.copytree(tokenizer_project / "data" / "tokens", root / "data" / "tokens")  # the gate's unigram floor
     paths = Paths(root)
     models.pretrain(paths, seed=0, val_bpb=1.2)
     models.chat(paths)
-    models.classifier(paths)
+    models.classifier(paths, pooling="first", bidirectional=True)
     hidden = root / "no-lmpipe"
     hidden.mkdir()
     (hidden / "sitecustomize.py").write_text(NO_LMPIPE)

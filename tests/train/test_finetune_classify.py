@@ -104,11 +104,13 @@ def test_balanced_class_weights() -> None:
     assert classify.class_weights("none", np.array([0, 1]), 2) is None
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_padding_does_not_change_a_sequence_logits(pooling: str) -> None:
+@pytest.mark.parametrize(("pooling", "bidirectional"), [("last", False), ("mean", False), ("first", True),
+                                                       ("mean", True), ("last", True)])
+def test_padding_does_not_change_a_sequence_logits(pooling: str, bidirectional: bool) -> None:
+    """A masked-LM encoder attends both ways, so only its attention mask keeps padding out."""
     torch.manual_seed(0)
-    model = ClassificationModel(GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)),
-                                         3, pooling, dropout=0.0).eval()
+    model = ClassificationModel(GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                                              bidirectional=bidirectional)), 3, pooling, dropout=0.0).eval()
     short, long = [2, 7, 9, 2], [2, 5, 6, 7, 8, 9, 10, 2]
     batch = classify.ClassCollate(pad_id=3)([classify.ClassExample(np.array(s), 0) for s in (short, long)])
     with torch.no_grad():

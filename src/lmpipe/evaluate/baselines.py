@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from lmpipe.config import Paths
 from lmpipe.evaluate.config import BaselineSettings, ClassificationEval, EvaluateConfig, InstructionEval
-from lmpipe.evaluate.lm import load_checked
+from lmpipe.evaluate.lm import check_model_tokenizer, load_checked
 from lmpipe.model.gpt import GPT, IGNORE_INDEX
+from lmpipe.model.io import is_masked_lm
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,9 @@ def shot_name(k: int) -> str:
 
 
 def classification_baselines(name: str, spec: ClassificationEval, settings: BaselineSettings, paths: Paths,
-                             sp: Any, info: Any, device: torch.device) -> dict[str, dict[str, Any]]:
-    """Majority, bag-of-words and prompted scores of a classification task (method -> scores with
-    accuracy, macro F1, precision, recall and the confusion matrix)."""
+                             sp: Any, info: Any, device: torch.device, prompted: bool = True) -> dict[str, dict[str, Any]]:
+    """Majority, bag-of-words and (``prompted``) prompted scores of a classification task (method ->
+    scores with accuracy, macro F1, precision, recall and the confusion matrix)."""
     from lmpipe.train.finetune import classify
 
     train = classify.read_labelled(spec.train_data, paths)
@@ -130,6 +131,8 @@ def classification_baselines(name: str, spec: ClassificationEval, settings: Base
     majority = int(np.bincount(train_ids, minlength=len(labels)).argmax())
     out = {"majority": scored(np.full(len(rows), majority), label=labels[majority]),
            "bag_of_words": scored(bag_of_words([t.text for t in train], train_ids, [r.text for r in rows]))}
+    if not prompted:
+        return out
     model, _ = load_checked(paths.root / settings.model, info.fingerprint, device)
     words = [spec.label_words.get(label, label) for label in labels]
     builder = PromptBuilder(sp, info.eos_id, spec.prompt, spec.placeholder, model.config.block_size)
@@ -170,9 +173,9 @@ def answer_scores(nats: np.ndarray, tokens: Sequence[int], references: Sequence[
 
 
 def instruction_baselines(name: str, spec: InstructionEval, settings: BaselineSettings, paths: Paths, sp: Any,
-                          info: Any, device: torch.device) -> dict[str, dict[str, Any]]:
-    """The reference answers' loss and bits per byte under the prompted base model (k shots) and
-    under the fine-tuned model's chat template (``finetuned``)."""
+                          info: Any, device: torch.device, prompted: bool = True) -> dict[str, dict[str, Any]]:
+    """The reference answers' loss and bits per byte under the prompted base model (k shots; with
+    ``prompted``) and under the fine-tuned model's chat template (``finetuned``)."""
     from lmpipe.train.finetune import sft
 
     count = min(spec.max_examples, settings.max_examples or spec.max_examples)
@@ -187,7 +190,7 @@ def instruction_baselines(name: str, spec: InstructionEval, settings: BaselineSe
     # bits per byte count the bytes of what is scored.
     answers = [builder.encode(reference)[: model.config.block_size // 2] for _, reference in held_out]
     scored = [str(sp.decode(answer)) for answer in answers]
-    for k in settings.shots:
+    for k in settings.shots if prompted else []:
         pairs, used = [], []
         for (user, _), answer, picks in zip(examples, answers, draws(len(pool), k, len(examples), settings.seed),
                                             strict=True):
@@ -221,16 +224,23 @@ def baseline_tables(cfg: EvaluateConfig, paths: Paths, sp: Any, info: Any, devic
     """One table per scored task: the baselines' rows, then each fine-tuned model's, and which
     fine-tuned models lose to which baseline (``loses_to``) on the task's key metric."""
     tables: dict[str, dict[str, Any]] = {}
+    # A masked-LM base model has no left-to-right likelihood to prompt: only the other baselines run.
+    base_dir = paths.root / cfg.baselines.model
+    prompted = not is_masked_lm(check_model_tokenizer(base_dir, info.fingerprint))
     for name, by_model in results.get("classification", {}).items():
-        rows = classification_baselines(name, cfg.classification[name], cfg.baselines, paths, sp, info, device)
+        rows = classification_baselines(name, cfg.classification[name], cfg.baselines, paths, sp, info, device,
+                                        prompted)
         rows.update({model: {k: r[k] for k in (*CLASSIFICATION_KEYS, "examples")} for model, r in by_model.items()})
         tables[name] = {"type": "classification", "metric": "accuracy", "finetuned": list(by_model), "rows": rows}
     for name, result in results.get("instruction", {}).items():
-        rows = instruction_baselines(name, cfg.instruction[name], cfg.baselines, paths, sp, info, device)
+        rows = instruction_baselines(name, cfg.instruction[name], cfg.baselines, paths, sp, info, device, prompted)
         rows["finetuned"]["exact_match"] = result["exact_match"]  # of its greedy answers (tasks.instruction_scores)
         tables[name] = {"type": "instruction", "metric": "bpb", "finetuned": ["finetuned"], "rows": rows}
     for table in tables.values():
         table["loses_to"] = loses_to(table)
+        if not prompted:
+            table["prompted_skipped"] = (f"the base model {cfg.baselines.model} is a masked LM: it has no "
+                                         "left-to-right likelihood of a label word or an answer to prompt")
     return tables
 
 

@@ -1,5 +1,5 @@
 """Config section ``evaluate``: which models to score on what, the teacher/student comparison,
-speed measurement settings and the report.
+speed measurement settings, masked-LM scoring and the report.
 
 ```yaml
 evaluate:
@@ -140,6 +140,16 @@ class LmEvalSettings(Section):
     batch_size: int = Field(16, gt=0, description="lm-eval's batch size.")
 
 
+class MaskedLMSettings(Section):
+    """How a masked-LM model (pretrain.objective: mlm) is scored instead of causally: masked-token loss
+    and accuracy at the mask rate it was pretrained with, and pseudo-perplexity on a sample of windows."""
+
+    seed: int = Field(1234, description="Seed of the masks (one draw per window, the same for every model).")
+    pseudo_perplexity_windows: int = Field(
+        16, ge=0, description="Windows per split or file whose every token is masked in turn for pseudo-perplexity "
+        "(one forward pass per token; 0: none).")
+
+
 class SpeedSettings(Section):
     """Generation speed: greedy decoding with the KV cache, timed after warm-up runs."""
 
@@ -193,6 +203,8 @@ class EvaluateConfig(Section):
     sample_temperature: float = Field(0.0, ge=0, description="Sampling temperature of samples (0: greedy).")
     seed: int = Field(1234, description="Seed of sampled generations.")
     speed: SpeedSettings = Field(default_factory=SpeedSettings, description="Generation speed measurement.")
+    masked_lm: MaskedLMSettings = Field(default_factory=MaskedLMSettings,
+                                        description="Scores of masked-LM models (no causal metrics for them).")
     report_title: str = Field("lmpipe report", description="Title of reports/report.html.")
     baselines: BaselineSettings = Field(default_factory=BaselineSettings,
                                         description="Baselines next to every fine-tuned task score.")

@@ -34,6 +34,7 @@ import yaml
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
 from lmpipe.evaluate.config import EvaluateConfig
+from lmpipe.model.io import read_model_config, refuse_masked_lm
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,17 @@ def offline() -> None:
                     setattr(sys.modules[module], name, True)
 
 
+def check_model(cfg: EvaluateConfig, paths: Paths) -> Path:
+    """The directory of ``evaluate.lm_eval.model`` after checking, from its config.json alone, that
+    it can be exported as a causal LM. Raises DataError (no model there) or ConfigError (a masked LM)."""
+    model_dir = paths.root / cfg.lm_eval.model
+    if not (model_dir / "config.json").is_file():
+        raise DataError("evaluate.lm_eval.model: no model here (run the stage that writes it)", path=str(model_dir))
+    refuse_masked_lm(read_model_config(model_dir), model_dir, "evaluate.lm_eval.model",
+                     "lm-evaluation-harness scores log-likelihoods on its causal-LM export")
+    return model_dir
+
+
 def evaluate_harness(cfg: EvaluateConfig, paths: Paths, device: str = "cpu") -> dict[str, Any]:
     """Export ``evaluate.lm_eval.model``, write the tasks, run lm-eval; returns
     {model, architecture, tasks: {task: {metric: value, examples}}, lm_eval_version}."""
@@ -122,9 +134,7 @@ def evaluate_harness(cfg: EvaluateConfig, paths: Paths, device: str = "cpu") -> 
     from lmpipe.registry.export_hf import export_hf
 
     settings = cfg.lm_eval
-    model_dir = paths.root / settings.model
-    if not (model_dir / "config.json").is_file():
-        raise DataError("evaluate.lm_eval.model: no model here (run the stage that writes it)", path=str(model_dir))
+    model_dir = check_model(cfg, paths)
     paths.root.joinpath(".lmpipe-tmp").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lm-eval-", dir=paths.root / ".lmpipe-tmp") as tmp:
         work = Path(tmp)

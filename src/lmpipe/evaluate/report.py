@@ -247,6 +247,8 @@ def training_section(paths: Paths) -> str:
 def comparison_section(results: dict[str, Any]) -> str:
     head = "<h2>4. Teacher vs student vs baseline</h2>"
     comparison = results.get("comparison")
+    if not comparison and results.get("comparison_skipped"):
+        return head + f"<p class='note'>No comparison: {html.escape(results['comparison_skipped'])}.</p>"
     if not comparison:
         return head + missing("The comparison", "list the teacher and students in evaluate.models and "
                               "evaluate.compare (and run `lmpipe distill`)")
@@ -287,14 +289,41 @@ def comparison_section(results: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def skipped_notes(results: dict[str, Any], what: str, label: str) -> str:
+    """One note per model whose ``what`` measurement was skipped (a masked LM's causal ones), with the reason."""
+    return "".join(f"<p class='note'>{html.escape(label)} of <b>{html.escape(name)}</b> skipped: "
+                   f"{html.escape(model['skipped'][what])}.</p>"
+                   for name, model in results.get("models", {}).items() if what in model.get("skipped", {}))
+
+
+def masked_lm_part(results: dict[str, Any]) -> str:
+    """Masked-token loss and accuracy and pseudo-perplexity of the masked-LM models."""
+    rows = [[name, data, score.get("mask_rate"), score.get("masked_tokens"), score["masked_loss"],
+             score["masked_accuracy"], score.get("pseudo_windows"), score.get("pseudo_tokens"),
+             score.get("pseudo_perplexity")]
+            for name, model in results.get("models", {}).items() for data, score in model.get("masked", {}).items()]
+    if not rows:
+        return ""
+    return ("<h3>Masked language modelling</h3><p>Masked-LM models are scored as they were trained: tokens masked "
+            "at the pretraining rate (80% mask token, 10% random, 10% kept; the same seeded masks for every model), "
+            "masked-token loss in nats and accuracy over the masked positions; pseudo-perplexity (Salazar et al. "
+            "2020) masks each token of a sample of windows in turn.</p>"
+            + table(["model", "data", "mask rate", "masked tokens", "masked loss", "masked accuracy",
+                     "pseudo-PPL windows", "pseudo-PPL tokens", "pseudo-perplexity"], rows))
+
+
 def lm_section(results: dict[str, Any]) -> str:
     models = results.get("models", {})
     parts = ["<h2>5. Language modelling</h2>",
              "<p>Loss in nats per token, perplexity = exp(loss), bits per byte = total bits / UTF-8 bytes of the text "
-             "(independent of the tokenizer).</p>"]
+             "(independent of the tokenizer).</p>", skipped_notes(results, "lm", "Causal loss and bits per byte"),
+             masked_lm_part(results)]
     sets = sorted({s for m in models.values() for s in m.get("lm", {})}, key=lambda s: (s not in ("val", "test"), s))
     if not sets:
+        if any("masked" in m for m in models.values()):
+            return "".join(parts)
         return "".join(parts) + missing("LM scores", "configure evaluate.models and evaluate.splits")
+    models = {n: m for n, m in models.items() if m.get("lm")}  # the bits-per-byte plot: causal models only
     rows = []
     for name, model in models.items():
         for split in sets:
@@ -328,7 +357,10 @@ def efficiency_section(results: dict[str, Any]) -> str:
     rows = [[n, m.get("parameters"), m.get("non_embedding_parameters"), m.get("size_bytes", 0) / 1e6,
              m.get("n_layer"), m.get("n_embd")] for n, m in models.items()]
     parts.append(table(["model", "parameters", "non-embedding", "size on disk (MB)", "layers", "width"], rows))
+    parts.append(skipped_notes(results, "speed", "Generation speed"))
     if not settings:
+        if all("speed" in m.get("skipped", {}) for m in models.values()):
+            return "".join(parts)
         return "".join(parts) + missing("Generation speed", "enable evaluate.speed")
     parts.append(f"<p>Greedy generation with the KV cache on <b>{html.escape(settings['device'])}</b>: "
                  f"{settings['prompt_tokens']}-token prompt, {settings['new_tokens']} new tokens, median of "
@@ -413,6 +445,9 @@ def baselines_part(task: str, table: dict[str, Any]) -> str:
             [[method_name(m, r, tuned), r["examples"], r["loss"], r["bpb"], r.get("exact_match")]
              for m, r in rows.items()], marked))
         what = "bits per byte of the reference answers (lower is better)"
+    if table.get("prompted_skipped"):
+        parts.append(f"<p class='note'>Prompted baselines (zero- and few-shot) skipped: "
+                     f"{html.escape(table['prompted_skipped'])}.</p>")
     key = table["metric"]
     if table["loses_to"]:
         for model in tuned:
@@ -434,9 +469,11 @@ def table_rows(headers: list[str], body: list[list[Any]], highlight: set[int]) -
 def samples_section(results: dict[str, Any]) -> str:
     rows = [[name, s["prompt"] or "(new document)", s["continuation"]]
             for name, model in results.get("models", {}).items() for s in model.get("samples", [])]
+    notes = skipped_notes(results, "samples", "Sample generations")
     if not rows:
-        return ""
-    return "<h2>8. Sample generations</h2>" + table(["model", "prompt", "continuation"], rows, text_columns={1, 2})
+        return f"<h2>8. Sample generations</h2>{notes}" if notes else ""
+    return "<h2>8. Sample generations</h2>" + notes + table(["model", "prompt", "continuation"], rows,
+                                                            text_columns={1, 2})
 
 
 def metrics_appendix(paths: Paths) -> str:

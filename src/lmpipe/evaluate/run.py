@@ -7,6 +7,8 @@ earlier stages' reports, metrics and loss curves. Writes (atomically):
 
 - ``metrics/evaluate.json`` (DVC metrics, numbers only): per model LM loss / perplexity / bits per
   byte per split and eval file, parameters, size on disk, tokens/s and ms/token per batch size;
+  for a masked LM (``pretrain.objective: mlm``) masked-token loss and accuracy and pseudo-perplexity
+  instead (:mod:`lmpipe.evaluate.masked`), its causal measurements skipped with the reason;
   the comparison (quality retained %, parameters %, speed-up x) per student; task scores;
 - ``plots/evaluate_bpb.csv`` (model, then bits per byte per split / eval file),
   ``plots/evaluate_speed.csv`` (model, tokens/s per batch size) and ``plots/evaluate_comparison.csv``
@@ -26,13 +28,16 @@ import torch
 from lmpipe import tracking
 from lmpipe.config import Paths
 from lmpipe.errors import DataError
-from lmpipe.evaluate import baselines, harness, lm, speed, tasks
+from lmpipe.evaluate import baselines, harness, lm, masked, speed, tasks
 from lmpipe.evaluate.config import EvaluateConfig
 from lmpipe.evaluate.report import build_report
 from lmpipe.io import atomic_write, write_json
 from lmpipe.model.gpt import GPT
+from lmpipe.model.io import is_masked_lm
 
 log = logging.getLogger(__name__)
+
+MASKED_SUMMARY = ("masked_loss", "masked_accuracy", "pseudo_perplexity")  # a masked LM's numbers in MLflow
 
 
 def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
@@ -46,8 +51,13 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
     sp, info = load_tokenizer(paths.tokenizer)
     device = pick_device(cfg.device)
     model_dirs = resolve_models(cfg, paths)
-    for directory in model_dirs.values():  # refuse a mismatched model before any slow work
-        lm.check_model_tokenizer(directory, info.fingerprint)
+    if cfg.lm_eval.enabled:
+        harness.check_model(cfg, paths)
+    maskings: dict[str, dict[str, Any]] = {}  # masked LMs: the masking each was pretrained with
+    for name, directory in model_dirs.items():  # refuse a mismatched model before any slow work
+        config = lm.check_model_tokenizer(directory, info.fingerprint)
+        if is_masked_lm(config):
+            maskings[name] = masked.masking_of(config, directory)
 
     models: dict[str, GPT] = {}
     results: dict[str, Any] = {"models": {}}
@@ -58,26 +68,37 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
             "path": str(directory.relative_to(paths.root)) if directory.is_relative_to(paths.root) else str(directory),
             "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(non_embedding=True),
             "size_bytes": speed.size_on_disk(directory), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
-            "distill": config.get("distill"), "lm": {}}
+            "distill": config.get("distill"), "objective": "mlm" if name in maskings else "clm", "lm": {}}
+        if name in maskings:  # scored on masked tokens instead; the causal measurements say why they are absent
+            results["models"][name].update({"masked": {}, "skipped": dict(masked.SKIPPED)})
+    causal = {name: model for name, model in models.items() if name not in maskings}
 
     for data_name, (tokens, n_bytes, groups) in streams(cfg, paths, sp, info).items():
         for name, model in models.items():
+            if name in maskings:
+                scores = masked.masked_scores(model, tokens, maskings[name], cfg.masked_lm, batch_size=cfg.batch_size,
+                                              device=device, precision=cfg.precision)
+                results["models"][name]["masked"][data_name] = scores
+                log.info("%s on %s: masked loss %.4f, masked accuracy %.4f, pseudo-perplexity %s", name, data_name,
+                         scores["masked_loss"], scores["masked_accuracy"],
+                         f"{scores['pseudo_perplexity']:.3f}" if "pseudo_perplexity" in scores else "n/a")
+                continue
             score = lm.score_tokens(model, tokens, n_bytes, stride=cfg.stride, batch_size=cfg.batch_size, device=device,
                                     precision=cfg.precision, groups=groups)
             results["models"][name]["lm"][data_name] = score
             log.info("%s on %s: loss %.4f, bits/byte %s", name, data_name, score["loss"],
                      f"{score['bpb']:.4f}" if "bpb" in score else "n/a")
 
-    if cfg.speed.enabled and models:
-        measured = speed.measure(models, cfg.speed, device, cfg.precision)
+    if cfg.speed.enabled and causal:
+        measured = speed.measure(causal, cfg.speed, device, cfg.precision)
         for name, values in measured.items():
             results["models"][name]["speed"] = values
-        results["speed_settings"] = speed.speed_settings_used(cfg.speed, models, device)
+        results["speed_settings"] = speed.speed_settings_used(cfg.speed, causal, device)
     if cfg.sample_tokens and cfg.prompts:
-        for name, model in models.items():
+        for name, model in causal.items():
             results["models"][name]["samples"] = tasks.sample_generations(
                 model, sp, info.eos_id, cfg.prompts, cfg.sample_tokens, cfg.sample_temperature, cfg.seed, device)
-    del models
+    del models, causal
 
     classification = {name: spec.model_copy(update={"models": {
         m: d for m, d in spec.models.items() if present(cfg, paths, f"classification.{name}.models.{m}", d)}})
@@ -142,13 +163,19 @@ def streams(cfg: EvaluateConfig, paths: Paths, sp: Any, info: Any) -> dict[str, 
 
 def comparison(cfg: EvaluateConfig, results: dict[str, Any]) -> dict[str, Any] | None:
     """Teacher and students side by side: parameters (% of teacher), quality retained (teacher bpb /
-    model bpb, %), tokens/s and speed-up (x) per batch size. None when the teacher is not evaluated."""
+    model bpb, %), tokens/s and speed-up (x) per batch size. None when the teacher is not evaluated,
+    or is a masked LM (then ``results["comparison_skipped"]`` says so)."""
     models = results["models"]
     spec = cfg.compare
     if spec.teacher not in models:
         log.warning("evaluate.compare.teacher %r was not evaluated: no comparison table", spec.teacher)
         return None
     teacher = models[spec.teacher]
+    if teacher.get("objective") == "mlm":  # the report says why the table is absent
+        results["comparison_skipped"] = (f"the teacher {spec.teacher!r} is a masked LM: it has no bits per byte or "
+                                         "decoding speed to compare students with")
+        log.warning("evaluate.compare: %s; no comparison table", results["comparison_skipped"])
+        return None
     batches = list(cfg.speed.batch_sizes) if "speed_settings" in results else []
     rows = []
     for name in [spec.teacher, *[s for s in spec.students if s in models and s != spec.teacher]]:
@@ -181,6 +208,8 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, Any]:
             if score.get("by_language"):
                 entry[data]["by_language"] = {lang: {k: v for k, v in part.items() if k != "tokens"}
                                               for lang, part in score["by_language"].items()}
+        entry.update({data: {k: v for k, v in score.items() if not k.endswith(("_tokens", "_windows"))}
+                      for data, score in model.get("masked", {}).items()})
         entry.update(model.get("speed", {}))
         out[name] = entry
     if results.get("comparison"):
@@ -246,6 +275,9 @@ def write_outputs(cfg: EvaluateConfig, paths: Paths, results: dict[str, Any]) ->
         if row["role"] == "student":
             summary.update({f"{row['model']}.{k}": v for k, v in row.items()
                             if k in ("quality_retained_pct", "parameters_pct") or k.startswith("speedup")})
+    for name, model in models.items():
+        summary.update({f"{name}.{data}.{k}": score[k] for data, score in model.get("masked", {}).items()
+                        for k in MASKED_SUMMARY if k in score})
     for task, table in (results.get("baselines") or {}).items():
         summary.update({f"{task}.{method}.{table['metric']}": row[table["metric"]] for method, row in table["rows"].items()})
     if results.get("lm_eval"):

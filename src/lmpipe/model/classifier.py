@@ -1,9 +1,13 @@
 """A GPT with a classification head: the model class, its head file and its loading.
 
 The head is a linear layer on a pooled final hidden state (``last``: the final token, which has
-attended to the whole text; ``mean``: the average over real tokens). The backbone is saved with
-:func:`lmpipe.model.io.save_model`; the head alone goes to ``head.safetensors`` next to it, and
-config.json's ``classifier`` section names the labels, pooling and head file.
+attended to the whole text; ``mean``: the average over real tokens; ``first``: the first token,
+BERT's [CLS] position, which sees the whole text only in a bidirectional encoder). The backbone
+is a causal decoder or a masked-LM encoder (``bidirectional``; Devlin et al. 2019 fine-tune it the
+same way, a linear head on the pooled final states, attention kept bidirectional and masked to the
+real tokens). The backbone is saved with :func:`lmpipe.model.io.save_model`; the head alone goes
+to ``head.safetensors`` next to it, and config.json's ``classifier`` section names the labels,
+pooling and head file.
 """
 
 from __future__ import annotations
@@ -21,21 +25,7 @@ from lmpipe.model.gpt import GPT
 from lmpipe.model.io import ExpectedTokenizer, load_model
 
 HEAD_FILE = "head.safetensors"
-
-
-def decoder_hidden_states(model: GPT, idx: Tensor) -> Tensor:
-    """(B, T, n_embd) output of the model's final norm for token ids ``idx`` (B, T).
-
-    ``GPT.forward`` returns logits only; the final norm's output is captured with a forward hook,
-    so the classifier runs exactly the model's own forward (positions, attention, norms).
-    """
-    captured: list[Tensor] = []
-    handle = model.ln_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model(idx)
-    finally:
-        handle.remove()
-    return captured[0]
+POOLINGS = ("last", "mean", "first")
 
 
 class ClassificationModel(nn.Module):
@@ -43,9 +33,15 @@ class ClassificationModel(nn.Module):
 
     def __init__(self, backbone: GPT, num_labels: int, pooling: str = "last", dropout: float = 0.1) -> None:
         super().__init__()
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.backbone, self.pooling = backbone, pooling
+        # The language-model heads are never run here: frozen, so no optimizer or DDP waits for
+        # their gradients (a head tied to the embedding stays trainable through the embedding).
+        unused = [*(backbone.mlm_head.parameters() if backbone.mlm_head is not None else ()),
+                  *(() if backbone.config.tie_weights else backbone.lm_head.parameters())]
+        for param in unused:
+            param.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         # Named 'classifier', not 'head': peft matches modules_to_save by name suffix, and
         # 'head' would also catch the backbone's lm_head.
@@ -55,9 +51,11 @@ class ClassificationModel(nn.Module):
 
     def features(self, idx: Tensor, lengths: Tensor) -> Tensor:
         """(B, n_embd) pooled states of right-padded ``idx`` with ``lengths`` real tokens per row."""
-        hidden = decoder_hidden_states(self.backbone, idx)
+        hidden = self.backbone.hidden_states(idx, lengths)
         if self.pooling == "last":
             return hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+        if self.pooling == "first":
+            return hidden[:, 0]
         mask = (torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]).to(hidden.dtype)
         return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
 

@@ -171,7 +171,9 @@ class CausalSelfAttention(nn.Module):
         self.causal = not cfg.bidirectional
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int,
+                keep: Tensor | None = None) -> Tensor:
+        """``keep`` (B, 1, 1, T) bool marks the keys every query may attend to (False: padding)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -185,8 +187,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        mask = None
-        is_causal = self.causal and T > 1
+        mask = keep
+        is_causal = self.causal and T > 1 and keep is None
         if self.causal and past > 0:
             # Queries sit at positions past..past+T-1; SDPA's is_causal aligns to the top-left,
             # which is wrong once keys outnumber queries, so spell the mask out (one token: none).
@@ -230,8 +232,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int,
+                keep: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, keep)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -286,6 +289,26 @@ class GPT(nn.Module):
         With ``cache`` the tokens continue the cached sequence (positions cache.length onwards) and
         the cache is advanced by T.
         """
+        x = self.hidden_states(idx, cache=cache)
+        if self.mlm_head is not None:
+            x = self.mlm_head(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            # fp32 softmax even under bf16 autocast: the loss is a sum over a large vocabulary.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def hidden_states(self, idx: Tensor, lengths: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
+        """(B, T, n_embd) output of the final norm for token ids ``idx`` (B, T): what a task head
+        (sequence or token classification) reads, for a causal decoder or a bidirectional encoder.
+
+        ``lengths`` (B,) counts the real tokens of right-padded rows. A causal model needs no mask
+        for them (a real token never sees the padding after it); a bidirectional one would attend
+        to the padding, so its attention is limited to each row's first ``lengths`` keys (BERT's
+        attention mask).
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -299,20 +322,14 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
         x = self.drop(x)
+        keep = None
+        if lengths is not None and self.config.bidirectional:
+            keep = (torch.arange(T, device=idx.device)[None, :] < lengths[:, None].to(idx.device))[:, None, None, :]
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, cache, layer, keep)
         if cache is not None:
             cache.length += T
-        x = self.ln_f(x)
-        if self.mlm_head is not None:
-            x = self.mlm_head(x)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            # fp32 softmax even under bf16 autocast: the loss is a sum over a large vocabulary.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return self.ln_f(x)
 
     # --------------------------------------------------------------------------- accounting
 

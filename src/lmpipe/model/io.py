@@ -5,6 +5,11 @@ file from anywhere is safe to open. Tied weights are stored once (the LM head is
 and re-tied on load. ``config.json`` holds the GPTConfig under ``"model"`` plus whatever the
 producing stage adds (tokenizer fingerprint, objective, training summary).
 
+A masked-LM model (``pretrain.objective: mlm``, a bidirectional encoder) suits every use that
+reads its hidden states (classification heads) but none that predicts tokens left to right
+(generation, instruction tuning, next-token distillation, a causal-LM export): each such reader
+calls :func:`refuse_masked_lm` on config.json before it reads data or weights.
+
 Every reader of a model that a tokenizer feeds passes the tokenizer it will use
 (:class:`ExpectedTokenizer`): the model's recorded fingerprint is checked here, once, before any
 weight is read, so no stage can score, fine-tune, distil or serve a model with another tokenizer.
@@ -23,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from lmpipe.errors import DataError, FingerprintMismatch
+from lmpipe.errors import ConfigError, DataError, FingerprintMismatch
 from lmpipe.io import write_bytes, write_json
 from lmpipe.model.gpt import GPT, GPTConfig
 
@@ -55,6 +60,22 @@ def check_tokenizer(config: dict[str, Any], directory: Path, expected: ExpectedT
         f"{directory / CONFIG_NAME}: the model {what}, but {expected.source} holds tokenizer "
         f"{expected.fingerprint[:12]}: {expected.remedy}"
     )
+
+
+def is_masked_lm(config: dict[str, Any]) -> bool:
+    """Whether config.json (its ``model`` section) is a bidirectional, masked-LM model's."""
+    model = config.get("model")
+    return isinstance(model, dict) and bool(model.get("bidirectional"))
+
+
+def refuse_masked_lm(config: dict[str, Any], directory: Path, key: str, use: str) -> None:
+    """ConfigError (one line: the params key, the directory, why) when config.json is a masked
+    LM's: ``use`` says what needs a causal one, e.g. "instruction tuning generates answers"."""
+    if is_masked_lm(config):
+        raise ConfigError(
+            f"{key}: {directory} was pretrained as a masked LM (pretrain.objective: mlm), whose every token sees "
+            f"the tokens after it, but {use} left to right: point it at a causal model (pretrain.objective: clm)"
+        )
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:

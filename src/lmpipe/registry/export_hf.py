@@ -35,7 +35,7 @@ from lmpipe.config import Paths
 from lmpipe.errors import LmpipeError
 from lmpipe.io import atomic_dir, write_manifest
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.model.io import ExpectedTokenizer, load_model
+from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, refuse_masked_lm
 from lmpipe.tokenizer.train import HF_DIR, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -203,14 +203,17 @@ def export_hf(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     """Write the transformers export of ``model_dir`` to ``out_dir`` (swapped in whole when verified).
 
     Reads the model directory and the tokenizer directory (its ``hf/`` export). Returns
-    {architecture, max_abs_logit_diff, tokens_checked, out_dir}. Raises ExportError (no exact
-    mapping, or the reloaded model's logits differ by more than ``atol`` scaled by the logits'
-    magnitude), FingerprintMismatch (model trained with another tokenizer), DataError (bad input).
+    {architecture, max_abs_logit_diff, tokens_checked, out_dir}. Raises ConfigError for a masked
+    LM (from its config.json, before anything else is read), ExportError (no exact mapping, or the
+    reloaded model's logits differ by more than ``atol`` scaled by the logits' magnitude),
+    FingerprintMismatch (model trained with another tokenizer), DataError (bad input).
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    refuse_masked_lm(read_model_config(model_dir), model_dir, "export-hf --model",
+                     "a transformers causal-LM export predicts each token")
     sp, info = load_tokenizer(tokenizer_dir)
     model, config = load_model(model_dir, tokenizer=ExpectedTokenizer(info.fingerprint, str(tokenizer_dir)))
     arch = architecture(model.config)

@@ -20,7 +20,8 @@ Kinds, chosen from config.json:
 - ``chat``: column ``prompt`` (the user's turn, optional ``system``) -> the assistant's reply,
   rendered with the recorded template and stopped at ``<|end|>`` or EOS.
 - ``classify``: column ``text`` -> ``label`` and ``score`` (its softmax probability); the input is
-  ``<eos> text <eos>`` pooled as in training.
+  ``<eos> text <eos>`` pooled as in training (last, mean or first token), on a causal decoder or a
+  masked-LM encoder: classification needs no generation.
 Generation params: ``max_new_tokens``, ``temperature`` (0: greedy, the default, so a served
 model answers deterministically), ``top_k`` (0: off), ``top_p`` (1: off), ``seed``.
 """
@@ -143,7 +144,7 @@ class LmpipeModel(PythonModel):
             self.head.to(self.device).eval()
             self.max_length = int((self.config.get("finetune") or {}).get("max_length") or cfg.block_size)
         elif cfg.bidirectional:
-            raise ValueError("a bidirectional (masked-LM) model cannot generate text")
+            raise ValueError("a bidirectional (masked-LM) model cannot generate text; serve a classifier on it")
 
     # ------------------------------------------------------------------------------ predict
 
@@ -198,16 +199,10 @@ class LmpipeModel(PythonModel):
 
         ids = [self.eos_id, *list(self.sp.encode(text))[: self.max_length - 2], self.eos_id]
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        captured: list[Any] = []
-        handle = self.model.ln_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            with torch.no_grad():
-                self.model(idx)
-                hidden = captured[0][0]  # (T, n_embd)
-                pooled = hidden[-1] if self.pooling == "last" else hidden.mean(0)
-                probs = self.head(pooled).float().softmax(-1)
-        finally:
-            handle.remove()
+        with torch.no_grad():
+            hidden = self.model.hidden_states(idx)[0]  # (T, n_embd); one row, so no padding to mask
+            pooled = {"last": hidden[-1], "first": hidden[0]}.get(self.pooling, hidden.mean(0))
+            probs = self.head(pooled).float().softmax(-1)
         best = int(probs.argmax())
         return self.labels[best], float(probs[best])
 

@@ -51,7 +51,14 @@ from lmpipe.io import (
     write_json,
 )
 from lmpipe.model import gpt as gpt_module
-from lmpipe.model.io import CONFIG_NAME, WEIGHTS_NAME, ExpectedTokenizer, load_model
+from lmpipe.model.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ExpectedTokenizer,
+    load_model,
+    read_model_config,
+    refuse_masked_lm,
+)
 from lmpipe.registry import pyfunc
 from lmpipe.registry.config import ModelSpec, RegisterConfig
 from lmpipe.registry.promote import CANDIDATE, FLOOR_TAG, METRIC_TAG, promote_if_better
@@ -83,8 +90,9 @@ KIND_FLOORS = {
 def run(cfg: RegisterConfig, paths: Paths) -> dict[str, Any]:
     """Entry point of ``lmpipe register`` (see the module docstring for what it reads and writes).
 
-    Raises DataError for a missing or corrupt model directory or metrics file, FingerprintMismatch
-    when a model was trained with another tokenizer.
+    Raises DataError for a missing or corrupt model directory or metrics file, ConfigError for a
+    masked LM listed as a text generator, FingerprintMismatch when a model was trained with another
+    tokenizer.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -299,15 +307,21 @@ def check_model_dir(model_dir: Path, tokenizer: TokenizerInfo) -> tuple[dict[str
     classifier's head) with the sha256 they have now: a model without one was not written by a
     training stage, or was changed after it.
 
-    Raises DataError (missing, no or a wrong manifest, corrupt, a masked-LM model that cannot
-    generate) or FingerprintMismatch (trained with another tokenizer).
+    A classifier is served whatever its backbone (a masked-LM encoder too); a masked LM itself
+    cannot generate, so it is refused with a ConfigError from its config.json alone.
+
+    Raises DataError (missing, no or a wrong manifest, corrupt), ConfigError (a masked LM to serve
+    as a generator) or FingerprintMismatch (trained with another tokenizer).
     """
     if not model_dir.is_dir():
         raise DataError("no model directory: run the stage that writes it (e.g. `dvc repro pretrain`) "
                         "or remove it from register.models", path=str(model_dir))
+    early = read_model_config(model_dir)
+    if pyfunc.model_kind(early) != "classify":
+        refuse_masked_lm(early, model_dir, "register.models", "a served generate or chat model writes text")
     listed = verify_manifest(model_dir)["files"]  # DataError without a manifest, or a file differs
     # weights and config.json agree, and the model was trained with this tokenizer
-    model, config = load_model(model_dir, tokenizer=ExpectedTokenizer(
+    _, config = load_model(model_dir, tokenizer=ExpectedTokenizer(
         tokenizer.fingerprint, str(tokenizer.directory), "re-run the training stages with this tokenizer"))
     required = [WEIGHTS_NAME, CONFIG_NAME]
     if pyfunc.model_kind(config) == "classify":
@@ -317,9 +331,6 @@ def check_model_dir(model_dir: Path, tokenizer: TokenizerInfo) -> tuple[dict[str
         raise DataError(f"{MANIFEST_NAME} does not list {', '.join(unlisted)}: not a complete stage output "
                         "(re-run the stage that writes it)", path=str(model_dir))
     kind = pyfunc.model_kind(config)
-    if kind != "classify" and model.config.bidirectional:
-        raise DataError("a bidirectional (masked-LM) model cannot generate text, so it cannot be served: "
-                        "register its fine-tuned classifier instead", path=str(model_dir))
     if kind == "classify":
         head = model_dir / config["classifier"].get("head_file", HEAD_NAME)
         if not head.is_file():

@@ -48,7 +48,7 @@ from lmpipe.io import (
 )
 from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes, load_classifier
 from lmpipe.model.gpt import GPT, GPTConfig
-from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, save_model
+from lmpipe.model.io import ExpectedTokenizer, load_model, read_model_config, refuse_masked_lm, save_model
 from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor, Validation
 from lmpipe.train.checkpoint import ResumePoint
 from lmpipe.train.data import TokenSplit, gather_windows, open_token_split, val_batches
@@ -86,6 +86,10 @@ def run(cfg: DistillConfig, paths: Paths) -> dict[str, Any]:
     non-finite loss.
     """
     teacher_dir = paths.root / cfg.teacher
+    # The student is a causal decoder: a masked-LM teacher (or a classifier on one) is refused
+    # from its config.json, before any data or weight is read.
+    refuse_masked_lm(read_model_config(teacher_dir), teacher_dir, "distill.teacher",
+                     "distill trains a causal student, which reads text")
     if cfg.task == "lm":
         return train(cfg, paths, prepare_lm(cfg, paths, teacher_dir))
     return train(cfg, paths, prepare_classification(cfg, paths, teacher_dir))
@@ -231,8 +235,6 @@ def prepare_lm(cfg: DistillConfig, paths: Paths, teacher_dir: Path) -> Prepared:
     expected = expected_tokenizer(meta["tokenizer_fingerprint"], str(paths.tokens / "meta.json"))
     teacher_config = read_model_config(teacher_dir, expected)
     teacher_gpt = GPTConfig.from_dict(teacher_config["model"])
-    if teacher_gpt.bidirectional:
-        raise ConfigError(f"distill.teacher: {teacher_dir} is a masked LM; next-token distillation needs a causal teacher")
     teacher = None if cfg.baseline else load_model(teacher_dir, tokenizer=expected)[0]
     student, mapping = build_student(cfg, teacher, teacher_gpt)
     block = student.config.block_size

@@ -13,7 +13,7 @@ Each task is one DVC ``foreach`` item (``finetune@sft``) and one ``lmpipe finetu
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -101,6 +101,12 @@ class LoraSettings(Section):
 
 
 class _TaskBase(TrainSettings, AccumulationSettings):
+    # What the task reads of the base model, which decides the bases it can start from: hidden
+    # states under a head (any base, a masked-LM encoder too) or next-token predictions (a causal
+    # LM only; a masked-LM base is refused before any data is read).
+    needs_causal_lm: ClassVar[bool] = False
+    uses: ClassVar[str] = ""  # what needs the causal LM, for the error (see lmpipe.model.io.refuse_masked_lm)
+
     # Fine-tuning starts from trained weights, for a few hundred steps on small batches; where
     # that calls for another default than pretraining's, it is set here.
     max_steps: int = stage_default(OptimSettings, "max_steps", 300,
@@ -145,6 +151,9 @@ class _TaskBase(TrainSettings, AccumulationSettings):
 class SFTTask(_TaskBase):
     """Instruction tuning: chat-formatted prompts, loss on the assistant's answer tokens only."""
 
+    needs_causal_lm = True
+    uses = "instruction tuning (type: sft) trains and generates answers"
+
     type: Literal["sft"]
     method: Literal["full", "lora"] = Field("lora", description="full: train every weight; lora: train adapters only.")
     # LoRA trains a few adapter weights from zero: they take a larger step than full fine-tuning's.
@@ -178,7 +187,8 @@ class SFTTask(_TaskBase):
 
 
 class ClassificationTask(_TaskBase):
-    """Single-label text classification with a linear head on the decoder's pooled hidden states."""
+    """Single-label text classification with a linear head on the pooled hidden states of the base
+    model: a causal decoder, or a masked-LM encoder (the BERT-style path)."""
 
     type: Literal["classification"]
     train_data: DataSource = Field(
@@ -196,9 +206,10 @@ class ClassificationTask(_TaskBase):
     labels: list[str] | None = Field(
         None, description="The label set, in this order; null: the sorted distinct labels of the training data."
     )
-    pooling: Literal["last", "mean"] = Field(
+    pooling: Literal["last", "mean", "first"] = Field(
         "last", description="last: hidden state of the final token (it has attended to all others); mean: "
-        "average over the tokens.",
+        "average over the tokens; first: the first token, BERT's [CLS] position (a masked-LM base only: in a "
+        "causal model it has seen nothing but itself).",
     )
     head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
     class_weights: Literal["none", "balanced"] | list[float] = Field(

@@ -3,8 +3,10 @@ with full fine-tuning or LoRA, early stopping on the dev set and exact resume.
 
 Reads ``models/pretrain/`` (or the task's ``init``), ``artifacts/tokenizer/`` (the model's recorded
 tokenizer fingerprint must match, else FingerprintMismatch) and each task's data sources (by
-default the embedded default's instruction pairs and reviews in ``data/split/``). Writes, per task
-(rank 0, atomically):
+default the embedded default's instruction pairs and reviews in ``data/split/``). The base may be
+a causal LM or, for classification, a masked-LM encoder (``pretrain.objective: mlm``, the
+BERT-style path); instruction tuning from a masked LM is refused from its config.json before
+anything else is read. Writes, per task (rank 0, atomically):
 
 - ``models/finetune/<task>/``: ``model.safetensors`` + ``config.json`` (the GPT with any LoRA
   update merged in, the tokenizer fingerprint, the chat template or the classifier's labels and
@@ -51,7 +53,14 @@ from lmpipe.io import (
 )
 from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
-from lmpipe.model.io import ExpectedTokenizer, load_model, save_model
+from lmpipe.model.io import (
+    ExpectedTokenizer,
+    is_masked_lm,
+    load_model,
+    read_model_config,
+    refuse_masked_lm,
+    save_model,
+)
 from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
 from lmpipe.tracking import StageTracker
 from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor
@@ -97,8 +106,9 @@ def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Se
     task = cfg.tasks.get(task_name)
     if task is None:
         raise ConfigError(f"finetune.tasks: no task named {task_name!r} (tasks: {', '.join(cfg.tasks) or 'none'})")
-    sp, info = load_tokenizer(paths.tokenizer)
     init_dir = paths.root / task.init
+    check_base(task, task_name, init_dir)
+    sp, info = load_tokenizer(paths.tokenizer)
     base = load_base(init_dir, info)
     block = base.config.block_size
     if task.max_length is not None and task.max_length > block:
@@ -198,18 +208,26 @@ class Prepared:
     data_fingerprint: str = ""
 
 
-def load_base(init_dir: Path, info: TokenizerInfo) -> GPT:
-    """Load the model to fine-tune after checking it was trained with this tokenizer.
+def check_base(task: Task, task_name: str, init_dir: Path) -> None:
+    """Refuse a base model the task cannot start from, from its config.json alone (before any data
+    or weight is read): a masked LM for a task that needs next-token predictions, and ``pooling:
+    first`` on a causal model, whose first token has seen only itself. Raises ConfigError, or
+    DataError when ``init_dir`` holds no model."""
+    config = read_model_config(init_dir)
+    if task.needs_causal_lm:
+        refuse_masked_lm(config, init_dir, f"finetune.tasks.{task_name}.init", task.uses)
+    if getattr(task, "pooling", None) == "first" and not is_masked_lm(config):
+        raise ConfigError(f"finetune.tasks.{task_name}.pooling: 'first' pools the first token, which in the causal "
+                          f"model {init_dir} has seen only itself; use last or mean (first is for masked-LM bases)")
 
-    Raises FingerprintMismatch on another tokenizer, DataError for a missing or broken model
-    directory, ConfigError for a bidirectional (masked-LM) model.
-    """
+
+def load_base(init_dir: Path, info: TokenizerInfo) -> GPT:
+    """Load the model to fine-tune (causal or masked LM) after checking it was trained with this
+    tokenizer. Raises FingerprintMismatch on another tokenizer, DataError for a missing or broken
+    model directory."""
     model, _ = load_model(init_dir, tokenizer=ExpectedTokenizer(
         info.fingerprint, str(info.directory),
         "re-run pretrain (dvc repro) with this tokenizer, or point init at a model trained with it"))
-    if model.config.bidirectional:
-        raise ConfigError(f"{init_dir}: the model was pretrained as a masked LM (bidirectional); fine-tuning here "
-                          "needs a causal model (pretrain.objective: clm)")
     return model
 
 
@@ -364,7 +382,7 @@ class Export:
         numbers = {k: v for k, v in self.numbers.items() if isinstance(v, int | float)}
         save_model(model, tmp, extra={
             "tokenizer_fingerprint": self.info.fingerprint, "eos_id": self.info.eos_id, "pad_id": self.info.pad_id,
-            "objective": "clm", **extra,
+            "objective": "mlm" if model.config.bidirectional else "clm", **extra,
             "finetune": {"task": self.name, "type": task.type, "method": task.method, "run_key": self.key,
                          "init": task.init, "base_fingerprint": fingerprint_path(self.init_dir),
                          "max_length": task.max_length or model.config.block_size,

@@ -3,7 +3,8 @@
 Reads ``data/tokens/{train,val}.bin`` + ``meta.json`` (fingerprint checked against
 ``artifacts/tokenizer/tokenizer.json``) and, for sample generations, the tokenizer's
 sentencepiece model. Writes (rank 0, atomically):
-- ``models/pretrain/``: model.safetensors, config.json (with the tokenizer fingerprint), manifest;
+- ``models/pretrain/``: model.safetensors, config.json (with the tokenizer fingerprint, the
+  objective and, for a masked LM, its masking under ``mlm``: mask id, rate, special ids), manifest;
 - ``metrics/pretrain.json``: final train/val loss, val bits per byte, the train split's unigram
   entropy (the loss a context-free model would reach), tokens/s and MFU;
 - ``plots/pretrain_loss.csv`` (step, train_loss, val_loss) and ``plots/pretrain_loss.png``;
@@ -207,9 +208,11 @@ def export(cfg: PretrainConfig, paths: Paths, gpt_cfg: GPTConfig, state: dict[st
     numbers = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     model_dir = paths.models / "pretrain"
     with atomic_dir(model_dir) as tmp:
+        # A masked LM carries its masking, so evaluate scores it at the rate it was trained with.
+        masking = {"mlm": mlm_settings(cfg, meta)} if cfg.objective == "mlm" else {}
         save_model(model, tmp, extra={
             "tokenizer_fingerprint": meta["tokenizer_fingerprint"], "eos_id": meta["eos_id"],
-            "objective": cfg.objective, "training": numbers,
+            "objective": cfg.objective, **masking, "training": numbers,
         })
         write_manifest(tmp, stage="pretrain", config=cfg, inputs={"tokens_meta": paths.tokens / "meta.json"},
                        counts={"parameters": model.num_parameters(), "steps": summary["steps"],
