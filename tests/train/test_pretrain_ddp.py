@@ -26,8 +26,8 @@ from lmpipe.train.pretrain.stage import train
 
 PRETRAIN = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,
-    "tokens_per_step": 128, "max_steps": 8, "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "val_every": 4,
-    "val_batches": 4, "checkpoint_every": 0, "sample_tokens": 0, "progress": False, "accelerator": "cpu",
+    "tokens_per_step": 128, "max_steps": 8, "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "eval_every": 4,
+    "eval_batches": 4, "checkpoint_every": 0, "sample_tokens": 0, "progress": False, "accelerator": "cpu",
 }
 
 

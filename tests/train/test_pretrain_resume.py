@@ -59,7 +59,7 @@ train(PretrainConfig.model_validate(json.loads(sys.argv[3])), Paths(root),
 CONFIG = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16, "dropout": 0.1},
     "micro_batch_size": 4, "tokens_per_step": 128, "max_steps": 10, "warmup_steps": 2, "lr": 5e-3,
-    "deterministic": True, "log_every": 1, "val_every": 3, "val_batches": 2, "checkpoint_every": 2,
+    "deterministic": True, "log_every": 1, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
     "keep_checkpoints": 3, "sample_tokens": 0, "progress": False,
 }
 

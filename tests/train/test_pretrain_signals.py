@@ -29,7 +29,7 @@ from lmpipe.train.pretrain.stage import train
 from lmpipe.train.settings import run_key
 
 TINY = {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,
-        "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "val_every": 0, "val_batches": 1, "sample_tokens": 0,
+        "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "eval_every": 0, "eval_batches": 1, "sample_tokens": 0,
         "progress": False, "accelerator": "cpu"}
 
 
