@@ -177,18 +177,14 @@ def first_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, t
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, first_runs: dict[str, Any]) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory, first_runs: dict[str, Any],
+              one_thread_module: None) -> Path:
     """One process, 2 micro-batches of 4 per step, uninterrupted, with the children's recorder
     (trained here while the first runs go on)."""
     root = shards(tmp_path_factory.mktemp("reference"))
     namespace: dict[str, Any] = {}
     exec(RECORDER, namespace)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(PretrainConfig.model_validate(EXPLICIT), Paths(root), extra_callbacks=[namespace["Record"](str(root))])
-    finally:
-        torch.set_num_threads(threads)
+    train(PretrainConfig.model_validate(EXPLICIT), Paths(root), extra_callbacks=[namespace["Record"](str(root))])
     return root
 
 

@@ -24,12 +24,7 @@ TINY = {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16}, "m
         "checkpoint_every": 0, "sample_tokens": 0, "progress": False, "accelerator": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(root: Path, **overrides: Any) -> list[float]:

@@ -71,16 +71,15 @@ def start(root: Path, block_at: int = 0) -> subprocess.Popen:
 
 
 def train_here(root: Path) -> None:
-    """The same training as a child's, in this process (one thread, like the children)."""
+    """The same training as a child's, in this process (one thread, like the children: the
+    ``one_thread`` fixture)."""
     namespace: dict = {}
     exec(RECORDER, namespace)  # the children's recorder, so both sides log the same way
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         train(PretrainConfig.model_validate(CONFIG), Paths(root),
               extra_callbacks=[namespace["RecordAndBlock"](str(root), 0)])
     finally:
-        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
@@ -89,6 +88,7 @@ def samples(root: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_sigkilled_run_resumes_exactly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     roots = {name: tmp_path / name for name in ("uninterrupted", "killed")}
     for root in roots.values():

@@ -10,12 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
@@ -32,13 +30,7 @@ TINY = {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, "m
         "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "eval_every": 0, "eval_batches": 1, "sample_tokens": 0,
         "progress": False, "accelerator": "cpu"}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def project(root: Path, **pretrain: Any) -> Path:

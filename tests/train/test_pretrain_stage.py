@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,7 @@ TINY = {"model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "m
         "warmup_steps": 5, "eval_batches": 4, "sample_tokens": 8, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The test machine is shared: one thread avoids OpenMP spin-waiting against other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
