@@ -137,7 +137,7 @@ def main() -> None:
     overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.model)}
     cfg = PretrainConfig.model_validate({
         "preset": args.preset, "model": overrides, "micro_batch_size": args.batch_size, "max_steps": args.warmup + args.steps + 1,
-        "warmup_steps": 2, "log_every": args.log_every, "val_every": 0, "val_batches": 2, "sample_every": 0,
+        "warmup_steps": 2, "log_every": args.log_every, "eval_every": 0, "eval_batches": 2, "sample_every": 0,
         "sample_tokens": 16, "checkpoint_every": 0, "resume": False, "compile": args.compile,
         "accelerator": "gpu" if device.type == "cuda" else "cpu", "progress": True,
     })

@@ -30,7 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHORT = {
-    "pretrain": {"max_steps": 20, "val_every": 10, "checkpoint_every": 10},
+    "pretrain": {"max_steps": 20, "eval_every": 10, "checkpoint_every": 10},
     "distill": {"max_steps": 10, "eval_every": 5, "checkpoint_every": 0},
     "evaluate": {"speed": {"batch_sizes": [1], "new_tokens": 8, "repeats": 1, "warmup": 0, "threads": 1}},
 }

@@ -38,6 +38,31 @@ def repo_root() -> Path:
     return REPO
 
 
+def _torch_on_one_thread() -> Iterator[None]:
+    import torch  # here, not at the top: tests that never touch torch do not import it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for the test. The test machine is shared and the models are
+    tiny: one thread runs them several times faster than two contended ones (OpenMP threads
+    spin-wait against other processes). A test module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``, a test directory with an autouse
+    fixture of its conftest that asks for it."""
+    yield from _torch_on_one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """:func:`one_thread` for the module-scoped fixtures that train or load models."""
+    yield from _torch_on_one_thread()
+
+
 @dataclass(frozen=True)
 class MlflowAuth:
     """Settings of ``mlflow server --app-name basic-auth`` (MLflow's own authentication, as in

@@ -40,6 +40,8 @@ def test_missing_sections_take_defaults(tmp_path: Path) -> None:
         ("clean: [1, 2]", "clean: must be a mapping"),
         ("pretrain: {max_time: 0}", "pretrain.max_time: Input should be greater than 0"),
         ("distill: {max_time: -5}", "distill.max_time: Input should be greater than 0"),
+        ("pretrain: {val_every: 50}", "pretrain.val_every: renamed to 'eval_every': set pretrain.eval_every instead"),
+        ("pretrain: {val_batches: 5}", "pretrain.val_batches: renamed to 'eval_batches': set pretrain.eval_batches"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -86,23 +86,6 @@ def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "j.json").read_text()) == {"b": 1}
 
 
-def test_jsonl_objects_skip_blank_lines_and_name_the_bad_line(tmp_path: Path) -> None:
-    from lmpipe.errors import DataError
-    from lmpipe.io import jsonl_objects
-
-    path = tmp_path / "rows.jsonl"
-    path.write_text('{"a": 1}\n\n  \n{"a": 2}\n', encoding="utf-8")
-    assert list(jsonl_objects(path)) == [(1, {"a": 1}), (4, {"a": 2})]
-    path.write_text('{"a": 1}\n{"a": oops}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"rows\.jsonl:2: not valid JSON"):
-        list(jsonl_objects(path))
-    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"rows\.jsonl:2: expected a JSON object, got list"):
-        list(jsonl_objects(path))
-    # lines decoded by the caller (e.g. with a replacement policy) are taken as given
-    assert list(jsonl_objects(path, [(7, '{"b": 3}')])) == [(7, {"b": 3})]
-
-
 def test_atomic_dir_fsyncs_every_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Data reaches the disk before the rename makes it visible: each file, each directory of the
     new output, and the parent that holds its new name are fsynced."""

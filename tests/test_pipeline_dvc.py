@@ -64,7 +64,7 @@ TINY = {
     "split": {"val_fraction": 0.15, "test_fraction": 0.15},
     "tokenizer": {"vocab_size": 512},
     "pretrain": {"preset": "tiny", "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 128},
-                 "max_steps": 12, "micro_batch_size": 8, "warmup_steps": 2, "val_every": 6, "val_batches": 2,
+                 "max_steps": 12, "micro_batch_size": 8, "warmup_steps": 2, "eval_every": 6, "eval_batches": 2,
                  "checkpoint_every": 6, "sample_tokens": 4, "progress": False},
     "distill": {"student": {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2}, "init": "auto"},
                 "max_steps": 6, "micro_batch_size": 8, "warmup_steps": 1, "eval_every": 3, "eval_batches": 2,

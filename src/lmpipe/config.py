@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,9 +26,19 @@ from lmpipe.errors import ConfigError
 
 
 class Section(BaseModel):
-    """Base for every config model: unknown keys and wrong types are errors."""
+    """Base for every config model: unknown keys and wrong types are errors.
+
+    ``moved_keys`` (old key -> its new name, in the same section) keeps a renamed key known: a
+    params.yaml still naming the old one gets an error that names the new one.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=False)
+    moved_keys: ClassVar[dict[str, str]] = {}
+
+
+def moved_keys_of(model: type[BaseModel]) -> dict[str, str]:
+    """Every renamed key of ``model`` and of the groups it inherits, old -> new."""
+    return {old: new for cls in reversed(model.__mro__) for old, new in vars(cls).get("moved_keys", {}).items()}
 
 
 class TrackingConfig(Section):
@@ -243,6 +253,11 @@ def format_validation_error(err: ValidationError, section: str, model: type[Base
         if item["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
             hint = ""
+            moved = moved_keys_of(owner).get(str(loc[-1])) if owner is not None else None
+            if moved:
+                new_path = ".".join([section, *(str(p) for p in loc[:-1]), moved])
+                lines.append(f"{source}: {path}: renamed to '{moved}': set {new_path} instead")
+                continue
             if owner is not None:
                 known = list(owner.model_fields)
                 close = difflib.get_close_matches(str(loc[-1]), known, n=1)

@@ -27,12 +27,11 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from lmpipe import __version__
-from lmpipe.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 STAGING_NAME = ".lmpipe-tmp"
@@ -111,31 +110,6 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: A
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def jsonl_objects(path: str | os.PathLike[str],
-                  lines: Iterable[tuple[int, str]] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each non-blank line of a JSON Lines file.
-
-    ``lines``: the file's (line number, text) pairs when the caller decodes it itself; by default
-    it is read as UTF-8. Raises DataError naming the file and line for a line that is not valid
-    JSON or not a JSON object.
-    """
-    if lines is None:
-        with open(path, encoding="utf-8") as handle:
-            yield from jsonl_objects(path, enumerate(handle, start=1))
-        return
-    for line_no, line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err.msg} at column {err.colno}); each line must be one JSON object",
-                            path=str(path), line=line_no) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=line_no)
-        yield line_no, obj
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -109,8 +109,9 @@ def _error(root: Path, *paths: str, **options: Any) -> str:
 
 
 def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n')
-    assert _error(tmp_path, "bad.jsonl").startswith(f"{tmp_path / 'bad.jsonl'}:3: not valid JSON")
+    # blank lines are skipped, and still counted in the line number
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n \n{"text": "ok"}\n{"text": broken}\n')
+    assert _error(tmp_path, "bad.jsonl").startswith(f"{tmp_path / 'bad.jsonl'}:4: not valid JSON")
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:

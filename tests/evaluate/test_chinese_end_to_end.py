@@ -58,8 +58,8 @@ def test_chinese_corpus_from_clean_to_evaluate(tmp_path: Path) -> None:
 
     model = {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 128}
     pretrain.run(PretrainConfig.model_validate({
-        "model": model, "max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5, "val_every": 30,
-        "checkpoint_every": 30, "val_batches": 2, "sample_tokens": 0, "progress": False}), paths)
+        "model": model, "max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup_steps": 5, "eval_every": 30,
+        "checkpoint_every": 30, "eval_batches": 2, "sample_tokens": 0, "progress": False}), paths)
     finetune.run(FinetuneConfig.model_validate({"tasks": {"sft": {
         "type": "sft", "method": "full", "max_steps": 10, "eval_every": 10, "micro_batch_size": 8, "warmup_steps": 2,
         "train_data": {"type": "split", "split": "train", "kind": "instruction"},

@@ -35,22 +35,17 @@ FAST = {"max_steps": 30, "micro_batch_size": 16, "warmup_steps": 2, "log_every":
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Paths, str, dict[str, Any]]:
+def project(tmp_path_factory: pytest.TempPathFactory, one_thread_module: None) -> tuple[Paths, str, dict[str, Any]]:
     """The evaluate tests' tiny project with models/pretrain replaced by a masked LM pretrained for
     a few steps, and a classifier fine-tuned from it (models/finetune/cls); returns the
     fine-tune summary too."""
     paths, fingerprint = make_eval_project(tmp_path_factory.mktemp("mlm"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped: outside the per-test thread fixture
-    try:
-        train(PretrainConfig.model_validate({
-            **FAST, "objective": "mlm", "lr": 1e-2, "val_every": 0, "val_batches": 2, "sample_tokens": 0,
-            "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 32}}), paths)
-        tuned = run_task(FinetuneConfig.model_validate({"tasks": {"cls": {
-            **FAST, "type": "classification", "pooling": "mean", "lr": 3e-3, "max_steps": 80, "eval_every": 20,
-            "patience": 0, "eval_batch_size": 32, "class_weights": "balanced"}}}), "cls", paths)
-    finally:
-        torch.set_num_threads(threads)
+    train(PretrainConfig.model_validate({
+        **FAST, "objective": "mlm", "lr": 1e-2, "eval_every": 0, "eval_batches": 2, "sample_tokens": 0,
+        "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 32}}), paths)
+    tuned = run_task(FinetuneConfig.model_validate({"tasks": {"cls": {
+        **FAST, "type": "classification", "pooling": "mean", "lr": 3e-3, "max_steps": 80, "eval_every": 20,
+        "patience": 0, "eval_batch_size": 32, "class_weights": "balanced"}}}), "cls", paths)
     return paths, fingerprint, tuned
 
 

@@ -199,12 +199,8 @@ def servers() -> type[Servers]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: more torch threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every registry test runs torch on one thread (``one_thread``, tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

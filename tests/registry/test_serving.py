@@ -72,7 +72,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tokenizer_project: Path, _store_uri: str, tmp_path_factory: pytest.TempPathFactory,
-           models: Any) -> Iterator[Served]:
+           models: Any, one_thread_module: None) -> Iterator[Served]:
     """Pretrain, chat and classifier models registered (and promoted) under the prefix ``srv``; the
     classifier is BERT-style, a masked-LM encoder pooled at its first token (serving it needs no
     generation)."""
@@ -90,8 +90,6 @@ def served(tokenizer_project: Path, _store_uri: str, tmp_path_factory: pytest.Te
     env = {**os.environ, "MLFLOW_TRACKING_URI": _store_uri, "PYTHONPATH": str(hidden), "OMP_NUM_THREADS": "1",
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the module-scoped setup runs outside the per-test thread fixture
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", _store_uri)
         patch.delenv("LMPIPE_PARENT_RUN_ID", raising=False)
@@ -101,7 +99,6 @@ def served(tokenizer_project: Path, _store_uri: str, tmp_path_factory: pytest.Te
         summary = register.run(cfg, paths)
         assert summary["promoted"] == 3
         yield Served(paths, _store_uri, env, models)
-    torch.set_num_threads(threads)
 
 
 def expected_reply(paths: Paths, prompt: str, max_new_tokens: int) -> str:

@@ -4,7 +4,6 @@ classification, student shapes and the tokenizer check."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,7 @@ FAST = {"max_steps": 30, "micro_batch_size": 8, "warmup_steps": 3, "eval_every":
         "log_every": 5, "checkpoint_every": 0, "progress": False, "accelerator": "cpu", "lr": 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_teacher(directory: Path, fingerprint: str = "synthetic", **overrides: Any) -> GPT:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
+from test_finetune_helpers import config, make_project
 
 from lmpipe.config import Paths
 from lmpipe.errors import DataError

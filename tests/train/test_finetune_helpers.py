@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pytest
 import torch
 
 from lmpipe.config import Paths
@@ -86,12 +84,3 @@ FAST = {"micro_batch_size": 8, "max_steps": 12, "eval_every": 4, "eval_batch_siz
 def config(**tasks: dict[str, Any]) -> FinetuneConfig:
     """A finetune section with the given tasks, each merged over fast CPU settings."""
     return FinetuneConfig.model_validate({"tasks": {name: {**FAST, **spec} for name, spec in tasks.items()}})
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models run several times faster on one intra-op thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

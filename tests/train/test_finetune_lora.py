@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
+from test_finetune_helpers import config, make_project
 
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_finetune_helpers import config, make_project, one_thread, save_random_model  # noqa: F401
+from test_finetune_helpers import config, make_project, save_random_model
 
 from lmpipe.config import Paths, TrackingConfig
 from lmpipe.errors import DataError, FingerprintMismatch

@@ -12,7 +12,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from test_finetune_helpers import config, make_project, one_thread  # noqa: F401
+from test_finetune_helpers import config, make_project
 
 from lmpipe.config import Paths
 from lmpipe.errors import ConfigError

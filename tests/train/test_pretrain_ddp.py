@@ -11,7 +11,6 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,12 @@ from lmpipe.train.pretrain.stage import train
 
 PRETRAIN = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,
-    "tokens_per_step": 128, "max_steps": 8, "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "val_every": 4,
-    "val_batches": 4, "checkpoint_every": 0, "sample_tokens": 0, "progress": False, "accelerator": "cpu",
+    "tokens_per_step": 128, "max_steps": 8, "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "eval_every": 4,
+    "eval_batches": 4, "checkpoint_every": 0, "sample_tokens": 0, "progress": False, "accelerator": "cpu",
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_curve(root: Path) -> list[tuple[float, ...]]:

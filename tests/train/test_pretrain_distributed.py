@@ -33,7 +33,7 @@ from lmpipe.train.pretrain.stage import accumulation_steps, train
 
 BASE = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4, "max_steps": 8,
-    "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "val_every": 4, "val_batches": 2, "checkpoint_every": 2,
+    "warmup_steps": 2, "lr": 5e-3, "log_every": 1, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 2,
     "keep_checkpoints": 4, "sample_tokens": 0, "progress": False, "accelerator": "cpu",
 }
 # 8 sequences of 16 tokens a step: 2 micro-batches in one process, 1 on each of 2 processes.
@@ -155,7 +155,7 @@ def assert_same_training(got: Path, reference: Path, atol: float = 1e-5) -> None
 
 FSDP = {**BASE, "strategy": "fsdp", "devices": 2}
 DDP = {**EXPLICIT, "strategy": "ddp", "devices": 2}
-BUDGET = {**DDP, "max_steps": 10**6, "max_time": 4.0, "schedule": "wsd", "val_every": 0, "log_every": 10,
+BUDGET = {**DDP, "max_steps": 10**6, "max_time": 4.0, "schedule": "wsd", "eval_every": 0, "log_every": 10,
           "checkpoint_every": 0}
 
 
@@ -177,18 +177,14 @@ def first_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, t
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, first_runs: dict[str, Any]) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory, first_runs: dict[str, Any],
+              one_thread_module: None) -> Path:
     """One process, 2 micro-batches of 4 per step, uninterrupted, with the children's recorder
     (trained here while the first runs go on)."""
     root = shards(tmp_path_factory.mktemp("reference"))
     namespace: dict[str, Any] = {}
     exec(RECORDER, namespace)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(PretrainConfig.model_validate(EXPLICIT), Paths(root), extra_callbacks=[namespace["Record"](str(root))])
-    finally:
-        torch.set_num_threads(threads)
+    train(PretrainConfig.model_validate(EXPLICIT), Paths(root), extra_callbacks=[namespace["Record"](str(root))])
     return root
 
 

@@ -20,16 +20,11 @@ from lmpipe.train.pretrain.config import PretrainConfig
 from lmpipe.train.pretrain.stage import train
 
 TINY = {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 4,
-        "max_steps": 4, "warmup_steps": 1, "lr": 5e-3, "log_every": 1, "val_every": 0, "val_batches": 1,
+        "max_steps": 4, "warmup_steps": 1, "lr": 5e-3, "log_every": 1, "eval_every": 0, "eval_batches": 1,
         "checkpoint_every": 0, "sample_tokens": 0, "progress": False, "accelerator": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(root: Path, **overrides: Any) -> list[float]:

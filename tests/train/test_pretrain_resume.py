@@ -59,7 +59,7 @@ train(PretrainConfig.model_validate(json.loads(sys.argv[3])), Paths(root),
 CONFIG = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16, "dropout": 0.1},
     "micro_batch_size": 4, "tokens_per_step": 128, "max_steps": 10, "warmup_steps": 2, "lr": 5e-3,
-    "deterministic": True, "log_every": 1, "val_every": 3, "val_batches": 2, "checkpoint_every": 2,
+    "deterministic": True, "log_every": 1, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
     "keep_checkpoints": 3, "sample_tokens": 0, "progress": False,
 }
 
@@ -71,16 +71,15 @@ def start(root: Path, block_at: int = 0) -> subprocess.Popen:
 
 
 def train_here(root: Path) -> None:
-    """The same training as a child's, in this process (one thread, like the children)."""
+    """The same training as a child's, in this process (one thread, like the children: the
+    ``one_thread`` fixture)."""
     namespace: dict = {}
     exec(RECORDER, namespace)  # the children's recorder, so both sides log the same way
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         train(PretrainConfig.model_validate(CONFIG), Paths(root),
               extra_callbacks=[namespace["RecordAndBlock"](str(root), 0)])
     finally:
-        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
@@ -89,6 +88,7 @@ def samples(root: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_sigkilled_run_resumes_exactly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     roots = {name: tmp_path / name for name in ("uninterrupted", "killed")}
     for root in roots.values():

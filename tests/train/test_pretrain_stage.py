@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,10 @@ from lmpipe.train.pretrain.config import PretrainConfig
 from lmpipe.train.pretrain.stage import train
 
 TINY = {"model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}, "micro_batch_size": 8,
-        "warmup_steps": 5, "val_batches": 4, "sample_tokens": 8, "progress": False}
+        "warmup_steps": 5, "eval_batches": 4, "sample_tokens": 8, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The test machine is shared: one thread avoids OpenMP spin-waiting against other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -50,7 +43,7 @@ def test_stage_trains_below_unigram_entropy_writes_outputs_and_logs_to_mlflow(pa
 
     from lmpipe.tracking import stage_run, tracking_uri
 
-    cfg = config(max_steps=60, lr=1e-2, log_every=10, val_every=20, checkpoint_every=20)
+    cfg = config(max_steps=60, lr=1e-2, log_every=10, eval_every=20, checkpoint_every=20)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{paths.root / 'mlflow.db'}")
     with stage_run("pretrain", tracking, paths.root) as run:
         summary = train(cfg, paths)
@@ -118,7 +111,7 @@ def test_divergence_guard_spots_spikes_after_warmup() -> None:
 def test_mlm_objective_trains_a_bidirectional_model(paths: Paths) -> None:
     with pytest.raises(ConfigError, match="mask_token_id"):
         train(config(objective="mlm", max_steps=2), paths)
-    summary = train(config(objective="mlm", mask_token_id=39, max_steps=6, val_every=3), paths)
+    summary = train(config(objective="mlm", mask_token_id=39, max_steps=6, eval_every=3), paths)
     assert summary["steps"] == 6 and math.isfinite(summary["val_loss"])
     model, info = load_model(paths.models / "pretrain")
     assert info["objective"] == "mlm" and model.config.bidirectional
@@ -187,7 +180,7 @@ def test_progress_off_a_terminal_is_plain_lines_with_loss_rate_and_eta(
 
     monkeypatch.setenv("LMPIPE_PROGRESS_SECONDS", "0.001")  # a line at every step
     caplog.set_level(logging.INFO, logger="lmpipe.progress")
-    train(config(max_steps=6, log_every=2, val_every=0, sample_tokens=0, progress=True), paths)
+    train(config(max_steps=6, log_every=2, eval_every=0, sample_tokens=0, progress=True), paths)
     lines = [m for m in caplog.messages if m.startswith("pretrain: ")]
     assert len(lines) >= 3 and lines[-1].startswith("pretrain: 6/6 steps (100%)"), lines
     assert any("loss " in line and " tok/s" in line and "ETA " in line for line in lines), lines
@@ -197,7 +190,7 @@ def test_max_time_ends_training_inside_the_budget_with_the_decay_done_and_resume
     import time
 
     cfg = config(max_steps=10**6, max_time=6.0, lr=1e-2, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.3,
-                 log_every=50, val_every=100, checkpoint_every=0)
+                 log_every=50, eval_every=100, checkpoint_every=0)
     started = time.monotonic()
     summary = train(cfg, paths)
     took = time.monotonic() - started

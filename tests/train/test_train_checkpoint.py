@@ -44,6 +44,22 @@ def test_stage_defaults_differ_only_where_declared_and_keep_the_shared_bounds() 
         SFTTask(type="sft", lr=0.0)
     with pytest.raises(ValueError, match="'auto' or 'ddp'"):
         DistillConfig(strategy="fsdp")
+    # one evaluation group: the same names and meanings in every stage, defaults as declared there
+    assert (pretrain.eval_every, distill.eval_every, sft.eval_every) == (100, 100, 50)
+    assert (pretrain.eval_batches, distill.eval_batches, distill.eval_batch_size, cls.eval_batch_size) == (20, 20, 64, 64)
+    assert (distill.patience, cls.patience) == (0, 5)
+    for name in ("eval_batches", "eval_batch_size", "min_delta"):
+        owner = PretrainConfig if name == "eval_batches" else SFTTask
+        assert DistillConfig.model_fields[name].description == owner.model_fields[name].description, name
+
+
+def test_evaluation_cadence_keys_a_run_only_where_evaluations_pick_the_weights() -> None:
+    """Validation only watches a language model; dev evaluations choose the exported weights and
+    may stop training (fine-tuning, classification distillation), so their cadence changes a run."""
+    assert run_key(PretrainConfig(eval_every=7, eval_batches=3)) == run_key(PretrainConfig())
+    for section in (DistillConfig, lambda **kw: ClassificationTask(type="classification", **kw)):
+        assert run_key(section(eval_every=7)) != run_key(section())
+        assert run_key(section(eval_batch_size=7)) == run_key(section())
 
 
 def test_newest_complete_checkpoint_of_the_run_is_chosen(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

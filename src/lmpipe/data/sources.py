@@ -33,7 +33,6 @@ import pyarrow.parquet as pq
 
 from lmpipe.data.config import FilesSource, HFSource
 from lmpipe.errors import DataError
-from lmpipe.io import jsonl_objects
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +187,22 @@ def _missing(name: str, names: Sequence[str], what: str, setting: str) -> str:
 
 def _jsonl_rows(path: Path, required: Sequence[str], setting: str) -> Iterator[DataRow]:
     """JSON Lines: one object per line; blank lines are ignored."""
-    for row, (lineno, obj) in enumerate(jsonl_objects(path, decoded_lines(path))):
+    row = 0
+    for lineno, line in decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"not valid JSON ({err.msg} at column {err.colno}); each line must be one JSON object",
+                            path=str(path), line=lineno) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
         for name in required:
             if name not in obj:
                 raise DataError(_missing(name, list(obj), "field", setting), path=str(path), line=lineno)
         yield DataRow(obj, str(path), line=lineno, row=row)
+        row += 1
 
 
 def _json_rows(path: Path, required: Sequence[str], setting: str) -> Iterator[DataRow]:

@@ -5,15 +5,19 @@ Every stage that trains (``pretrain``, ``finetune``, ``distill``) describes its 
 the :class:`~lmpipe.train.module.TrainModule` once the trainer knows the world size) and calls
 :func:`fit`. What the loop gives each of them alike: the metrics monitor with its divergence
 guard, atomic periodic checkpoints and exact resume (the newest complete checkpoint of the same
-run, chosen by rank 0), SLURM requeue, MFU on known GPUs, a progress bar, and a SIGTERM that ends
-the stage with an error instead of passing for success.
+run, chosen by rank 0), SLURM requeue, MFU on known GPUs, a progress bar, and a SIGTERM or Ctrl-C
+(SIGINT) that ends the stage with an error instead of passing for success.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +114,58 @@ def device_peak_flops(trainer: L.Trainer) -> float | None:
     return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
 
 
+class StopOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) during :func:`fit` stops the run the way SIGTERM does.
+
+    Without it a SIGINT could leave the run training on: a process started in the background by
+    a non-interactive shell (a CI script, ``cmd &``) inherits SIGINT ignored, which Python keeps;
+    and where Python's handler does run, its KeyboardInterrupt is raised wherever the main thread
+    happens to be, and swallowed when that is a finalizer, a weakref callback or a library's
+    ``except BaseException``. This handler replaces either and only sets Lightning's SIGTERM
+    flag: every rank stops at the next batch boundary (Lightning broadcasts rank 0's flag under
+    DDP), no checkpoint is added and none is removed, and :func:`fit` raises TrainingInterrupted.
+    A second SIGINT kills the process at once (SIGINT's default action), for a run that does not
+    reach a batch boundary.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._trainer: L.Trainer | None = None
+
+    @contextmanager
+    def installed(self, trainer: L.Trainer) -> Iterator[None]:
+        """The handler, for the duration of the block; the previous one afterwards. Only the main
+        thread receives signals: in another thread (a run started from one) this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._trainer = trainer
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self._trainer = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        self.received = True
+        self._stop()
+        log.warning("SIGINT: stopping at the next step; a second SIGINT (Ctrl-C) kills the process at once")
+
+    def _stop(self) -> None:
+        if self._trainer is not None:
+            # Lightning's stop path for SIGTERM (its signal connector's flag, read by its loops).
+            self._trainer._signal_connector.received_sigterm = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.received:  # Lightning clears its flag when training starts: a Ctrl-C before that still stops
+            self._stop()
+
+
 @dataclass
 class Run:
     """One training run of a stage, as :func:`fit` needs it.
@@ -152,8 +208,8 @@ def fit(run: Run) -> Fitted:
 
     ``Fitted.summary`` holds what every stage reports: steps, resumed_from_step, tokens_per_s and,
     once logged, train_loss (and each train_<term> of a loss made of several). Raises
-    TrainingDiverged on a non-finite or spiking loss, TrainingInterrupted on SIGTERM (no model is
-    written; the next run resumes from the newest checkpoint).
+    TrainingDiverged on a non-finite or spiking loss, TrainingInterrupted on SIGTERM or SIGINT
+    (no model is written; the next run resumes from the newest checkpoint).
     """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -170,7 +226,8 @@ def fit(run: Run) -> Fitted:
         run.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, requeue=SLURMEnvironment.detect())]
     if cfg.progress:
         callbacks.append(StepProgress(monitor, run.label))
-    trainer = build_trainer(cfg, [*callbacks, *run.extra_callbacks], run.checkpoint_dir)
+    interrupt = StopOnInterrupt()
+    trainer = build_trainer(cfg, [*callbacks, interrupt, *run.extra_callbacks], run.checkpoint_dir)
     resume = agreed_resume_checkpoint(trainer, run.checkpoint_dir, run.key) if cfg.resume else None
     if resume is None:
         reject_lightning_requeue_checkpoints(run.checkpoint_dir)
@@ -179,15 +236,21 @@ def fit(run: Run) -> Fitted:
     module = run.start(trainer, resume)
     if trainer.is_global_zero and resume:
         log.info("%s: resuming from %s (step %d)", run.label, resume.path, resume.step)
+    stopped = False
     try:
-        trainer.fit(module, datamodule=run.datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
+        with interrupt.installed(trainer):
+            trainer.fit(module, datamodule=run.datamodule, ckpt_path=resume.path if resume else None,
+                        weights_only=True)
     except SIGTERMException:
         # Lightning stops every rank at a step boundary on SIGTERM but exits with status 0, which
         # would pass for success to DVC and the flow.
-        raise TrainingInterrupted(f"stopped by SIGTERM at step {trainer.global_step}; no model was written "
-                                  "(the next run resumes from the newest checkpoint)") from None
+        stopped = True
     finally:
         run.tracker.close()
+    if stopped or trainer.received_sigterm or interrupt.received:  # a signal after the last step stops too
+        raise TrainingInterrupted(f"stopped by {'SIGINT' if interrupt.received else 'SIGTERM'} at step "
+                                  f"{trainer.global_step}; no model was written (the next run resumes from the "
+                                  "newest checkpoint)")
     summary: dict[str, Any] = {"steps": trainer.global_step, "resumed_from_step": resume.step if resume else 0,
                                "tokens_per_s": monitor.mean_tokens_per_s()}
     if monitor.train:

@@ -11,12 +11,18 @@ the stage's own:
 - :class:`CheckpointSettings`: how often checkpoints are written, how many are kept, resume
   (read by :class:`lmpipe.train.checkpoint.PeriodicCheckpoint`);
 - :class:`LoggingSettings`: log interval, progress bar, divergence guard (read by
-  :class:`lmpipe.train.callbacks.TrainingMonitor`).
+  :class:`lmpipe.train.callbacks.TrainingMonitor`);
+- :class:`EvalSettings`: how often the loop evaluates, with :class:`ValidationSettings` (a
+  language model's val split, read by :class:`lmpipe.train.callbacks.Validation`) and
+  :class:`DevEvalSettings` (a task's dev set, best weights and early stopping, read by
+  :class:`lmpipe.train.callbacks.DevEvaluation`).
 
 A field marked :data:`OPERATIONAL` changes how a run is executed or observed, not what it
 computes: a run resumed with other values of it is the same run. :func:`run_key` hashes a
 section without them, so every stage keys its checkpoints the same way. A stage that needs
 another default than the shared one redeclares the field with :func:`stage_default` and says why.
+A key that was renamed stays in its group's ``moved_keys`` (old name -> new name): params.yaml
+naming the old key gets an error naming the new one (:func:`lmpipe.config.moved_keys_of`).
 
 This module imports pydantic only: loading params.yaml or printing ``--help`` must not pay for
 torch or Lightning.
@@ -24,7 +30,7 @@ torch or Lightning.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
@@ -140,6 +146,36 @@ class LoggingSettings(Section):
         "average (0: only NaN/inf stop training).",
     )
     progress: bool = Field(True, description="Show a progress bar.", json_schema_extra=OPERATIONAL)
+
+
+class EvalSettings(Section):
+    """How often the loop evaluates the model (at step 0 too for a dev set, and always at the last step)."""
+
+    eval_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL,
+                            description="Steps between evaluations (0: only at the end).")
+
+
+class ValidationSettings(EvalSettings):
+    """A language model's validation: loss and bits per byte on a fixed part of the val split."""
+
+    moved_keys: ClassVar[dict[str, str]] = {"val_every": "eval_every", "val_batches": "eval_batches"}
+
+    eval_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL,
+                              description="Micro-batches of the val split per evaluation (across devices).")
+
+
+class DevEvalSettings(EvalSettings):
+    """A task's dev evaluation: its metrics pick the exported weights and can stop training early."""
+
+    # Not operational here: which evaluations happen decides the exported weights and the step
+    # training stops at, so a run resumed with another cadence computes another result.
+    eval_every: int = Field(50, ge=0, description="Steps between dev evaluations (0: only at the end).")
+    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL,
+                                 description="Examples per dev-evaluation batch.")
+    patience: int = Field(
+        5, ge=0, description="Early stopping: stop after this many evaluations without improvement (0: never stop early)."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: the smallest change that counts as an improvement.")
 
 
 # Bases in reverse: pydantic lists the fields of the last base first, so --help shows

@@ -27,10 +27,11 @@ from lmpipe.model.presets import PRESETS, preset_config
 from lmpipe.train.finetune.config import DataSource, split_source
 from lmpipe.train.pretrain.config import ModelOverrides
 from lmpipe.train.settings import (
-    OPERATIONAL,
     AccumulationSettings,
+    DevEvalSettings,
     HardwareSettings,
     TrainSettings,
+    ValidationSettings,
     stage_default,
 )
 
@@ -77,7 +78,7 @@ class LossWeights(Section):
         "cosine", description="cosine: 1 - cosine similarity (DistilBERT); mse: mean squared error (TinyBERT).")
 
 
-class DistillConfig(TrainSettings, AccumulationSettings):
+class DistillConfig(DevEvalSettings, ValidationSettings, TrainSettings, AccumulationSettings):
     """Distil a teacher model into a smaller student (language modelling or classification)."""
 
     # The frozen teacher is replicated on every rank, outside the DDP wrapper: no FSDP.
@@ -114,15 +115,16 @@ class DistillConfig(TrainSettings, AccumulationSettings):
     max_length: int | None = Field(None, gt=2, description="classification: longest example in tokens; null: "
                                    "the student's block_size.")
     seed: int = Field(1337, description="Seed of student init, batch order and dropout.")
-    eval_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL,
-                            description="Steps between val/dev evaluations (0: only at the end).")
-    eval_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL,
-                              description="lm: micro-batches of the val split per evaluation.")
-    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL,
-                                 description="classification: examples per dev batch.")
-    patience: int = Field(0, ge=0, description="classification: early stopping after this many evaluations "
-                          "without improvement (0: never).")
-    min_delta: float = Field(0.0, ge=0, description="classification: smallest dev change that counts.")
+    # Pretraining's cadence: distillation runs are as long. Not operational, as in fine-tuning:
+    # with task: classification the dev evaluations pick the exported weights.
+    eval_every: int = stage_default(DevEvalSettings, "eval_every", 100,
+                                    description="Steps between val (lm) or dev (classification) evaluations "
+                                    "(0: only at the end).")
+    # The student is compared with its baseline at the same step budget: no early stop unless asked.
+    patience: int = stage_default(DevEvalSettings, "patience", 0,
+                                  description="classification: early stopping after this many evaluations "
+                                  "without improvement (0: never).")
+
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         if self.student.preset is not None and self.student.preset not in PRESETS:

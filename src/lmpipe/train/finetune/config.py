@@ -21,6 +21,7 @@ from lmpipe.config import Section
 from lmpipe.train.settings import (
     OPERATIONAL,
     AccumulationSettings,
+    DevEvalSettings,
     HardwareSettings,
     LoggingSettings,
     OptimSettings,
@@ -100,13 +101,12 @@ class LoraSettings(Section):
     save_adapter: bool = Field(True, json_schema_extra=OPERATIONAL, description="Also write the adapter weights alone (adapter/) next to the merged model.")
 
 
-class _TaskBase(TrainSettings, AccumulationSettings):
+class _TaskBase(DevEvalSettings, TrainSettings, AccumulationSettings):
     # What the task reads of the base model, which decides the bases it can start from: hidden
     # states under a head (any base, a masked-LM encoder too) or next-token predictions (a causal
     # LM only; a masked-LM base is refused before any data is read).
     needs_causal_lm: ClassVar[bool] = False
     uses: ClassVar[str] = ""  # what needs the causal LM, for the error (see lmpipe.model.io.refuse_masked_lm)
-
     # Fine-tuning starts from trained weights, for a few hundred steps on small batches; where
     # that calls for another default than pretraining's, it is set here.
     max_steps: int = stage_default(OptimSettings, "max_steps", 300,
@@ -131,12 +131,6 @@ class _TaskBase(TrainSettings, AccumulationSettings):
         None, gt=1, description="Longest example in tokens (longer ones are cut); null: the model's block_size."
     )
     seed: int = Field(1337, description="Seed of head/adapter init, example order and dropout.")
-    eval_every: int = Field(50, ge=0, description="Steps between dev evaluations (0: only at the end).")
-    eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL, description="Examples per dev-evaluation batch.")
-    patience: int = Field(
-        5, ge=0, description="Early stopping: stop after this many evaluations without improvement (0: never stop early)."
-    )
-    min_delta: float = Field(0.0, ge=0, description="Early stopping: the smallest change that counts as an improvement.")
 
     def _check_columns(self, allowed: tuple[str, ...]) -> None:
         for name in ("train_data", "dev_data", "test_data", "sample_data"):

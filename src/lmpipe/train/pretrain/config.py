@@ -1,4 +1,5 @@
-"""Config section ``pretrain``: model size, objective, optimisation, hardware, logging, checkpoints."""
+"""Config section ``pretrain``: model size, objective, optimisation, hardware, logging, checkpoints,
+validation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import Field, create_model, model_validator
 from lmpipe.config import Section
 from lmpipe.model.gpt import CHOICES, GPTConfig
 from lmpipe.model.presets import PRESETS, preset_config
-from lmpipe.train.settings import OPERATIONAL, TrainSettings
+from lmpipe.train.settings import OPERATIONAL, TrainSettings, ValidationSettings
 
 
 def _overrides_of_gpt_config() -> dict[str, Any]:
@@ -34,7 +35,7 @@ ModelOverrides = create_model(
 )
 
 
-class PretrainConfig(TrainSettings):
+class PretrainConfig(ValidationSettings, TrainSettings):
     """Pretrain the GPT on data/tokens/ (causal LM, or BERT-style masked LM) with PyTorch Lightning."""
 
     preset: str = Field("tiny", description=f"Model size preset: {', '.join(PRESETS)}.")
@@ -62,10 +63,6 @@ class PretrainConfig(TrainSettings):
     )
     num_workers: int = Field(0, ge=0, json_schema_extra=OPERATIONAL,
         description="DataLoader worker processes (0: batches built in the training process).")
-    val_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL,
-        description="Steps between validation runs (0: only at the end).")
-    val_batches: int = Field(20, gt=0, json_schema_extra=OPERATIONAL,
-        description="Micro-batches of the val split per validation (across devices).")
     sample_every: int = Field(0, ge=0, json_schema_extra=OPERATIONAL,
         description="Steps between sample generations (0: only at the end).")
     sample_tokens: int = Field(64, ge=0, json_schema_extra=OPERATIONAL,

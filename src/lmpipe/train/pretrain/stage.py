@@ -97,7 +97,7 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
 
     fitted = fit(Run(
         label="pretrain", settings=cfg, checkpoint_dir=paths.checkpoints / "pretrain" / key, key=key, tracker=tracker,
-        start=start, also_at=(cfg.val_every, cfg.sample_every), flops_per_token=flops_per_token,
+        start=start, also_at=(cfg.eval_every, cfg.sample_every), flops_per_token=flops_per_token,
         peak_flops=cfg.peak_flops, datamodule=datamodule, extra_callbacks=extra_callbacks,
         evaluation=lambda monitor: _evaluation(cfg, paths, meta, datamodule, monitor, tracker, tokens_per_byte),
     ))
@@ -182,8 +182,8 @@ def _evaluation(cfg: PretrainConfig, paths: Paths, meta: dict[str, Any], datamod
                 monitor: TrainingMonitor, tracker: AsyncTracker, tokens_per_byte: float | None) -> list[Callback]:
     """Validation (loss and bits per byte) and, for a causal LM, sample generations."""
     callbacks: list[Callback] = [Validation(
-        every=cfg.val_every, tokens_per_byte=tokens_per_byte, monitor=monitor,
-        batches=lambda rank, world: datamodule.val_batches(cfg.val_batches, rank, world),
+        every=cfg.eval_every, tokens_per_byte=tokens_per_byte, monitor=monitor,
+        batches=lambda rank, world: datamodule.val_batches(cfg.eval_batches, rank, world),
     )]
     if cfg.objective == "clm" and cfg.sample_tokens > 0 and cfg.strategy != "fsdp":
         eos = int(meta["eos_id"])
