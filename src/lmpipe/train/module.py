@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lmpipe.model.gpt import optim_groups
+from lmpipe.train.muon import Muon
 from lmpipe.train.objectives import Objective
 from lmpipe.train.settings import OptimSettings
 
@@ -118,7 +119,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSettings, device: torch.device,
                     groups: list[dict[str, Any]] | None = None) -> list[torch.optim.Optimizer]:
     """The optimizers of a step, AdamW first: AdamW over the model's trainable decay / no-decay
     groups (the fused kernel on CUDA, one launch for all parameters; the default implementation
-    elsewhere) and, with ``optimizer: muon``, Muon over the block matrices. ``groups`` (from
+    elsewhere) and, with ``optimizer: muon``, :class:`~lmpipe.train.muon.Muon` over the block matrices. ``groups`` (from
     :func:`parameter_groups` on the unwrapped model) names the parameters, as for a model FSDP has
     wrapped. Learning rates are set per step by :func:`set_learning_rate`."""
     params = {name.replace(FSDP_PREFIX, ""): param for name, param in model.named_parameters()}
@@ -132,8 +133,8 @@ def build_optimizer(model: nn.Module, cfg: OptimSettings, device: torch.device,
     if matrices:
         # torch's defaults, Keller Jordan's: Nesterov momentum, five Newton-Schulz steps, the
         # update scaled by sqrt(max(1, rows / cols)).
-        optimizers.append(torch.optim.Muon(matrices, lr=cfg.muon_lr * learning_rate(0, cfg) / cfg.lr,
-                                           momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
+        optimizers.append(Muon(matrices, lr=cfg.muon_lr * learning_rate(0, cfg) / cfg.lr,
+                               momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
     return optimizers
 
 
