@@ -290,6 +290,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="Stay on CPU even when CUDA is available.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
+    if len(args.corpus) < 2:
+        parser.error("give at least two --corpus files: a recipe is judged on more than one text")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
