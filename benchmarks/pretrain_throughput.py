@@ -36,7 +36,7 @@ from lmpipe.tracking import stage_run
 from lmpipe.train.callbacks import ASYNC_BACKENDS, ASYNC_LOGGING_ENV
 from lmpipe.train.data import TokenDataModule, open_token_split, write_synthetic_shards
 from lmpipe.train.loop import PEAK_BF16_FLOPS
-from lmpipe.train.module import build_optimizer, learning_rate
+from lmpipe.train.module import build_optimizer, set_learning_rate
 from lmpipe.train.pretrain.config import PretrainConfig
 
 
@@ -86,7 +86,7 @@ def bare_run(cfg: PretrainConfig, tokens: Path, device: torch.device, warmup: in
                            accumulation=1, max_steps=cfg.max_steps, seed=cfg.seed, shuffle=True)
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_cfg).to(device).train()
-    optimizer = build_optimizer(model, cfg, device)
+    optimizers = build_optimizer(model, cfg, device)
     forward = torch.compile(model) if cfg.compile else model
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     marks = {}
@@ -97,10 +97,10 @@ def bare_run(cfg: PretrainConfig, tokens: Path, device: torch.device, warmup: in
             _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step - 1, cfg)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        set_learning_rate(optimizers, step - 1, cfg)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if step in (warmup, warmup + steps):
             marks[step] = mark(device)
             if step == warmup + steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,13 +18,19 @@ def small(**overrides: object) -> GPTConfig:
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread() -> Iterator[None]:
+    # One thread: on a shared machine OpenMP's spin-waiting makes these tiny models many times slower.
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("variant", [
     {}, {"pos_encoding": "sinusoidal"}, {"pos_encoding": "learned", "bias": True},
     {"norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}, {"n_kv_head": 1, "tie_weights": False},
+    {"qk_norm": True, "mlp": "relu2", "embed_scale": True, "n_kv_head": 2},
 ])
 def test_causal_model_ignores_future_tokens(variant: dict) -> None:
     model = GPT(small(**variant)).eval()
@@ -63,7 +70,8 @@ def test_loss_ignores_minus_100_targets_and_starts_near_uniform() -> None:
 
 
 @pytest.mark.parametrize("variant", [{}, {"n_kv_head": 2, "norm": "rmsnorm", "mlp": "swiglu"},
-                                     {"pos_encoding": "learned"}, {"pos_encoding": "sinusoidal"}])
+                                     {"pos_encoding": "learned"}, {"pos_encoding": "sinusoidal"},
+                                     {"qk_norm": True, "n_kv_head": 2}])
 def test_cached_greedy_generation_equals_recomputing_everything(variant: dict) -> None:
     model = GPT(small(**variant)).eval()
     prompt = torch.randint(0, 61, (3, 5))
@@ -121,6 +129,33 @@ def test_init_and_weight_decay_groups() -> None:
     assert all(id(b.ln_1.weight) not in decayed for b in model.blocks)
     assert id(model.blocks[0].mlp.c_fc.weight) in decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+    # Muon: every matrix inside the blocks, nothing else; the tied embedding stays with AdamW.
+    untied = GPT(small(tie_weights=False, qk_norm=True))
+    muon, decay, no_decay = optim_groups(untied, 0.1, muon_weight_decay=0.01)
+    assert (muon["muon"], decay["muon"], no_decay["muon"]) == (True, False, False) and muon["weight_decay"] == 0.01
+    block_matrices = [p for b in untied.blocks for p in b.parameters() if p.dim() == 2]
+    assert [id(p) for p in muon["params"]] == [id(p) for p in block_matrices] and len(block_matrices) == 2 * 4
+    assert [id(p) for p in decay["params"]] == [id(untied.lm_head.weight)]  # the untied head: AdamW, decayed
+    assert {id(untied.wte.weight), id(untied.blocks[0].attn.q_norm.weight)} <= {id(p) for p in no_decay["params"]}
+    torch.optim.Muon(muon["params"])  # which refuses anything but matrices
+
+
+@pytest.mark.parametrize("option", [{"qk_norm": True}, {"mlp": "relu2"}, {"embed_scale": True},
+                                    {"tie_weights": False}])
+def test_each_recipe_option_trains_a_tiny_model(option: dict) -> None:
+    model = GPT(small(**option))
+    optimizer = torch.optim.AdamW(optim_groups(model, 0.1), lr=1e-2)
+    data = torch.arange(61).repeat(4)[None, :].expand(4, -1)  # a cycle: each token fixes the next
+    losses = []
+    for step in range(8):
+        window = data[:, step:step + 25]
+        _, loss = model(window[:, :-1], window[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5, losses
 
 
 def test_flops_per_token_follows_palm_formula() -> None:

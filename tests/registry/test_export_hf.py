@@ -82,6 +82,7 @@ def test_transformers_generate_matches_lmpipe_greedy_decoding(project: Paths, mo
 
 @pytest.mark.parametrize("overrides", [
     {"pos_encoding": "sinusoidal"}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"bidirectional": True},
+    {"qk_norm": True}, {"embed_scale": True}, {"mlp": "relu2"},
 ])
 def test_architectures_without_an_exact_mapping_are_refused(overrides: dict[str, Any]) -> None:
     with pytest.raises(ExportError, match="no exact transformers|bidirectional"):

@@ -3,7 +3,9 @@
 Run B trains in a child process that is killed (SIGKILL) after step 6; its step-6 checkpoint is
 then truncated, so run C, restarted in B's directory, must fall back to the step-4 checkpoint and
 redo steps 5-10. Run A trains uninterrupted (in this process, while B runs, to save time).
-Deterministic kernels, one thread everywhere, dropout on, two micro-batches per step.
+Deterministic kernels, one thread everywhere, dropout on, two micro-batches per step. The
+optimizer is Muon, which also steps AdamW (embedding, norms): both optimizers' states must come
+back from the checkpoint for the weights to match, in the time of one run.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ train(PretrainConfig.model_validate(json.loads(sys.argv[3])), Paths(root),
 
 CONFIG = {
     "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16, "dropout": 0.1},
-    "micro_batch_size": 4, "tokens_per_step": 128, "max_steps": 10, "warmup_steps": 2, "lr": 5e-3,
+    "micro_batch_size": 4, "tokens_per_step": 128, "max_steps": 10, "warmup_steps": 2, "lr": 5e-3, "optimizer": "muon",
     "deterministic": True, "log_every": 1, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
     "keep_checkpoints": 3, "sample_tokens": 0, "progress": False,
 }

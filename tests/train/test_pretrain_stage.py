@@ -117,6 +117,28 @@ def test_mlm_objective_trains_a_bidirectional_model(paths: Paths) -> None:
     assert info["objective"] == "mlm" and model.config.bidirectional
 
 
+def test_muon_with_the_recipe_options_trains_one_global_step_per_step_and_checkpoints_both_optimizers(
+        paths: Paths) -> None:
+    model = {**TINY["model"], "qk_norm": True, "mlp": "relu2", "embed_scale": True, "tie_weights": False}
+    cfg = config(model=model, optimizer="muon", muon_lr=0.03, lr=1e-2, max_steps=12, log_every=1, val_every=0,
+                 checkpoint_every=6, sample_tokens=0)
+    summary = train(cfg, paths)
+    rows = (paths.plots / "pretrain_loss.csv").read_text().splitlines()[1:]
+    losses = [float(row.split(",")[1]) for row in rows]
+    # Lightning counts each wrapped optimizer's step as a global step: were Muon stepped through its
+    # wrapper too, 12 "steps" would be 6 updates, logged at steps 2, 4, ... 12.
+    assert summary["steps"] == 12 and [int(row.split(",")[0]) for row in rows] == list(range(1, 13))
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5, losses
+    state = torch.load(next(paths.checkpoints.glob("pretrain/*/step-00000006.ckpt")), weights_only=True)
+    adamw, muon = state["optimizer_states"]
+    assert all("momentum_buffer" in v for v in muon["state"].values()) and len(muon["state"]) == 2 * 4
+    assert all("exp_avg" in v for v in adamw["state"].values())
+    # One schedule, two peaks: Muon's learning rate is lr's scaled to muon_lr.
+    assert muon["param_groups"][0]["lr"] == pytest.approx(adamw["param_groups"][0]["lr"] * 0.03 / 1e-2)
+    model_out, _ = load_model(paths.models / "pretrain")
+    assert model_out.config.qk_norm and model_out.config.mlp == "relu2" and not model_out.config.tie_weights
+
+
 def test_tokens_per_step_must_fit_the_micro_batches(paths: Paths) -> None:
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x block_size x devices = 8 x 16 x 1"):
         train(config(tokens_per_step=1000, max_steps=2), paths)
@@ -127,6 +149,8 @@ def test_config_rejects_impossible_models() -> None:
         PretrainConfig.model_validate({"model": {"n_embd": 100, "n_head": 3}})
     with pytest.raises(ValueError, match="unknown 'huge'"):
         PretrainConfig.model_validate({"preset": "huge"})
+    with pytest.raises(ValueError, match="muon orthogonalises each whole weight matrix, which strategy fsdp shards"):
+        PretrainConfig.model_validate({"optimizer": "muon", "strategy": "fsdp"})
 
 
 def test_learning_rate_schedules() -> None:

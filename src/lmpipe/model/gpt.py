@@ -10,8 +10,12 @@ Choices and where they come from:
 - Attention through ``F.scaled_dot_product_attention``: PyTorch picks flash / memory-efficient
   kernels on GPU, so no hand-written softmax(QK^T) here. Grouped-query attention (Ainslie et al.
   2023) when ``n_kv_head < n_head``: fewer K/V heads, smaller KV cache.
-- MLP with GELU (GPT-2) or SwiGLU (Shazeer 2020), the latter with 2/3 of the width so the
-  parameter count matches.
+- MLP with GELU (GPT-2), SwiGLU (Shazeer 2020), the latter with 2/3 of the width so the
+  parameter count matches, or ReLU squared (So et al. 2021, Primer), as cheap as GELU.
+- ``qk_norm``: RMSNorm on each head's queries and keys before the dot product (Henry et al. 2020;
+  Dehghani et al. 2023), which bounds the attention logits and so tolerates larger learning rates.
+- ``embed_scale``: token embeddings multiplied by sqrt(n_embd) (Vaswani et al. 2017), so with
+  N(0, 0.02) init the input to the first block is not tiny next to what the blocks add.
 - Init as GPT-2 (Radford et al. 2019): N(0, 0.02), and residual output projections scaled by
   1/sqrt(2 * n_layer) because each block adds two residual branches.
 - ``bidirectional=True`` drops the causal mask and adds BERT's MLM head transform
@@ -37,7 +41,7 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 POS_ENCODINGS = ("rope", "sinusoidal", "learned")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 # The options of the string fields of GPTConfig, by field name.
 CHOICES = {"pos_encoding": POS_ENCODINGS, "norm": NORMS, "mlp": MLPS}
 
@@ -59,15 +63,17 @@ class GPTConfig:
     n_embd: int = knob(128, "Model width.", gt=0)
     # SwiGLU uses 2/3 of the hidden width, rounded up to 64
     mlp_ratio: float = knob(4.0, "MLP hidden width / model width.", gt=0)
-    mlp: str = knob("gelu", "MLP activation: gelu (GPT-2) or swiglu.")
+    mlp: str = knob("gelu", "MLP activation: gelu (GPT-2), swiglu, or relu2 (ReLU squared, Primer).")
     norm: str = knob("layernorm", "Pre-norm type.")
+    qk_norm: bool = knob(False, "RMSNorm on each head's queries and keys before attention (QK-norm).")
     norm_eps: float = 1e-5
     pos_encoding: str = knob("rope", "Position signal: rotary (default), fixed sinusoidal or learned absolute.")
     rope_theta: float = knob(10_000.0, "Rotary base frequency.", gt=0)  # RoFormer's base
     dropout: float = knob(0.0, "Dropout on attention, residual and embeddings.", ge=0, lt=1)
     # no biases in Linear/LayerNorm: slightly better and faster (nanoGPT)
     bias: bool = knob(False, "Biases in Linear and LayerNorm layers.")
-    tie_weights: bool = knob(True, "Share the token embedding with the LM head.")
+    tie_weights: bool = knob(True, "Share the token embedding with the LM head (false: an untied head).")
+    embed_scale: bool = knob(False, "Multiply token embeddings by sqrt(n_embd) (Vaswani et al. 2017).")
     bidirectional: bool = False  # True: no causal mask, MLM head (BERT-style objective)
 
     def __post_init__(self) -> None:
@@ -170,6 +176,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.causal = not cfg.bidirectional
         self.dropout = cfg.dropout
+        # One gain per head dimension, shared by the heads (OLMo 2); None without QK-norm.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int,
                 keep: Tensor | None = None) -> Tensor:
@@ -181,6 +190,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # before rotary, which keeps the norm
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = 0
@@ -207,7 +218,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         hidden = cfg.mlp_hidden
         # SwiGLU's gate and up projections are one matmul, split afterwards.
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
@@ -219,6 +230,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(h).square()
         else:
             h = F.gelu(h)
         return F.dropout(self.c_proj(h), self.dropout, self.training)
@@ -247,6 +260,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_scale = math.sqrt(cfg.n_embd) if cfg.embed_scale else None
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
         if cfg.pos_encoding == "rope":
             cos, sin = rotary_tables(cfg)
@@ -314,6 +328,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         x = self.wte(idx)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
@@ -433,18 +449,33 @@ def estimate_flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> floa
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * t
 
 
-def optim_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups (decay, no decay) over the *trainable* parameters of ``model`` (a
-    GPT, or one wrapped by a classification head or LoRA): decay matrices of Linear layers only;
-    norms, biases and embeddings (including an LM head tied to the embedding) get none (nanoGPT).
-    Frozen parameters (LoRA's base) are left out, so weight decay cannot move them."""
+def optim_groups(model: nn.Module, weight_decay: float, muon_weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups over the *trainable* parameters of ``model`` (a GPT, or one
+    wrapped by a classification head or LoRA): decay matrices of Linear layers only; norms, biases
+    and embeddings (including an LM head tied to the embedding) get none (nanoGPT). Frozen
+    parameters (LoRA's base) are left out, so weight decay cannot move them.
+
+    With ``muon_weight_decay`` (the Muon optimizer) the 2-D weights inside the transformer blocks
+    come first, as a group marked ``"muon": True`` with that decay: Muon orthogonalises the update
+    of a hidden layer's matrix (Jordan et al. 2024), which suits neither the embedding and head
+    (a row per token) nor vectors. The other groups, for AdamW, are marked ``"muon": False``."""
     no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    muon_ids: set[int] = set()
+    if muon_weight_decay is not None:
+        muon_ids = {id(p) for block in model.modules() if isinstance(block, Block)
+                    for p in block.parameters() if p.dim() == 2 and id(p) not in no_decay_ids}
+    muon, decay, no_decay = [], [], []
     for param in model.parameters():  # unique parameters, so a tied matrix appears once
         if not param.requires_grad:
             continue
-        if param.dim() >= 2 and id(param) not in no_decay_ids:
+        if id(param) in muon_ids:
+            muon.append(param)
+        elif param.dim() >= 2 and id(param) not in no_decay_ids:
             decay.append(param)
         else:
             no_decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "muon": False},
+              {"params": no_decay, "weight_decay": 0.0, "muon": False}]
+    if muon_weight_decay is not None:
+        groups.insert(0, {"params": muon, "weight_decay": muon_weight_decay, "muon": True})
+    return groups

@@ -51,6 +51,9 @@ def architecture(cfg: GPTConfig) -> str:
     """The transformers class that reproduces ``cfg`` exactly; ExportError if none does."""
     if cfg.bidirectional:
         raise ExportError("a bidirectional (masked-LM) model has no causal-LM counterpart in transformers")
+    if cfg.qk_norm or cfg.embed_scale:
+        raise ExportError(f"no exact transformers architecture for qk_norm={cfg.qk_norm}, embed_scale={cfg.embed_scale} "
+                          "(the exported architectures have neither)")
     combo = (cfg.pos_encoding, cfg.norm, cfg.mlp)
     if combo == ("rope", "rmsnorm", "swiglu"):
         return "LlamaForCausalLM"

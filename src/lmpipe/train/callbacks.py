@@ -341,7 +341,8 @@ class TrainingMonitor(Callback):
         self.guard.check(step, loss)
         tokens_per_s = steps * pl_module.tokens_per_step / seconds if seconds > 0 else 0.0
         self.throughput.append(tokens_per_s)
-        lr = pl_module.optimizers().param_groups[0]["lr"]
+        optimizers = pl_module.optimizers()  # AdamW first, then Muon when it is on
+        lr = (optimizers[0] if isinstance(optimizers, list) else optimizers).param_groups[0]["lr"]
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
                    "perf/tokens_per_s": tokens_per_s, "perf/step_ms": 1000 * seconds / max(1, steps)}
         if self.peak_flops:

@@ -4,7 +4,8 @@
 Why manual optimization: Lightning's automatic loop wraps every step in a closure, per-step
 logging and progress-bar bookkeeping that cost a visible share of a small model's step on CPU.
 Here one ``training_step`` is one micro-batch: the objective's loss, backward, and on the last
-micro-batch of an accumulation group clip, set the learning rate and step AdamW. Losses and
+micro-batch of an accumulation group clip, set the learning rate and step the optimizers (AdamW,
+and with ``optimizer: muon`` Muon for the block matrices). Losses and
 gradient norms are summed on the device; the monitor callback reads them every ``log_every``
 steps, the only host sync. The learning rate is a pure function of the step, so no scheduler
 state needs saving. Only trainable parameters are optimised (LoRA freezes the base).
@@ -24,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lmpipe.model.gpt import optim_groups
+from lmpipe.train.muon import Muon
 from lmpipe.train.objectives import Objective
 from lmpipe.train.settings import OptimSettings
 
@@ -102,27 +104,49 @@ def learning_rate(step: int, cfg: OptimSettings, time_fraction: float | None = N
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
-def parameter_group_names(model: nn.Module, weight_decay: float) -> list[list[str]]:
-    """Names of the parameters in each of :func:`optim_groups` (decay, no decay), taken from the
-    unwrapped model: under FSDP a parameter whose shard lives on another rank is an empty 1-D
-    view, so grouping by shape there would differ between ranks and world sizes."""
+def parameter_groups(model: nn.Module, cfg: OptimSettings) -> list[dict[str, Any]]:
+    """:func:`optim_groups` of ``cfg``'s optimizer with parameter *names* in place of the
+    parameters, taken from the unwrapped model: under FSDP a parameter whose shard lives on
+    another rank is an empty 1-D view, so grouping by shape there would differ between ranks and
+    world sizes."""
     names = {id(param): name for name, param in model.named_parameters()}
-    return [[names[id(param)] for param in group["params"]] for group in optim_groups(model, weight_decay)]
+    muon_decay = cfg.muon_weight_decay if cfg.optimizer == "muon" else None
+    return [{**group, "params": [names[id(param)] for param in group["params"]]}
+            for group in optim_groups(model, cfg.weight_decay, muon_decay)]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSettings, device: torch.device,
-                    group_names: list[list[str]] | None = None) -> torch.optim.AdamW:
-    """AdamW over the model's trainable decay / no-decay groups (by name when ``group_names`` is
-    given, as for a model FSDP has wrapped); the fused kernel on CUDA (one launch for all
-    parameters), the default implementation elsewhere."""
-    if group_names is None:
-        groups = optim_groups(model, cfg.weight_decay)
-    else:
-        params = {name.replace(FSDP_PREFIX, ""): param for name, param in model.named_parameters()}
-        groups = [{"params": [params[name] for name in names], "weight_decay": decay}
-                  for names, decay in zip(group_names, (cfg.weight_decay, 0.0), strict=True)]
-    return torch.optim.AdamW(groups, lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda" or None)
+                    groups: list[dict[str, Any]] | None = None) -> list[torch.optim.Optimizer]:
+    """The optimizers of a step, AdamW first: AdamW over the model's trainable decay / no-decay
+    groups (the fused kernel on CUDA, one launch for all parameters; the default implementation
+    elsewhere) and, with ``optimizer: muon``, :class:`~lmpipe.train.muon.Muon` over the block matrices. ``groups`` (from
+    :func:`parameter_groups` on the unwrapped model) names the parameters, as for a model FSDP has
+    wrapped. Learning rates are set per step by :func:`set_learning_rate`."""
+    params = {name.replace(FSDP_PREFIX, ""): param for name, param in model.named_parameters()}
+    resolved = [{**group, "params": [params[name] for name in group["params"]]}
+                for group in groups or parameter_groups(model, cfg)]
+    adamw = [{k: v for k, v in group.items() if k != "muon"} for group in resolved if not group["muon"]]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        adamw, lr=learning_rate(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=device.type == "cuda" or None)]
+    matrices = [param for group in resolved if group["muon"] for param in group["params"]]
+    if matrices:
+        # torch's defaults, Keller Jordan's: Nesterov momentum, five Newton-Schulz steps, the
+        # update scaled by sqrt(max(1, rows / cols)).
+        optimizers.append(Muon(matrices, lr=cfg.muon_lr * learning_rate(0, cfg) / cfg.lr,
+                               momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
+    return optimizers
+
+
+def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, cfg: OptimSettings,
+                      time_fraction: float | None = None) -> None:
+    """The schedule's learning rate for ``step`` on every group: ``lr``'s for AdamW, scaled to
+    ``muon_lr`` for Muon (one schedule, two peaks)."""
+    lr = learning_rate(step, cfg, time_fraction)
+    for optimizer in optimizers:
+        value = lr * cfg.muon_lr / cfg.lr if isinstance(optimizer, torch.optim.Muon) else lr
+        for group in optimizer.param_groups:
+            group["lr"] = value
 
 
 class TrainModule(L.LightningModule):
@@ -145,7 +169,7 @@ class TrainModule(L.LightningModule):
         self.compile_model = compile_model
         self.accumulation, self.fixed_tokens_per_step = accumulation, tokens_per_step
         self.tokens_per_step = float(tokens_per_step or 0)  # of the last monitor interval when counted
-        self._group_names = parameter_group_names(model, cfg.weight_decay)
+        self._groups = parameter_groups(model, cfg)
         self.automatic_optimization = False
         # Per-step counters live on a plain object: nn.Module.__setattr__ costs microseconds a call.
         self._acc = StepStats()
@@ -180,8 +204,8 @@ class TrainModule(L.LightningModule):
             # Kept outside the module tree so state_dict keys stay those of the plain model.
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, self.cfg, self.device, self._group_names)
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return build_optimizer(self.model, self.cfg, self.device, self._groups)
 
     def train_dataloader(self) -> DataLoader:
         assert self.data is not None, "no training stream: pass a datamodule to the fit"
@@ -219,16 +243,21 @@ class TrainModule(L.LightningModule):
         return None
 
     def _optimizer_step(self) -> None:
-        optimizer = self.optimizers()
-        assert not isinstance(optimizer, list)
+        wrapped = self.optimizers()
+        first, *others = wrapped if isinstance(wrapped, list) else [wrapped]
         if self.cfg.grad_clip > 0:
             self._acc.add_norm(self._clip_gradients(self.cfg.grad_clip))
         fraction = self.budget.time_fraction if self.budget is not None else None
-        lr = learning_rate(self.trainer.global_step, self.cfg, fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizers = [first.optimizer, *(o.optimizer for o in others)]
+        set_learning_rate(optimizers, self.trainer.global_step, self.cfg, fraction)
+        # Lightning counts every wrapped optimizer's step as a global step, so only the first
+        # steps through its wrapper; the others step directly (no closure or gradient scaler to
+        # run: precision is fp32 or bf16).
+        for optimizer in optimizers[1:]:
+            optimizer.step()
+        first.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _clip_gradients(self, max_norm: float) -> Tensor:
         wrapped = self.trainer.strategy.model

@@ -4,8 +4,8 @@ A stage section inherits the groups it reads, so ``params.yaml`` keeps flat keys
 (``pretrain.lr``, ``finetune.tasks.sft.devices``) and ``lmpipe <stage> --help`` lists them with
 the stage's own:
 
-- :class:`OptimSettings`: step budget, batch, AdamW and the LR schedule (read by
-  :mod:`lmpipe.train.optim`);
+- :class:`OptimSettings`: step budget, batch, the optimizer (AdamW, or Muon for the block
+  matrices) and the LR schedule (read by :mod:`lmpipe.train.module`);
 - :class:`HardwareSettings`: accelerator, precision, strategy, devices (read by
   :func:`lmpipe.train.loop.build_trainer`);
 - :class:`CheckpointSettings`: how often checkpoints are written, how many are kept, resume
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic.fields import FieldInfo
 
 from lmpipe.config import Section
@@ -78,7 +78,7 @@ def stage_default(owner: type[BaseModel], name: str, default: Any, **changes: An
 
 
 class OptimSettings(Section):
-    """Step budget, batch, AdamW and the learning-rate schedule."""
+    """Step budget, batch, the optimizer and the learning-rate schedule."""
 
     max_steps: int = Field(600, gt=0, description="Optimizer steps to train for (with max_time: at most).")
     max_time: float | None = Field(
@@ -99,6 +99,16 @@ class OptimSettings(Section):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (0.95 as GPT-3, for stability from scratch).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW for every parameter; muon: Muon (Jordan et al. 2024) for the 2-D weights of the "
+        "transformer blocks, AdamW (lr, betas, weight_decay) for embeddings, LM head, norms and biases.")
+    muon_lr: float = Field(0.02, gt=0, description="muon: peak learning rate of the block matrices (the schedule "
+                           "of lr, scaled to this peak).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum.")
+    # Muon's decay is lr * weight_decay per step at a learning rate some 10x AdamW's, so it takes its
+    # own, smaller value (0.01 in the usage example of Jordan's Muon repository).
+    muon_weight_decay: float = Field(0.01, ge=0, description="muon: decoupled weight decay of the block matrices.")
 
 
 class AccumulationSettings(Section):
@@ -182,3 +192,10 @@ class DevEvalSettings(EvalSettings):
 # optimisation, hardware, checkpoints, logging, then the stage's own keys.
 class TrainSettings(LoggingSettings, CheckpointSettings, HardwareSettings, OptimSettings):
     """Every shared group: what the one loop (:func:`lmpipe.train.loop.fit`) reads."""
+
+    @model_validator(mode="after")
+    def _muon_needs_whole_matrices(self) -> TrainSettings:
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise ValueError("optimizer: muon orthogonalises each whole weight matrix, which strategy fsdp shards "
+                             "across ranks; use muon with strategy ddp or auto, or adamw with fsdp")
+        return self
