@@ -227,7 +227,7 @@ def bare_run(cfg: PretrainConfig, project: dict[str, Any], seconds: float, devic
 def recipe(params: Path, overrides: list[str], seconds: float, device: torch.device,
            compile_model: bool) -> PretrainConfig:
     """The ``pretrain`` section of ``params`` with ``overrides``, bounded by ``seconds`` of training."""
-    budget = [f"max_time={seconds}", "max_steps=1000000000", "val_every=0", "val_batches=4", "sample_tokens=0",
+    budget = [f"max_time={seconds}", "max_steps=1000000000", "eval_every=0", "eval_batches=4", "sample_tokens=0",
               "checkpoint_every=0", "resume=false", "progress=false", "devices=1", "strategy=auto",
               f"accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", f"compile={str(compile_model).lower()}"]
     sections = load_params(params, [f"pretrain.{o}" for o in (*overrides, *budget)], sections=["pretrain"])
