@@ -153,7 +153,7 @@ def assert_same_training(got: Path, reference: Path, atol: float = 1e-5) -> None
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=name)
 
 
-FSDP = {**BASE, "strategy": "fsdp", "devices": 2}
+FSDP = {**BASE, "strategy": "fsdp", "devices": 2, "optimizer": "adamw"}  # muon needs whole matrices
 DDP = {**EXPLICIT, "strategy": "ddp", "devices": 2}
 BUDGET = {**DDP, "max_steps": 10**6, "max_time": 4.0, "schedule": "wsd", "eval_every": 0, "log_every": 10,
           "checkpoint_every": 0}
