@@ -120,7 +120,7 @@ def test_mlm_objective_trains_a_bidirectional_model(paths: Paths) -> None:
 def test_muon_with_the_recipe_options_trains_one_global_step_per_step_and_checkpoints_both_optimizers(
         paths: Paths) -> None:
     model = {**TINY["model"], "qk_norm": True, "mlp": "relu2", "embed_scale": True, "tie_weights": False}
-    cfg = config(model=model, optimizer="muon", muon_lr=0.03, lr=1e-2, max_steps=12, log_every=1, val_every=0,
+    cfg = config(model=model, optimizer="muon", muon_lr=0.03, lr=1e-2, max_steps=12, log_every=1, eval_every=0,
                  checkpoint_every=6, sample_tokens=0)
     summary = train(cfg, paths)
     rows = (paths.plots / "pretrain_loss.csv").read_text().splitlines()[1:]
