@@ -7,20 +7,25 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmpipe.data.dedup import (
     NearDuplicateIndex,
     SpilledNearDuplicateIndex,
+    StreamDedup,
     datasketch_near_duplicates,
     exact_duplicates,
     exact_keys,
     lsh_params,
     minhash_signatures,
     near_duplicates,
+    read_rows,
 )
 from lmpipe.data.textstats import EMPTY_NORM, TokenizedBatch, tokenize
+from lmpipe.errors import DataError
 
 WORDS = ["river", "stone", "bread", "lamp", "cloud", "garden", "window", "letter", "music", "orange", "winter", "harbour", "forest", "candle", "ladder", "pocket", "silver", "market", "ribbon", "thunder", "meadow", "castle", "pepper", "engine", "violin", "blanket", "feather", "island", "kettle", "mirror"]
 
@@ -176,3 +181,46 @@ def test_spilled_index_equals_the_in_memory_index(tmp_path: Path) -> None:
     assert 20 < (expected >= 0).sum() < 120
     np.testing.assert_array_equal(got, np.where(expected >= 0, expected * 2 + 5, -1))
     assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_signatures_are_read_back_by_position(tmp_path: Path) -> None:
+    """The spilled index reads the signatures it verifies with plain reads (a memory map would hold
+    every page around each read in the process's RSS): any rows, repeated and unsorted."""
+    sigs = np.arange(50 * 16, dtype=np.uint32).reshape(50, 16)
+    path = tmp_path / "signatures.u32"
+    path.write_bytes(sigs.tobytes())
+    rows = np.array([7, 3, 4, 5, 7, 49, 0])
+    with path.open("rb", buffering=0) as file:
+        np.testing.assert_array_equal(read_rows(file, rows, 16), sigs[rows])
+        with pytest.raises(DataError, match="signature 50 is past the end"):
+            read_rows(file, np.array([49, 50]), 16)
+
+
+def test_stream_dedup_before_a_spilled_index_holds_no_id_per_document(tmp_path: Path) -> None:
+    """While a spilled index's verdicts wait, StreamDedup keeps nothing per document beyond the
+    exact index: no list of ids (the second pass names each example's original from the staged
+    rows), so the driver's memory is flat in the corpus size. Named, the examples are the ones the
+    in-memory index gives."""
+    base = corpus(80, seed=11, words=100)
+    texts = base + [base[i] for i in (3, 7, 41)] + [edit(base[i], 1, seed=i) for i in (5, 9)]
+    random.Random(12).shuffle(texts)
+    keys, sigs = exact_keys(tokenize(texts), np.arange(len(texts))), signatures(texts)
+    table = pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts})
+    memory = StreamDedup(True, NearDuplicateIndex(0.8, 128))
+    index = SpilledNearDuplicateIndex(0.8, 128, tmp_path / "spill", partitions=2)
+    spilled = StreamDedup(True, index, positions=True)
+    staged = []
+    for start in range(0, len(texts), 10):
+        rows = slice(start, start + 10)
+        memory.filter(table.slice(start, 10), keys[rows], sigs[rows])
+        staged.append(spilled.filter(table.slice(start, 10), keys[rows], sigs[rows]))
+        assert spilled.ids == [] and len(spilled.unnamed) <= spilled.examples_per_rule
+    assert memory.removed["exact_dedup"]["docs"] == spilled.removed["exact_dedup"]["docs"] == 3
+    kept = pa.concat_tables(staged)
+    spilled.name(dict(zip(kept.column("_pos").to_pylist(), kept.column("id").to_pylist(), strict=True)))
+    assert spilled.removed["exact_dedup"] == memory.removed["exact_dedup"]
+    assert spilled.unnamed == []
+    removed, dup_of = index.resolve()
+    assert [(f"d{k}", f"d{d}") for k, d in zip(removed, dup_of, strict=True)] == [
+        (e["id"], e["duplicate_of"]) for e in memory.removed["near_dedup"]["examples"]]
+    assert len(removed) == 2

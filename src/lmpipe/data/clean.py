@@ -488,11 +488,12 @@ def drop_spilled(near: SpilledNearDuplicateIndex, staged: list[Path], writer: Sh
                  dedup: StreamDedup) -> None:
     """Second pass of a spilled near dedup: resolve the verdicts, write the staged survivors that
     are kept to ``writer`` and move the removed ones from the tally's output to near_dedup's counts,
-    as the in-memory index would have counted them."""
+    as the in-memory index would have counted them. The examples' originals (of both dedup rules)
+    are staged rows: their ids are read here."""
     removed, dup_of = near.resolve()
     limit = dedup.examples_per_rule
     shown = {int(k): int(d) for k, d in zip(removed[:limit], dup_of[:limit], strict=True)}
-    wanted = np.array(sorted(set(shown) | set(shown.values())), np.int64)
+    wanted = np.array(sorted(set(shown) | set(shown.values()) | {pos for _, pos in dedup.unnamed}), np.int64)
     info: dict[int, tuple[str, str]] = {}
     entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
     for path in staged:
@@ -518,6 +519,7 @@ def drop_spilled(near: SpilledNearDuplicateIndex, staged: list[Path], writer: Sh
     entry["examples"] = [{"id": info[k][0], "duplicate_of": info[d][0], "text": info[k][1][:dedup.example_chars]}
                          for k, d in shown.items()]
     dedup.removed["near_dedup"] = entry
+    dedup.name({pos: doc[0] for pos, doc in info.items()})
 
 
 def _check(cfg: CleanConfig) -> None:

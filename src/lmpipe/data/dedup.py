@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmpipe.data.textstats import EMPTY_NORM, NGRAM_BASE, TokenizedBatch, gather_words, mix64
+from lmpipe.errors import DataError
 
 _EMPTY_KEY = np.uint64(0)
 
@@ -473,9 +474,9 @@ class SpilledNearDuplicateIndex:
     :meth:`add` judges nothing (every document comes back as kept): it appends each document's
     signature to one file and its band rows (band hash, band, position, signature number) to one of
     ``partitions`` parquet files chosen by the band hash. :meth:`resolve` then reads one partition
-    at a time, verifies the pairs of each shared bucket (:func:`bucket_pairs`, signatures read back
-    from the memory-mapped file) and applies the keep-first rule to the verified pairs
-    (:func:`resolve_near`), as the Ray engine does: the same removals and references as
+    at a time, verifies the pairs of each shared bucket (:func:`bucket_pairs`, the signatures of its
+    documents read back from the file by :func:`read_rows`) and applies the keep-first rule to the
+    verified pairs (:func:`resolve_near`), as the Ray engine does: the same removals and references as
     :class:`NearDuplicateIndex`. Memory: one partition's band rows (28 bytes each) and the verified
     pairs; disk: ``4 * num_perm + 28 * bands`` bytes per document.
     """
@@ -531,25 +532,45 @@ class SpilledNearDuplicateIndex:
         self._sigs.close()
         for writer in self._writers.values():
             writer.close()
-        sigs = np.memmap(self._sig_path, np.uint32, mode="r").reshape(-1, self.num_perm) if self.stored else None
         edges = [EDGE_SCHEMA.empty_table()]
-        for p in sorted(self._writers):
-            path = self.directory / f"bands-{p:05d}.parquet"
-            table = pq.read_table(path)
-            path.unlink()
-            shared = shared_buckets(table.column("bucket").to_numpy())
-            if not len(shared) or sigs is None:
-                continue
-            table = table.take(pa.array(shared))
-            sig_rows = np.asarray(sigs[table.column("k").to_numpy()])
-            table = pa.table({"bucket": table.column("bucket"), "band": table.column("band"),
-                              "order": table.column("order"),
-                              "sig": signature_column(sig_rows)}, schema=BAND_SCHEMA)
-            edges.append(partition_pairs(table, self.num_perm, self.min_equal, grouped=True))
-        del sigs
+        with self._sig_path.open("rb", buffering=0) as sig_file:
+            for p in sorted(self._writers):
+                path = self.directory / f"bands-{p:05d}.parquet"
+                table = pq.read_table(path)
+                path.unlink()
+                shared = shared_buckets(table.column("bucket").to_numpy())
+                if not len(shared):
+                    continue
+                table = table.take(pa.array(shared))
+                sig_rows = read_rows(sig_file, table.column("k").to_numpy(), self.num_perm)
+                table = pa.table({"bucket": table.column("bucket"), "band": table.column("band"),
+                                  "order": table.column("order"),
+                                  "sig": signature_column(sig_rows)}, schema=BAND_SCHEMA)
+                # one table per partition: a table per bucket costs ~1 KB of Arrow and Python objects
+                edges.append(partition_pairs(table, self.num_perm, self.min_equal, grouped=True).combine_chunks())
         self._sig_path.unlink()
         self._writers = {}
         return resolve_near(pa.concat_tables(edges))
+
+
+def read_rows(file: Any, rows: np.ndarray, num_perm: int) -> np.ndarray:
+    """Signatures number ``rows`` (uint32 ``[len(rows), num_perm]``) of a file of back-to-back
+    signatures, read by position: one read per run of consecutive rows.
+
+    Not a memory map: every page the kernel maps around a faulting read (fault-around, 64 KB) counts
+    in this process's RSS until unmapped, so reads spread over the file would hold nearly all of it.
+    """
+    size = 4 * num_perm
+    wanted, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+    out = np.empty((len(wanted), num_perm), np.uint32)
+    flat = out.reshape(-1).view(np.uint8)
+    starts = np.flatnonzero(np.r_[True, np.diff(wanted) != 1])
+    for lo, hi in zip(starts.tolist(), [*starts[1:].tolist(), len(wanted)], strict=True):
+        file.seek(int(wanted[lo]) * size)
+        if file.readinto(flat[lo * size:hi * size]) != (hi - lo) * size:
+            raise DataError(f"signature {int(wanted[hi - 1])} is past the end of the file (truncated spill)",
+                            path=str(getattr(file, "name", "")) or None)
+    return out[inverse.reshape(-1)]
 
 
 def index_bytes(num_perm: int, bands: int) -> int:
@@ -570,7 +591,10 @@ class StreamDedup:
     """Exact, then near-duplicate removal over tables of documents arriving in input order.
 
     Counts removals and keeps the first ``examples_per_rule`` of each (id, text, duplicate_of).
-    Memory per kept document: its exact key, its signature and its LSH buckets.
+    Memory per kept document: its exact key, its signature and its LSH buckets; until the examples
+    are found, also every document's id. With ``positions`` (the kept rows wait on disk for a spilled
+    index's verdicts) not even that: each example's ``duplicate_of`` is a position in ``unnamed``
+    until :meth:`name` gets the ids, and memory past the indexes stays flat in the corpus size.
     """
 
     def __init__(self, exact: bool, near: NearDuplicateIndex | SpilledNearDuplicateIndex | None,
@@ -581,9 +605,18 @@ class StreamDedup:
         self.examples_per_rule = examples_per_rule
         self.example_chars = example_chars
         self.seen = 0
-        self.ids: list[str] = []  # id of every document by position, only while examples are wanted
+        # id of every document by position, while examples are wanted and their references are named
+        # here (not with positions: the later pass names them from the kept rows, see `unnamed`)
+        self.ids: list[str] = []
+        self.unnamed: list[tuple[dict[str, Any], int]] = []  # (example, position of its duplicate_of)
         self.removed: dict[str, dict[str, Any]] = {
             name: {"docs": 0, "bytes": 0, "examples": []} for name in ("exact_dedup", "near_dedup")}
+
+    def name(self, ids: dict[int, str]) -> None:
+        """Fill in the ``duplicate_of`` of the examples in ``unnamed`` from ``ids`` (position -> id)."""
+        for example, position in self.unnamed:
+            example["duplicate_of"] = ids[position]
+        self.unnamed = []
 
     def _wants_examples(self) -> bool:
         return any(len(e["examples"]) < self.examples_per_rule for e in self.removed.values())
@@ -597,7 +630,7 @@ class StreamDedup:
         if self.positions:
             table = table.append_column("_pos", pa.array(positions))
         wanted = self._wants_examples()
-        if wanted:
+        if wanted and not self.positions:
             self.ids.extend(table.column("id").to_pylist())
         if n == 0 or (self.exact is None and self.near is None):
             return table
@@ -614,8 +647,13 @@ class StreamDedup:
             entry["docs"] += len(dropped)
             entry["bytes"] += int(sizes[dropped].sum())
             for i in dropped[: max(0, self.examples_per_rule - len(entry["examples"]))].tolist() if wanted else []:
-                entry["examples"].append({"id": self.ids[positions[i]], "duplicate_of": self.ids[of[i]],
-                                          "text": table.column("text")[i].as_py()[: self.example_chars]})
+                example = {"id": table.column("id")[i].as_py(), "duplicate_of": None,
+                           "text": table.column("text")[i].as_py()[: self.example_chars]}
+                if self.positions:  # the original is a kept row: the later pass reads its id
+                    self.unnamed.append((example, int(of[i])))
+                else:
+                    example["duplicate_of"] = self.ids[of[i]]
+                entry["examples"].append(example)
         if not self._wants_examples():
             self.ids = []
         return table.filter(pa.array((dup_of["exact_dedup"] < 0) & (dup_of["near_dedup"] < 0)))
