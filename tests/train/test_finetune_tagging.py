@@ -21,6 +21,9 @@ from torch import nn
 from lmpipe.config import Paths
 from lmpipe.data.shards import ShardWriter, doc_id
 from lmpipe.errors import DataError
+from lmpipe.evaluate import tasks as eval_tasks
+from lmpipe.evaluate.config import TokenClassificationEval
+from lmpipe.evaluate.report import tasks_section
 from lmpipe.model.classifier import load_classifier, load_token_classifier
 from lmpipe.registry import register
 from lmpipe.registry.config import RegisterConfig
@@ -235,6 +238,18 @@ def test_tagger_learns_an_easy_tagging_and_serves_spans(project: Paths) -> None:
         predicted = model(torch.from_numpy(ids)[None]).argmax(-1)[0, positions].tolist()
     assert tagging.entities([labels[p] for p in predicted]) == {("PER", 4, 5), ("LOC", 7, 7), ("PER", 10, 10)}
     assert np.all(np.diff(positions) > 0)
+
+    # evaluate scores the exported model as finetune did, and the report shows the per-entity table
+    spec = TokenClassificationEval(models={"finetuned": "models/finetune/ner"})
+    scores = eval_tasks.token_classification_scores("ner", spec, project, sp, info, torch.device("cpu"))
+    assert scores["models"]["finetuned"]["f1"] == pytest.approx(metrics["test_f1"])
+    assert scores["majority"]["f1"] == pytest.approx(metrics["test_majority_f1"])
+    page = tasks_section({"token_classification": {"ner": scores}})
+    assert "Token classification: ner" in page and "most frequent tag of each word" in page
+    assert "<td class=\"text\">LOC</td>" in page and "<td class=\"text\">PER</td>" in page
+    # on this easy data every word has one tag, so the baseline is (nearly) perfect: the page says when it wins
+    tuned = scores["models"]["finetuned"]["f1"]
+    assert ("loses to the most-frequent-tag baseline" in page) == (tuned < scores["majority"]["f1"])
 
 
 def test_entity_documents_are_tagged_word_by_word() -> None:
