@@ -119,19 +119,23 @@ class _StubPieces:
         return 0
 
 
-def test_one_piece_of_each_word_carries_its_tag_and_long_rows_are_cut(tmp_path: Path) -> None:
+def test_one_piece_of_each_word_carries_its_tag_and_long_rows_are_windowed(tmp_path: Path) -> None:
     paths = write(tmp_path, "a.jsonl", '{"tokens": ["Mara", "saw", "Oslo"], "tags": ["B-PER", "O", "B-LOC"]}\n')
     items = tagging.read_tagged(files("a.jsonl"), paths)
     labels = ["B-LOC", "B-PER", "O"]
     (full,) = tagging.build_examples(items, labels, tagging.WordEncoder(_StubPieces(), 2, 16))
     assert full.ids.tolist() == [2, 14, 5, 13, 5, 14, 5]
     assert full.target.tolist() == [-100, 1, -100, 2, -100, 0, -100]
-    (cut,) = tagging.build_examples(items, labels, tagging.WordEncoder(_StubPieces(), 2, 4))
-    assert cut.ids.tolist() == [2, 14, 5, 13] and cut.kept == 2 and cut.words == 3
     (last,) = tagging.build_examples(items, labels, tagging.WordEncoder(_StubPieces(), 2, 16, "last"))
     assert last.ids.tolist() == full.ids.tolist() and last.target.tolist() == [-100, -100, 1, -100, 2, -100, 0]
-    (cut_last,) = tagging.build_examples(items, labels, tagging.WordEncoder(_StubPieces(), 2, 4, "last"))
-    assert cut_last.target.tolist() == [-100, -100, 1, 2]  # "saw" lost its second piece: labelled at its first
+    # too long for one window of 5: split between words, each window starting with the EOS
+    windows = tagging.build_examples(items, labels, tagging.WordEncoder(_StubPieces(), 2, 5, "last"))
+    assert [w.ids.tolist() for w in windows] == [[2, 14, 5, 13, 5], [2, 14, 5]]
+    assert [w.target.tolist() for w in windows] == [[-100, -100, 1, -100, 2], [-100, -100, 0]]
+    assert [(w.item, w.words) for w in windows] == [(0, 2), (0, 1)]
+    # a word longer than a window alone keeps the pieces that fit
+    tiny = tagging.build_examples(items, labels, tagging.WordEncoder(_StubPieces(), 2, 2))
+    assert [w.ids.tolist() for w in tiny] == [[2, 14], [2, 13], [2, 14]]
     assert tagging.label_piece(bidirectional=False) == "last" and tagging.label_piece(bidirectional=True) == "first"
 
 
@@ -230,10 +234,14 @@ def test_tagger_learns_an_easy_tagging_and_serves_spans(project: Paths) -> None:
     spans = served.predict(pd.DataFrame({"text": [text]}))["spans"].iloc[0]
     assert [(s["text"], s["label"]) for s in spans] == [("Priya Silva", "PER"), ("Hanoi", "LOC"), ("Felix", "PER")]
     assert all(text[s["start"]:s["end"]] == s["text"] for s in spans)
+    long = " ".join([text] * 5)  # longer than the model's 64 positions: tagged in windows
+    long_spans = served.predict(pd.DataFrame({"text": [long]}))["spans"].iloc[0]
+    assert [(s["text"], s["label"]) for s in long_spans] == [(s["text"], s["label"]) for s in spans] * 5
+    assert all(long[s["start"]:s["end"]] == s["text"] for s in long_spans)
     # the same tags as the lmpipe model computes for those words
     sp, info = load_tokenizer(project.tokenizer)
     words = ["people", "went", "to", "see", "Priya", "Silva", "in", "Hanoi", ",", "and", "Felix", "."]
-    ids, positions = tagging.WordEncoder(sp, info.eos_id, 64, "last")(words)
+    ((ids, positions),) = tagging.WordEncoder(sp, info.eos_id, 64, "last")(words)
     with torch.no_grad():
         predicted = model(torch.from_numpy(ids)[None]).argmax(-1)[0, positions].tolist()
     assert tagging.entities([labels[p] for p in predicted]) == {("PER", 4, 5), ("LOC", 7, 7), ("PER", 10, 10)}

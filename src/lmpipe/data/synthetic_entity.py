@@ -7,8 +7,9 @@ with person (``PER``), location (``LOC``) and organisation (``ORG``) names of on
 ``tags``; the text is the words joined with a space, punctuation attached to the word before it,
 so splitting the text into words and punctuation gives ``tokens`` back. The text is plain ASCII
 (NFC leaves it as it is, no PII pattern matches it) and passes the Gopher rules, so the tags still
-fit the text after ``clean``. Which type a name is cannot be told from the word alone everywhere
-(``Jordan`` is a person and a place, ``Victoria`` too), so a tagger has to read the context.
+fit the text after ``clean``. Which type a name is cannot be told from the word alone: a dozen
+names are people and places (``Jordan``, ``Florence``, ``Lincoln``), some surnames and places
+name companies too (``Quinn Motors``, ``Kingston Bank``), so a tagger has to read the context.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ def _p(text: str) -> tuple[str, ...]:
 
 
 FIRST = _p("Mara|Tobin|Lina|Oskar|Priya|Felix|Nadia|Hugo|Ines|Rafael|Yuki|Omar|Greta|Milo|Amara|Theo|Sana|Jonas|"
-           "Leila|Bruno|Clara|Elsa|Farid|Gemma|Idris|Kofi|Lena|Mateo|Rosa|Tara|Vera|Zane|Anya|Boris|Jordan|Victoria")
+           "Leila|Bruno|Clara|Elsa|Farid|Gemma|Idris|Kofi|Lena|Mateo|Rosa|Tara|Vera|Zane|Anya|Boris|Jordan|Victoria|"
+           "Georgia|Florence|Chad|Sydney|Austin|Paris|Chelsea|Lincoln|Regina")
 LAST = _p("Lindqvist|Okafor|Moreau|Tanaka|Novak|Berger|Castillo|Haddad|Kowalski|Mendes|Petrov|Rahman|Silva|"
           "Varga|Weber|Osei|Laine|Duarte|Ferreira|Nakamura|Abbott|Quinn|Marsh|Holloway")
 PLACES = _p("Lisbon|Nairobi|Oslo|Lima|Hanoi|Accra|Vienna|Dublin|Prague|Bogota|Cairo|Madrid|Santiago|Helsinki|"
             "Buenos Aires|New Delhi|Cape Town|Mexico City|Addis Ababa|Kuala Lumpur|Norway|Peru|Kenya|Portugal|"
-            "Chile|Ghana|Austria|Vietnam|Morocco|Finland|Jordan|Victoria|New Zealand|South Korea")
+            "Chile|Ghana|Austria|Vietnam|Morocco|Finland|Jordan|Victoria|New Zealand|South Korea|Georgia|Florence|"
+            "Chad|Sydney|Austin|Paris|Chelsea|Lincoln|Regina|Kingston")
 ORG_HEADS = _p("Norvik|Altara|Brightwell|Kestrel|Solano|Tavira|Emberly|Lumo|Quillon|Vantor|Haldor|Pixa|Marlow|"
-               "Corvane|Dunmore|Estrella")
+               "Corvane|Dunmore|Estrella|Marsh|Holloway|Quinn|Abbott|Kingston|Lincoln")
 ORG_TAILS = _p("Bank|Airlines|Foods|Energy|Motors|Labs|Insurance|Shipping|Telecom|Press|Pharma|Textiles|"
                "Railways|Systems|Holdings|Studios")
 ORG_WHOLE = _p("the United Nations|the Red Cross|the World Bank|the Ocean Institute|the National Library|"

@@ -205,21 +205,28 @@ class LmpipeModel(PythonModel):
                 new = new[:new.index(stop)]
         return str(self.sp.decode(new)), len(new)
 
-    def _classify(self, text: str) -> tuple[str, float]:
+    def _final_states(self, ids: list[int]) -> Any:
+        """(T, n_embd) output of the model's final norm for one row of ids, under no_grad: what
+        the heads of classifiers and token classifiers read."""
         import torch
 
-        ids = [self.eos_id, *list(self.sp.encode(text))[: self.max_length - 2], self.eos_id]
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         captured: list[Any] = []
         handle = self.model.ln_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             with torch.no_grad():
                 self.model(idx)
-                hidden = captured[0][0]  # (T, n_embd)
-                pooled = hidden[-1] if self.pooling == "last" else hidden.mean(0)
-                probs = self.head(pooled).float().softmax(-1)
         finally:
             handle.remove()
+        return captured[0][0]
+
+    def _classify(self, text: str) -> tuple[str, float]:
+        import torch
+
+        ids = [self.eos_id, *list(self.sp.encode(text))[: self.max_length - 2], self.eos_id]
+        hidden = self._final_states(ids)
+        with torch.no_grad():
+            probs = self.head(hidden[-1] if self.pooling == "last" else hidden.mean(0)).float().softmax(-1)
         best = int(probs.argmax())
         return self.labels[best], float(probs[best])
 
@@ -227,35 +234,33 @@ class LmpipeModel(PythonModel):
         """The entities of ``text`` as {text, label, start, end} (character offsets, end exclusive).
 
         Words are encoded one by one after an EOS and each is tagged at its first or last piece
-        (config.json's ``label_piece``), as in training; words past the model's length are outside
-        every entity."""
+        (config.json's ``label_piece``), in windows of the model's length split between words, as
+        in training."""
         import re
-
-        import torch
 
         words = [(m.start(), m.end()) for m in re.finditer(WORD_PATTERN, text)]
         last = self.config["classifier"].get("label_piece", "first") == "last"
+        tags: list[str] = []
         ids, positions = [self.eos_id], []
         for start, end in words:
-            if len(ids) >= self.max_length:
-                break
+            pieces = (list(self.sp.encode(text[start:end])) or [self.sp.unk_id()])[: self.max_length - 1]
+            if positions and len(ids) + len(pieces) > self.max_length:
+                tags += self._window_tags(ids, positions)
+                ids, positions = [self.eos_id], []
             first = len(ids)
-            ids.extend((list(self.sp.encode(text[start:end])) or [self.sp.unk_id()])[: self.max_length - len(ids)])
+            ids.extend(pieces)
             positions.append(len(ids) - 1 if last else first)
-        if not positions:
-            return []
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        captured: list[Any] = []
-        handle = self.model.ln_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            with torch.no_grad():
-                self.model(idx)
-                predicted = self.head(captured[0][0, positions]).argmax(-1).tolist()
-        finally:
-            handle.remove()
-        tags = [self.labels[p] for p in predicted] + ["O"] * (len(words) - len(positions))
-        return [{"text": text[words[first][0]:words[last][1]], "label": label, "start": words[first][0],
-                 "end": words[last][1]} for label, first, last in _entity_spans(tags)]
+        if positions:
+            tags += self._window_tags(ids, positions)
+        return [{"text": text[words[first][0]:words[final][1]], "label": label, "start": words[first][0],
+                 "end": words[final][1]} for label, first, final in _entity_spans(tags)]
+
+    def _window_tags(self, ids: list[int], positions: list[int]) -> list[str]:
+        import torch
+
+        with torch.no_grad():
+            predicted = self.head(self._final_states(ids)[positions]).argmax(-1).tolist()
+        return [self.labels[p] for p in predicted]
 
 
 def _entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:

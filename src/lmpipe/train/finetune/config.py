@@ -182,7 +182,26 @@ class SFTTask(_TaskBase):
         return self
 
 
-class ClassificationTask(_TaskBase):
+class _HeadTask(_TaskBase):
+    """What the tasks with a head on the backbone share: test rows, the label set, head dropout."""
+
+    test_data: DataSource | None = Field(
+        None, json_schema_extra=OPERATIONAL,
+        description="Test rows scored once with the selected model (null: none). The default task uses the test "
+        "split's documents of its kind.",
+    )
+    labels: list[str] | None = Field(
+        None, description="The label set (token classification: the tags, O and B-/I- ones), in this order; null: "
+        "the sorted distinct labels of the training data.",
+    )
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the head.")
+
+    def _check_labels(self) -> None:
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: each label must be listed once")
+
+
+class ClassificationTask(_HeadTask):
     """Single-label text classification with a linear head on the decoder's pooled hidden states."""
 
     type: Literal["classification"]
@@ -193,19 +212,10 @@ class ClassificationTask(_TaskBase):
         default_factory=lambda: split_source("val", "review"),
         description="Dev rows: early stopping, best-model selection and the reported metrics.",
     )
-    test_data: DataSource | None = Field(
-        None, json_schema_extra=OPERATIONAL,
-        description="Test rows scored once with the selected model (null: none). The default task uses "
-        "the test split's reviews.",
-    )
-    labels: list[str] | None = Field(
-        None, description="The label set, in this order; null: the sorted distinct labels of the training data."
-    )
     pooling: Literal["last", "mean"] = Field(
         "last", description="last: hidden state of the final token (it has attended to all others); mean: "
         "average over the tokens.",
     )
-    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none", description="Loss weight per class: none, balanced (n / (k * count), as scikit-learn), or a list "
         "in label order.",
@@ -217,11 +227,9 @@ class ClassificationTask(_TaskBase):
     @model_validator(mode="after")
     def _check(self) -> ClassificationTask:
         self._check_columns(CLASSIFICATION_FIELDS)
-        if self.labels is not None:
-            if len(self.labels) < 2:
-                raise ValueError("labels: a classifier needs at least 2 labels")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels: each label must be listed once")
+        self._check_labels()
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels: a classifier needs at least 2 labels")
         if isinstance(self.class_weights, list):
             if any(w <= 0 for w in self.class_weights):
                 raise ValueError("class_weights: every weight must be positive")
@@ -230,7 +238,7 @@ class ClassificationTask(_TaskBase):
         return self
 
 
-class TokenClassificationTask(_TaskBase):
+class TokenClassificationTask(_HeadTask):
     """Sequence labelling (named entities): a linear head on every token's hidden state, word tags
     in the IOB2 scheme, scored at the entity level (seqeval)."""
 
@@ -244,21 +252,11 @@ class TokenClassificationTask(_TaskBase):
         default_factory=lambda: split_source("val", "entity"),
         description="Dev sentences: early stopping, best-model selection and the reported metrics.",
     )
-    test_data: DataSource | None = Field(
-        None, json_schema_extra=OPERATIONAL,
-        description="Test sentences scored once with the selected model (null: none). The default task uses the "
-        "test split's entity documents.",
-    )
-    labels: list[str] | None = Field(
-        None, description="The tag set, in this order (O and B-/I- tags); null: the sorted distinct tags of the "
-        "training data.",
-    )
     scheme: Literal["IOB2"] = Field("IOB2", description="Tagging scheme: IOB2 (B- opens every entity, I- continues it, O outside).")
     strict: bool = Field(
         True, description="Refuse a sentence where I-X follows O or a tag of another type (IOB2 requires B-X "
         "there); false: read such an I-X as opening an entity, as conlleval does.",
     )
-    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the tagging head.")
     monitor: Literal["f1", "token_accuracy", "loss"] = Field(
         "f1", description="Dev metric for early stopping and best-model selection (f1: entity-level micro F1).",
     )
@@ -266,12 +264,10 @@ class TokenClassificationTask(_TaskBase):
     @model_validator(mode="after")
     def _check(self) -> TokenClassificationTask:
         self._check_columns(TOKEN_CLASSIFICATION_FIELDS)
-        if self.labels is not None:
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels: each tag must be listed once")
-            bad = [t for t in self.labels if t != "O" and not t.startswith(("B-", "I-"))]
-            if bad:
-                raise ValueError(f"labels: {bad[0]!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)")
+        self._check_labels()
+        bad = [t for t in self.labels or [] if t != "O" and not t.startswith(("B-", "I-"))]
+        if bad:
+            raise ValueError(f"labels: {bad[0]!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)")
         return self
 
 

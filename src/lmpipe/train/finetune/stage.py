@@ -345,9 +345,9 @@ def prepare_token_classification(task: TokenClassificationTask, paths: Paths, ba
 
     return Prepared(
         model=model, objective=objective, collate=collate, train=train, dev=dev, finish=finish, gpt_config=base.config,
-        counts={"train_examples": len(train), "dev_examples": len(dev), "test_examples": len(examples.get("test", [])),
-                "num_labels": len(labels),
-                "train_truncated": sum(e.kept < e.words for e in train)},
+        counts={"train_examples": len(train_items), "dev_examples": len(splits["dev"]),
+                "test_examples": len(splits.get("test", [])), "num_labels": len(labels),
+                "train_windows": len(train), "dev_windows": len(dev)},
         modules_to_save=("classifier",),
         data_fingerprint=digest([*(a for e in [*train, *dev] for a in (e.ids, e.target)), np.array(labels, dtype=str)]),
     )

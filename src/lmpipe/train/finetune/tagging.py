@@ -14,13 +14,13 @@ pretraining. As in Hugging Face's token-classification recipe, one piece of each
 the word's tag and every other position the target -100, so loss and predictions are per word: the
 first piece on a bidirectional backbone, as that recipe does, and the last on a causal one, where
 only the last piece has seen the whole word (:func:`label_piece`; config.json records which).
-Rows longer than ``max_length`` pieces are cut; their words past the cut are predicted ``O`` in
-the final scores.
+A sentence longer than ``max_length`` pieces is split between words into windows that are
+trained on and predicted one by one, then joined again for the scores.
 
 Scores are entity-level precision, recall and F1 from seqeval (Nakayama 2018, conlleval's
 definition: an entity counts only when its type and both ends match), micro-averaged, plus a
-per-entity-type table. Dev evaluation during training counts the same matches per batch, so the
-sums add up across batches and ranks.
+per-entity-type table. Dev evaluation during training counts the same matches per window, so the
+sums add up across batches and ranks (an entity split between two windows counts as two there).
 """
 
 from __future__ import annotations
@@ -122,14 +122,12 @@ def resolve_tags(train: Sequence[TaggedSentence], configured: list[str] | None) 
 
 @dataclass(frozen=True)
 class TagExample:
+    """One window of a sentence: ``<eos>`` and the pieces of consecutive words."""
+
     ids: np.ndarray  # (n,) int64: <eos> pieces of each word
     target: np.ndarray  # (n,) int64: tag id at each word's labelled piece, -100 elsewhere
-    words: int  # words of the sentence (those past max_length have no position)
-
-    @property
-    def kept(self) -> int:
-        """Words that fit into ``max_length`` (each has a labelled piece)."""
-        return int((self.target != IGNORE_INDEX).sum())
+    item: int  # index of its sentence among those encoded together
+    words: int  # words of the sentence in this window
 
 
 def label_piece(bidirectional: bool) -> str:
@@ -140,9 +138,10 @@ def label_piece(bidirectional: bool) -> str:
 
 
 class WordEncoder:
-    """Piece ids of a word list after a leading EOS, with the position of each word's labelled
-    piece (``piece``: first or last); words that start past ``max_length`` are cut, and a word cut
-    in the middle is labelled at its last piece that fits."""
+    """A word list as windows of at most ``max_length`` ids: ``<eos>`` and the pieces of
+    consecutive words, with the position of each word's labelled piece (``piece``: first or last).
+    A sentence too long for one window continues in the next, split between words; a word longer
+    than a window alone keeps the pieces that fit."""
 
     def __init__(self, sp: spm.SentencePieceProcessor, eos_id: int, max_length: int, piece: str = "first") -> None:
         if max_length < 2:
@@ -151,32 +150,37 @@ class WordEncoder:
             raise ValueError(f"piece must be 'first' or 'last', got {piece!r}")
         self.sp, self.eos_id, self.max_length, self.piece = sp, eos_id, max_length, piece
 
-    def __call__(self, words: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-        """(ids, position of each kept word's labelled piece)."""
+    def __call__(self, words: Sequence[str]) -> list[tuple[np.ndarray, list[int]]]:
+        """(ids, position of each word's labelled piece) of each window, in order."""
+        windows = []
         ids, positions = [self.eos_id], []
         for word in words:
-            if len(ids) >= self.max_length:
-                break
+            pieces = (list(self.sp.encode(word)) or [self.sp.unk_id()])[: self.max_length - 1]
+            if positions and len(ids) + len(pieces) > self.max_length:
+                windows.append((np.asarray(ids, dtype=np.int64), positions))
+                ids, positions = [self.eos_id], []
             start = len(ids)
-            ids.extend((list(self.sp.encode(word)) or [self.sp.unk_id()])[: self.max_length - len(ids)])
+            ids.extend(pieces)
             positions.append(start if self.piece == "first" else len(ids) - 1)
-        return np.asarray(ids, dtype=np.int64), positions
+        windows.append((np.asarray(ids, dtype=np.int64), positions))
+        return windows
 
 
 def build_examples(items: Sequence[TaggedSentence], labels: Sequence[str], encoder: WordEncoder) -> list[TagExample]:
-    """Aligned examples; DataError naming the row of a tag outside the label set."""
+    """The windows of every sentence, in order; DataError naming the row of a tag outside the label set."""
     index = {label: i for i, label in enumerate(labels)}
     out = []
-    for item in items:
-        ids, positions = encoder(item.tokens)
-        target = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    for number, item in enumerate(items):
         for i, tag in enumerate(item.tags):
             if tag not in index:
                 raise item.error(i, f"tag {tag!r} is not in the label set ({', '.join(labels)}); fix the row or "
                                  "list it in labels")
-            if i < len(positions):
-                target[positions[i]] = index[tag]
-        out.append(TagExample(ids, target, len(item.tokens)))
+        word = 0
+        for ids, positions in encoder(item.tokens):
+            target = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+            target[positions] = [index[tag] for tag in item.tags[word:word + len(positions)]]
+            out.append(TagExample(ids, target, number, len(positions)))
+            word += len(positions)
     return out
 
 
@@ -248,17 +252,20 @@ class TokenClassificationObjective(Objective):
 @torch.no_grad()
 def predict_tags(model: nn.Module, examples: Sequence[TagExample], batches: Sequence[Batch], labels: Sequence[str],
                  device: torch.device | str = "cpu") -> list[list[str]]:
-    """Predicted word tags of every example (``batches`` collated from ``examples`` in order); the
-    words cut by ``max_length`` get ``O``."""
+    """Predicted word tags of every sentence, its windows joined (``batches``: ``examples``
+    collated in order)."""
     was_training = model.training
     model.eval()
-    out: list[list[str]] = []
+    windows: list[list[str]] = []
     for batch in batches:
         predicted = model(batch["input"].to(device)).argmax(-1).cpu().numpy()
         for row, target in zip(predicted, batch["target"].numpy(), strict=True):
-            out.append([labels[p] for p in row[target != IGNORE_INDEX]])
+            windows.append([labels[p] for p in row[target != IGNORE_INDEX]])
     model.train(was_training)
-    return [tags + [OUTSIDE] * (example.words - len(tags)) for tags, example in zip(out, examples, strict=True)]
+    out: dict[int, list[str]] = defaultdict(list)
+    for tags, example in zip(windows, examples, strict=True):
+        out[example.item] += tags
+    return [out[i] for i in sorted(out)]
 
 
 def score_tagger(model: nn.Module, items: Sequence[TaggedSentence], examples: Sequence[TagExample],
