@@ -282,8 +282,7 @@ def _default_tasks() -> dict[str, SFTTask | ClassificationTask | TokenClassifica
 
 
 class FinetuneConfig(Section):
-    """Fine-tune models/pretrain on named tasks (instruction tuning, classification, token classification;
-    full or LoRA)."""
+    """Fine-tune models/pretrain on named tasks (instruction tuning, text or token classification; full or LoRA)."""
 
     tasks: dict[str, Task] = Field(
         default_factory=_default_tasks,
