@@ -24,7 +24,7 @@ SUMMARY_KEY = "lmpipe-run-summary"
 REPORT_KEY = "lmpipe-report"
 REPORT = "reports/report.html"
 # The numbers a reader looks at first, wherever a stage's metrics file has them.
-KEY_METRICS = ("val_bpb", "val_loss", "train_loss", "dev_loss", "dev_accuracy", "test_accuracy", "test_macro_f1",
+KEY_METRICS = ("val_bpb", "val_loss", "train_loss", "dev_loss", "dev_accuracy", "test_accuracy", "test_macro_f1", "test_f1",
                "bytes_per_token", "parameters", "steps", "tokens_per_s")
 COMPARISON_METRICS = ("parameters_pct", "quality_retained_pct", "speedup_b1")
 

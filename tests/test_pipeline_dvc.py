@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ALL_STAGES = ("inputs", "collect", "clean", "validate", "split", "tokenizer", "tokenize", "pretrain",
-              "finetune@sft", "finetune@cls", "distill@student", "distill@baseline", "evaluate", "register")
+              "finetune@sft", "finetune@cls", "finetune@ner", "distill@student", "distill@baseline", "evaluate",
+              "register")
 
 PARAGRAPHS = [
     "The harbour town woke slowly in the grey morning. Fishermen carried their nets down to the water while the "
@@ -58,7 +59,8 @@ NEW_FILE = (
 
 TINY = {
     "collect": {"sources": [
-        {"type": "synthetic", "name": "synthetic", "num_docs": 600, "noise_fraction": 0.15, "weight": 100.0},
+        {"type": "synthetic", "name": "synthetic", "num_docs": 600, "noise_fraction": 0.15, "entity_fraction": 0.1,
+         "weight": 100.0},
         {"type": "files", "name": "local", "paths": ["corpus/*.txt"], "weight": 1.0}]},
     "validate": {"min_docs": 50},
     "split": {"val_fraction": 0.15, "test_fraction": 0.15},

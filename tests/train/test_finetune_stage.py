@@ -88,7 +88,7 @@ def test_run_does_every_task_with_prefixed_keys(project: Paths) -> None:
 
 
 def test_impossible_settings_are_config_errors(project: Paths) -> None:
-    with pytest.raises(ConfigError, match=r"no task named 'nope' \(tasks: sft, cls\)"):
+    with pytest.raises(ConfigError, match=r"no task named 'nope' \(tasks: sft, cls, ner\)"):
         run_task(FinetuneConfig(), "nope", project)
     with pytest.raises(ConfigError, match=r"finetune.tasks.long.max_length: 100 exceeds the model's block_size 64"):
         run_task(config(long={"type": "sft", "max_length": 100}), "long", project)
@@ -102,6 +102,8 @@ def test_config_defaults_and_validation() -> None:
     assert sft_task.sample_data == SplitData(type="split", split="test", kind="instruction")
     assert defaults.tasks["cls"].dev_data == SplitData(type="split", split="val", kind="review")
     assert defaults.tasks["cls"].test_data == SplitData(type="split", split="test", kind="review")
+    assert defaults.tasks["ner"].train_data == SplitData(type="split", split="train", kind="entity")
+    assert defaults.tasks["ner"].test_data == SplitData(type="split", split="test", kind="entity")
     # a task of one's own reads no split it was not pointed at
     assert FinetuneConfig.model_validate({"tasks": {"x": {"type": "classification"}}}).tasks["x"].test_data is None
     bad = [
@@ -111,6 +113,9 @@ def test_config_defaults_and_validation() -> None:
         ({"x y": {"type": "sft"}}, "must be letters, digits"),
         ({"x": {"type": "sft", "lr": "1e-3"}}, "Input should be a valid number"),
         ({"x": {"type": "sft", "epochs": 3}}, "Extra inputs are not permitted"),
+        ({"x": {"type": "token_classification", "labels": ["O", "PER"]}}, "'PER' is not an IOB2 tag"),
+        ({"x": {"type": "token_classification", "train_data": {"type": "files", "paths": ["a"], "columns": {"text": "a"}}}},
+         "train_data.columns: unknown field(s) text (fields: tokens, tags)"),
     ]
     for tasks, message in bad:
         with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):

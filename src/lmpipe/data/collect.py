@@ -81,7 +81,8 @@ def read_source(source: Source, root: Path, seed: int, stats: SourceStats,
     if isinstance(source, SyntheticSource):
         check_kinds(source.kinds, f"collect.sources.{source.name}.kinds")
         return generate(source.num_docs, noise_fraction=source.noise_fraction, kinds=source.kinds,
-                        seed=source_seed(seed, source.name), zh_fraction=source.zh_fraction)
+                        seed=source_seed(seed, source.name), zh_fraction=source.zh_fraction,
+                        entity_fraction=source.entity_fraction)
     if isinstance(source, FilesSource):
         return read_files_source(source, root, stats)
     if isinstance(source, HFSource):
@@ -140,7 +141,8 @@ def _encoded_records(source: Source, root: Path, seed: int, stats: SourceStats,
 def _expected_docs(source: Source) -> int | None:
     if isinstance(source, SyntheticSource):
         total = source.num_docs + round(source.noise_fraction * source.num_docs) \
-            + chinese_count(source.num_docs, source.noise_fraction, source.zh_fraction)
+            + chinese_count(source.num_docs, source.noise_fraction, source.zh_fraction) \
+            + round(source.entity_fraction * source.num_docs)
         return min(total, source.max_docs) if source.max_docs else total
     return source.max_docs
 

@@ -120,6 +120,10 @@ class SyntheticSource(_SourceBase):
         0.0, ge=0, le=1, description="Extra Chinese documents of the same kinds and mix, as a fraction of num_docs "
         "(the English documents stay the same for a seed).",
     )
+    entity_fraction: float = Field(
+        0.0, ge=0, le=1, description="Extra entity documents (people, places, organisations; tokens and IOB2 tags "
+        "in meta, for token classification) as a fraction of num_docs; the other documents stay the same.",
+    )
 
 
     @field_validator("kinds")

@@ -289,12 +289,49 @@ def _delimited_rows(path: Path, delimiter: str, required: Sequence[str], setting
         raise DataError("has a header row but no data rows (empty file)", path=str(path))
 
 
+CONLL_DOCSTART = "-DOCSTART-"
+
+
+def _conll_rows(path: Path) -> Iterator[DataRow]:
+    """CoNLL-style columns (CoNLL-2003, WikiNER): one token per line, its tag in the last
+    whitespace-separated column (columns in between, such as POS and chunk tags, are ignored), a
+    blank line between sentences, ``-DOCSTART-`` lines skipped. Each sentence is a row
+    ``{"tokens", "tags", "tag_lines"}`` at the line of its first token; ``tag_lines`` holds the
+    physical line of every token, so a bad tag is reported at its own line."""
+    where = str(path)
+    tokens: list[str] = []
+    tags: list[str] = []
+    lines: list[int] = []
+    row = 0
+    for lineno, line in decoded_lines(path):
+        fields = line.split()
+        if fields and fields[0] == CONLL_DOCSTART:
+            continue
+        if fields:
+            if len(fields) < 2:
+                raise DataError(f"expected a token and its tag separated by whitespace, got {fields[0]!r} alone",
+                                path=where, line=lineno)
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+            lines.append(lineno)
+        elif tokens:
+            yield DataRow({"tokens": tokens, "tags": tags, "tag_lines": lines}, where, line=lines[0], row=row)
+            tokens, tags, lines, row = [], [], [], row + 1
+    if tokens:
+        yield DataRow({"tokens": tokens, "tags": tags, "tag_lines": lines}, where, line=lines[0], row=row)
+        row += 1
+    if row == 0:
+        raise DataError("no sentences in this CoNLL file (only blank or -DOCSTART- lines)", path=where)
+
+
 def file_rows(path: Path, fmt: str = "auto", *, columns: Sequence[str] | None = None, required: Sequence[str] = (),
               txt_split: str = "paragraph", setting: str = "text_field") -> Iterator[DataRow]:
-    """The rows of one local file (txt, jsonl, json, parquet, csv, tsv; any of them gzipped).
+    """The rows of one local file (txt, jsonl, json, parquet, csv, tsv, conll; any of them gzipped).
 
-    ``fmt`` 'auto' picks the format by extension. A txt file gives ``{"text": ...}`` rows split by
-    ``txt_split`` (file, paragraph, line); the other formats give each record's fields, for parquet
+    ``fmt`` 'auto' picks the format by extension (conll only when asked for: CoNLL files carry no
+    extension of their own). A txt file gives ``{"text": ...}`` rows split by ``txt_split`` (file,
+    paragraph, line), a conll file one ``{"tokens", "tags", "tag_lines"}`` row per sentence
+    (:func:`_conll_rows`); the other formats give each record's fields, for parquet
     only ``columns`` (None: all). Every row must have the ``required`` fields. Raises DataError
     naming the file and line (or row) for an empty, unreadable or malformed file and for a missing
     field, whose message tells to set ``setting``.
@@ -306,6 +343,8 @@ def file_rows(path: Path, fmt: str = "auto", *, columns: Sequence[str] | None = 
         raise DataError("file is empty (0 bytes); remove it or fix the paths", path=str(path))
     if fmt == "txt":
         return _txt_rows(path, txt_split)
+    if fmt == "conll":
+        return _conll_rows(path)
     if fmt == "jsonl":
         return _jsonl_rows(path, required, setting)
     if fmt == "json":

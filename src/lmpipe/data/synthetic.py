@@ -10,6 +10,9 @@ per second). Three kinds of clean documents:
 * ``instruction``: instruction/answer pairs a tiny model can learn (arithmetic word problems with
   correct answers, reversing and sorting word lists, antonyms, capitals).
 
+With ``entity_fraction``, news-like ``entity`` documents with people, places and organisations
+tagged word by word (:mod:`lmpipe.data.synthetic_entity`) come on top, from a random stream of their own.
+
 Clean documents pass the Gopher quality rules (Rae et al. 2021: >= 50 words, mean word length
 3-10, >= 80% alphabetic words, stop words present) and are varied enough that no two are near
 duplicates. On top come ``noise_fraction * num_docs`` noisy documents, each tagged with
@@ -23,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
-from lmpipe.data import synthetic_zh
+from lmpipe.data import synthetic_entity, synthetic_zh
 from lmpipe.errors import ConfigError
 
 Record = tuple[str, dict[str, Any]]
@@ -496,15 +499,17 @@ def _chinese(num_docs: int, noise_fraction: float, kinds: Mapping[str, float],
 
 
 def generate(num_docs: int, *, noise_fraction: float = 0.15, kinds: Mapping[str, float] | None = None,
-             seed: int = 0, zh_fraction: float = 0.0) -> Generator[Record, None, None]:
+             seed: int = 0, zh_fraction: float = 0.0, entity_fraction: float = 0.0) -> Generator[Record, None, None]:
     """Yield ``num_docs`` clean documents plus ``round(noise_fraction * num_docs)`` noisy ones, and
     a Chinese share of ``round(zh_fraction * num_docs)`` clean documents with their own noise.
 
     Kinds are mixed exactly in proportion to ``kinds`` (default story 0.5, review 0.3, instruction
     0.2); noise kinds take turns, so all nine appear from nine noisy documents on, each after a clean
     one. Chinese documents come from a random stream of their own, interleaved after English
-    ones, so the English documents are the same whatever ``zh_fraction``. Deterministic for
-    ``seed``. Raises ConfigError for a bad ``kinds``.
+    ones, so the English documents are the same whatever ``zh_fraction``. Entity documents
+    (:mod:`lmpipe.data.synthetic_entity`, ``round(entity_fraction * num_docs)`` of them, tokens and
+    IOB2 tags in meta) come the same way from a stream of their own, so neither share changes the
+    other documents. Deterministic for ``seed``. Raises ConfigError for a bad ``kinds``.
     """
     kinds = dict(kinds) if kinds is not None else {"story": 0.5, "review": 0.3, "instruction": 0.2}
     check_kinds(kinds)
@@ -513,6 +518,9 @@ def generate(num_docs: int, *, noise_fraction: float = 0.15, kinds: Mapping[str,
     zh_stream = _chinese(n_zh_clean, noise_fraction, kinds, zh_rng) if n_zh_clean else iter(())
     zh_after = sorted(zh_rng.randrange(num_docs) for _ in range(chinese_count(num_docs, noise_fraction, zh_fraction)))
     zh_next = 0
+    entity_rng = random.Random(f"entity:{seed}")
+    entity_after = sorted(entity_rng.randrange(num_docs) for _ in range(round(entity_fraction * num_docs)))
+    entity_next = 0
     rng = random.Random(seed)
     order = [kind for kind, count in _apportion(num_docs, kinds).items() for _ in range(count)]
     rng.shuffle(order)
@@ -532,4 +540,7 @@ def generate(num_docs: int, *, noise_fraction: float = 0.15, kinds: Mapping[str,
         while zh_next < len(zh_after) and zh_after[zh_next] == idx:
             yield next(zh_stream)
             zh_next += 1
+        while entity_next < len(entity_after) and entity_after[entity_next] == idx:
+            yield synthetic_entity.entity(entity_rng)
+            entity_next += 1
 

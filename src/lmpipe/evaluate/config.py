@@ -7,6 +7,7 @@ evaluate:
   compare: {teacher: teacher, students: [student, baseline]}
   eval_files: [{name: wikitext2, path: ../shared/data/wikitext2/valid.txt}]
   classification: {cls: {models: {finetuned: models/finetune/cls}}}
+  token_classification: {ner: {models: {finetuned: models/finetune/ner}}}
   instruction: {sft: {model: models/finetune/sft}}
   baselines: {model: models/pretrain, shots: [0, 4]}
   lm_eval: {enabled: true, model: models/pretrain}
@@ -82,6 +83,20 @@ class ClassificationEval(_PromptedTask):
     label_words: dict[str, str] = Field(
         default_factory=dict, description="Label -> the word the base model is scored on (its verbalisation); a "
         "label not listed is its own word.")
+
+
+class TokenClassificationEval(Section):
+    """Entity-level precision, recall and F1 (seqeval) of token classifiers (written by finetune,
+    type token_classification) on tagged sentences, next to the most-frequent-tag baseline."""
+
+    models: dict[str, str] = Field(..., min_length=1, description="Name -> token classifier model directory.")
+    data: DataSource = Field(default_factory=lambda: split_source("test", "entity"),
+                             description="Tagged sentences to score (tokens, tags; or CoNLL files).")
+    train_data: DataSource = Field(
+        default_factory=lambda: split_source("train", "entity"),
+        description="Tagged training sentences of the baseline that tags each word with its most frequent tag.")
+    strict: bool = Field(True, description="Refuse an I-X after O or another type in the data (IOB2).")
+    batch_size: int = Field(64, gt=0, description="Sentences per batch.")
 
 
 class InstructionEval(_PromptedTask):
@@ -192,6 +207,10 @@ class EvaluateConfig(Section):
         default_factory=lambda: {"cls": ClassificationEval(models={"finetuned": "models/finetune/cls"})},
         description="Task name -> classifiers and data ({} for none); default: the finetune stage's 'cls' task on "
         "the test reviews.")
+    token_classification: dict[str, TokenClassificationEval] = Field(
+        default_factory=dict,
+        description="Task name -> token classifiers and tagged data ({} for none); the embedded default scores "
+        "the finetune stage's 'ner' task on the test entity documents.")
     instruction: dict[str, InstructionEval] = Field(
         default_factory=lambda: {"sft": InstructionEval(model="models/finetune/sft")},
         description="Task name -> instruction model and data ({} for none); default: the finetune stage's 'sft' "
@@ -214,7 +233,7 @@ class EvaluateConfig(Section):
     def _check(self) -> EvaluateConfig:
         import re
 
-        for name in [*self.models, *self.classification, *self.instruction]:
+        for name in [*self.models, *self.classification, *self.token_classification, *self.instruction]:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"name {name!r} must be letters, digits, '_' or '-'")
         names = [f.name for f in self.eval_files]

@@ -376,14 +376,18 @@ def efficiency_section(results: dict[str, Any]) -> str:
 def tasks_section(results: dict[str, Any]) -> str:
     parts = ["<h2>7. Tasks</h2>"]
     classification, instruction = results.get("classification", {}), results.get("instruction", {})
-    if not classification and not instruction and not results.get("lm_eval"):
-        return "".join(parts) + missing("Task scores", "configure evaluate.classification / evaluate.instruction")
+    tagging = results.get("token_classification", {})
+    if not classification and not instruction and not tagging and not results.get("lm_eval"):
+        return "".join(parts) + missing("Task scores", "configure evaluate.classification / token_classification / "
+                                        "instruction")
     for task, models in classification.items():
         parts.append(f"<h3>Classification: {html.escape(task)}</h3>")
         parts.append(table(["model", "examples", "accuracy", "macro F1", "macro precision", "macro recall",
                             "majority-class accuracy"],
                            [[n, r["examples"], r["accuracy"], r["macro_f1"], r["macro_precision"], r["macro_recall"],
                              r["majority_accuracy"]] for n, r in models.items()]))
+    for task, result in tagging.items():
+        parts.append(token_classification_part(task, result))
     for task, result in instruction.items():
         parts.append(f"<h3>Instructions: {html.escape(task)}</h3>")
         rows = [["all", result["examples"], result["bleu"], result["rouge_l"], result["exact_match"],
@@ -399,6 +403,31 @@ def tasks_section(results: dict[str, Any]) -> str:
         parts.append(baselines_part(task, baseline_table))
     if results.get("lm_eval"):
         parts.append(lm_eval_part(results["lm_eval"]))
+    return "".join(parts)
+
+
+def token_classification_part(task: str, result: dict[str, Any]) -> str:
+    """Entity-level scores of each tagger and of the most-frequent-tag baseline, one plain line
+    when a tagger loses to it, and the per-entity table of each tagger."""
+    majority = result["majority"]
+    rows = [[f"fine-tuned: {n}", r["examples"], r["f1"], r["precision"], r["recall"], r["token_accuracy"]]
+            for n, r in result["models"].items()]
+    rows.append(["baseline: most frequent tag of each word in train", majority["examples"], majority["f1"],
+                 majority["precision"], majority["recall"], majority["token_accuracy"]])
+    parts = [f"<h3>Token classification: {html.escape(task)}</h3>",
+             "<p>Entity-level scores (seqeval, conlleval's definition: an entity counts when its type and both "
+             "ends match), micro-averaged over entities.</p>",
+             table_rows(["model", "sentences", "entity F1", "precision", "recall", "token accuracy"], rows,
+                        set(range(len(result["models"]))))]
+    for name, scores in result["models"].items():
+        if scores["f1"] < majority["f1"]:
+            parts.append(f"<p class='missing'><b>The fine-tuned model {html.escape(name)} loses to the "
+                         f"most-frequent-tag baseline</b> on entity F1: {fmt(scores['f1'])} against "
+                         f"{fmt(majority['f1'])}.</p>")
+        parts.append(f"<p>Per entity type, {html.escape(name)}:</p>")
+        parts.append(table(["entity", "support", "F1", "precision", "recall"],
+                           [[entity, s["support"], s["f1"], s["precision"], s["recall"]]
+                            for entity, s in scores["per_entity"].items()], text_columns={0}))
     return "".join(parts)
 
 

@@ -105,6 +105,11 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict[str, Any]:
         for name, spec in cfg.classification.items()}
     results["classification"] = {name: tasks.classification_scores(name, spec, paths, sp, info, device)
                                  for name, spec in classification.items() if spec.models}
+    tagging = {name: spec.model_copy(update={"models": {
+        m: d for m, d in spec.models.items() if present(cfg, paths, f"token_classification.{name}.models.{m}", d)}})
+        for name, spec in cfg.token_classification.items()}
+    results["token_classification"] = {name: tasks.token_classification_scores(name, spec, paths, sp, info, device)
+                                       for name, spec in tagging.items() if spec.models}
     results["instruction"] = {name: tasks.instruction_scores(name, spec, paths, sp, info, device)
                               for name, spec in cfg.instruction.items()
                               if present(cfg, paths, f"instruction.{name}.model", spec.model)}
@@ -219,6 +224,9 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, Any]:
     for task, models in results.get("classification", {}).items():
         out[task] = {n: {k: r[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall")}
                      for n, r in models.items()}
+    for task, result in results.get("token_classification", {}).items():
+        out[task] = {n: {k: r[k] for k in ("f1", "precision", "recall", "token_accuracy")}
+                     for n, r in [*result["models"].items(), ("majority", result["majority"])]}
     for task, result in results.get("instruction", {}).items():
         out[task] = {k: result[k] for k in ("bleu", "rouge_l", "exact_match")}
         if "by_language" in result:

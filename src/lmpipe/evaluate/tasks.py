@@ -1,8 +1,10 @@
-"""Task quality: classification accuracy / F1, instruction answers scored with BLEU and ROUGE-L,
-and sample generations for fixed prompts.
+"""Task quality: classification accuracy / F1, token classification entity F1, instruction answers
+scored with BLEU and ROUGE-L, and sample generations for fixed prompts.
 
 - Classification reuses the finetune stage's reading, encoding and metrics
   (:mod:`lmpipe.train.finetune.classify`), so a classifier is scored exactly as it was selected.
+- Token classification reuses the finetune stage's reading, word alignment and seqeval scores
+  (:mod:`lmpipe.train.finetune.tagging`), next to the most-frequent-tag-per-word baseline.
 - BLEU is sacrebleu's corpus BLEU (Post 2018, "A Call for Clarity in Reporting BLEU Scores"): its
   13a tokenisation, or its ``zh`` tokenisation (each Chinese character a token, 13a for the rest,
   as WMT scores Chinese) when references are Chinese; the signature says which.
@@ -25,7 +27,7 @@ import torch
 from rouge_score import rouge_scorer, tokenizers
 
 from lmpipe.config import Paths
-from lmpipe.evaluate.config import ClassificationEval, InstructionEval
+from lmpipe.evaluate.config import ClassificationEval, InstructionEval, TokenClassificationEval
 from lmpipe.evaluate.lm import check_model_tokenizer, load_checked
 from lmpipe.model.gpt import GPT
 
@@ -118,6 +120,36 @@ def classification_scores(name: str, spec: ClassificationEval, paths: Paths, sp:
         log.info("classification %s / %s: accuracy %.4f, macro F1 %.4f on %d examples", name, model_name,
                  report["overall"]["accuracy"], report["overall"]["macro_f1"], len(examples))
     return results
+
+
+def token_classification_scores(name: str, spec: TokenClassificationEval, paths: Paths, sp: Any, info: Any,
+                                device: torch.device) -> dict[str, Any]:
+    """Entity-level precision/recall/F1 and the per-entity table (seqeval) of each token classifier
+    of a task, and of the baseline tagging each word with its most frequent training tag.
+    Raises FingerprintMismatch / DataError for bad models or rows."""
+    from lmpipe.model.classifier import load_token_classifier
+    from lmpipe.train.finetune import tagging
+
+    items = tagging.read_tagged(spec.data, paths, spec.strict)
+    gold = [item.tags for item in items]
+    majority = tagging.majority_tagger(tagging.read_tagged(spec.train_data, paths, spec.strict))
+    baseline = tagging.entity_scores(gold, tagging.tag_with(majority, items))
+    models: dict[str, Any] = {}
+    for model_name, directory in spec.models.items():
+        model_dir = paths.root / directory
+        check_model_tokenizer(model_dir, info.fingerprint)
+        model, labels, config = load_token_classifier(model_dir, device)
+        max_length = (config.get("finetune") or {}).get("max_length") or model.backbone.config.block_size
+        examples = tagging.build_examples(items, labels, tagging.WordEncoder(
+            sp, info.eos_id, max_length, config["classifier"].get("label_piece", "first")))
+        report = tagging.score_tagger(model, items, examples, labels, info.pad_id, spec.batch_size, device)
+        models[model_name] = {**report["overall"], "examples": len(items), "per_entity": report["per_entity"],
+                              "path": directory}
+        log.info("token classification %s / %s: entity F1 %.4f (precision %.4f, recall %.4f) on %d sentences", name,
+                 model_name, report["overall"]["f1"], report["overall"]["precision"], report["overall"]["recall"],
+                 len(items))
+    return {"models": models, "majority": {**baseline["overall"], "examples": len(items),
+                                           "per_entity": baseline["per_entity"]}}
 
 
 def instruction_scores(name: str, spec: InstructionEval, paths: Paths, sp: Any, info: Any,

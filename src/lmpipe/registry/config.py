@@ -109,6 +109,7 @@ def _default_gate() -> dict[str, GateRule]:
         "val_bpb": {"direction": "lower", "min_improvement": 0.0},
         "dev_loss": {"direction": "lower", "min_improvement": 0.0},
         "accuracy": {"direction": "higher", "max_drop": 0.01},
+        "entity_f1": {"direction": "higher", "max_drop": 0.01},  # token classifiers (seqeval micro F1)
     }
     return {name: GateRule.model_validate(rule) for name, rule in rules.items()}
 

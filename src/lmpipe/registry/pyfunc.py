@@ -12,7 +12,7 @@ Artifacts (logged next to the code):
 - ``config``: the model's ``config.json`` (GPTConfig under ``model``, eos/pad ids, and the chat
   template or the classifier's labels and pooling);
 - ``tokenizer``: the sentencepiece ``tokenizer.model``, checked against the fingerprint in config.json;
-- ``head`` (classifiers only): ``head.safetensors``.
+- ``head`` (classifiers and token classifiers only): ``head.safetensors``.
 
 Kinds, chosen from config.json:
 - ``generate``: column ``prompt`` -> ``text`` (the continuation) and ``num_tokens``. The prompt is
@@ -22,6 +22,9 @@ Kinds, chosen from config.json:
 - ``classify``: column ``text`` -> ``label`` and ``score`` (its softmax probability); the input is
   ``<eos> text <eos>`` pooled as in training (last, mean or first token), on a causal decoder or a
   masked-LM encoder: classification needs no generation.
+- ``tag`` (token classification): column ``text`` -> ``spans``, a list of {text, label, start, end}
+  per entity (character offsets into the input, end exclusive). The text is split into words and
+  punctuation marks (:data:`WORD_PATTERN`), each word tagged at the piece it was trained on.
 Generation params: ``max_new_tokens``, ``temperature`` (0: greedy, the default, so a served
 model answers deterministically), ``top_k`` (0: off), ``top_p`` (1: off), ``seed``.
 """
@@ -36,17 +39,20 @@ import mlflow
 import pandas as pd
 from mlflow.models.signature import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema, TensorSpec
 
 GPT_MODULE = "lmpipe_gpt"  # the name of gpt.py's copy in the model's code_paths
 WEIGHTS, CONFIG, TOKENIZER, HEAD = "weights", "config", "tokenizer", "head"
-KINDS = ("generate", "chat", "classify")
+KINDS = ("generate", "chat", "classify", "tag")
+# The words of a text for a token classifier: runs of word characters, each punctuation mark
+# alone (CoNLL-2003's tokens and the embedded default's entity documents are split this way).
+WORD_PATTERN = r"\w+|[^\w\s]"
 
 
 def model_kind(config: dict[str, Any]) -> str:
-    """``classify``, ``chat`` or ``generate`` for a model's config.json contents."""
+    """``tag``, ``classify``, ``chat`` or ``generate`` for a model's config.json contents."""
     if isinstance(config.get("classifier"), dict):
-        return "classify"
+        return "tag" if config["classifier"].get("level") == "token" else "classify"
     if isinstance(config.get("chat_template"), dict):
         return "chat"
     return "generate"
@@ -59,6 +65,10 @@ def signature_for(kind: str, max_new_tokens: int = 64) -> ModelSignature:
             inputs=Schema([ColSpec("string", "text")]),
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
         )
+    if kind == "tag":
+        span = Object([Property("text", "string"), Property("label", "string"), Property("start", "long"),
+                       Property("end", "long")])
+        return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec(Array(span), "spans")]))
     inputs: list[ColSpec | TensorSpec] = [ColSpec("string", "prompt")]
     if kind == "chat":
         inputs.append(ColSpec("string", "system", required=False))
@@ -134,7 +144,7 @@ class LmpipeModel(PythonModel):
         self.model = model.to(self.device).eval()
         self.kind = model_kind(self.config)
         self.eos_id = int(self.config.get("eos_id", self.sp.eos_id()))
-        if self.kind == "classify":
+        if self.kind in ("classify", "tag"):
             spec = self.config["classifier"]
             self.labels = [str(label) for label in spec["labels"]]
             self.pooling = spec.get("pooling", "last")
@@ -155,6 +165,8 @@ class LmpipeModel(PythonModel):
         if self.kind == "classify":
             return pd.DataFrame([self._classify(str(text)) for text in _column(frame, "text")],
                                 columns=["label", "score"])
+        if self.kind == "tag":
+            return pd.DataFrame({"spans": [self._tag(str(text)) for text in _column(frame, "text")]})
         params = params or {}
         systems = frame["system"].tolist() if "system" in frame.columns else [None] * len(frame)
         rows = [self._generate(str(prompt), system if isinstance(system, str) and system else None, params)
@@ -194,17 +206,76 @@ class LmpipeModel(PythonModel):
                 new = new[:new.index(stop)]
         return str(self.sp.decode(new)), len(new)
 
+    def _final_states(self, ids: list[int]) -> Any:
+        """(T, n_embd) output of the model's final norm for one row of ids, under no_grad: what
+        the heads of classifiers and token classifiers read."""
+        import torch
+
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self.model.hidden_states(idx)[0]  # one row, so no padding to mask
+
     def _classify(self, text: str) -> tuple[str, float]:
         import torch
 
         ids = [self.eos_id, *list(self.sp.encode(text))[: self.max_length - 2], self.eos_id]
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        hidden = self._final_states(ids)
         with torch.no_grad():
-            hidden = self.model.hidden_states(idx)[0]  # (T, n_embd); one row, so no padding to mask
             pooled = {"last": hidden[-1], "first": hidden[0]}.get(self.pooling, hidden.mean(0))
             probs = self.head(pooled).float().softmax(-1)
         best = int(probs.argmax())
         return self.labels[best], float(probs[best])
+
+    def _tag(self, text: str) -> list[dict[str, Any]]:
+        """The entities of ``text`` as {text, label, start, end} (character offsets, end exclusive).
+
+        Words are encoded one by one after an EOS and each is tagged at its first or last piece
+        (config.json's ``label_piece``), in windows of the model's length split between words, as
+        in training."""
+        import re
+
+        words = [(m.start(), m.end()) for m in re.finditer(WORD_PATTERN, text)]
+        last = self.config["classifier"].get("label_piece", "first") == "last"
+        tags: list[str] = []
+        ids, positions = [self.eos_id], []
+        for start, end in words:
+            pieces = (list(self.sp.encode(text[start:end])) or [self.sp.unk_id()])[: self.max_length - 1]
+            if positions and len(ids) + len(pieces) > self.max_length:
+                tags += self._window_tags(ids, positions)
+                ids, positions = [self.eos_id], []
+            first = len(ids)
+            ids.extend(pieces)
+            positions.append(len(ids) - 1 if last else first)
+        if positions:
+            tags += self._window_tags(ids, positions)
+        return [{"text": text[words[first][0]:words[final][1]], "label": label, "start": words[first][0],
+                 "end": words[final][1]} for label, first, final in _entity_spans(tags)]
+
+    def _window_tags(self, ids: list[int], positions: list[int]) -> list[str]:
+        import torch
+
+        with torch.no_grad():
+            predicted = self.head(self._final_states(ids)[positions]).argmax(-1).tolist()
+        return [self.labels[p] for p in predicted]
+
+
+def _entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word) of each entity in IOB2 tags, read as conlleval and seqeval's
+    default mode read them (what the model was scored with): B-X opens an entity, I-X continues
+    one of type X and otherwise opens one."""
+    spans: list[tuple[str, int, int]] = []
+    current: list[Any] | None = None  # [type, first, last]
+    for i, tag in enumerate(tags):
+        prefix, kind = tag[:2], tag[2:]
+        if prefix == "I-" and current is not None and current[0] == kind:
+            current[2] = i
+            continue
+        if current is not None:
+            spans.append((current[0], current[1], current[2]))
+        current = [kind, i, i] if prefix in ("B-", "I-") else None
+    if current is not None:
+        spans.append((current[0], current[1], current[2]))
+    return spans
 
 
 def _column(frame: pd.DataFrame, name: str) -> list[Any]:

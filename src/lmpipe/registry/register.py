@@ -75,15 +75,18 @@ SERVING_PACKAGES = ("mlflow", "torch", "safetensors", "sentencepiece", "pandas",
 SMOKE_TOKENS = 8
 FINGERPRINT_TAG = "lmpipe.model_fingerprint"
 SMOKE_TAG = "lmpipe.smoke"
+HEAD_KINDS = ("classify", "tag")  # pyfunc kinds with a head file next to the backbone
 # The absolute floor a model kind's first champion must clear, per gate metric: what a model that
 # ignores its input reaches on the same data. Language models (generate, chat) must beat the
 # unigram entropy of the val token shards (bits per byte for val_bpb, nats per token for
-# dev_loss); classifiers must beat always answering the majority class. A metric with no floor
+# dev_loss); classifiers must beat always answering the majority class, token classifiers tagging
+# each word with its most frequent training tag. A metric with no floor
 # here never makes a first champion by itself (`lmpipe promote NAME --version N --force` does).
 KIND_FLOORS = {
     "generate": {"val_bpb": "unigram_bpb"},
     "chat": {"val_bpb": "unigram_bpb", "dev_loss": "unigram_nats"},
     "classify": {"accuracy": "majority_class"},
+    "tag": {"entity_f1": "majority_class"},  # each word's most frequent training tag (finetune's majority_f1)
 }
 
 
@@ -185,8 +188,9 @@ def absolute_floors(kind: str, spec: ModelSpec, paths: Paths) -> tuple[dict[str,
     Unigram floors come from the val split of ``data/tokens/`` (checked against the tokenizer);
     the majority-class floor from the key ``<prefix>majority_accuracy`` next to the metric's
     ``<prefix>accuracy`` in its metrics file (the fine-tune stage writes ``test_majority_accuracy``
-    next to ``test_accuracy``). A floor that cannot be read is a problem line, not
-    an error: the model is still registered, it just cannot be a first champion automatically.
+    next to ``test_accuracy``), or ``<prefix>majority_f1`` next to a token classifier's ``<prefix>f1``.
+    A floor that cannot be read is a problem line, not an error: the model is still registered, it
+    just cannot be a first champion automatically.
     """
     floors: dict[str, float] = {}
     problems: list[str] = []
@@ -202,7 +206,8 @@ def absolute_floors(kind: str, spec: ModelSpec, paths: Paths) -> tuple[dict[str,
                 floors[metric] = _unigram_nats(paths)
             else:
                 file, _, key = ref.rpartition(":")
-                majority_ref = f"{file}:{key.removesuffix('accuracy')}majority_accuracy"
+                stem = key.removesuffix("f1").removesuffix("accuracy")  # test_f1 -> test_majority_f1
+                majority_ref = f"{file}:{stem}majority_{key[len(stem):]}"
                 values, missing = read_metrics(spec.model_copy(update={"metrics": {metric: majority_ref}}), paths.root)
                 problems.extend(f"floor: {m}" for m in missing)
                 majority = values[metric]
@@ -255,7 +260,7 @@ def register_model(model: Prepared, cfg: RegisterConfig, tokenizer: TokenizerInf
                                                     model.kind, model.metrics)
     artifacts = {pyfunc.WEIGHTS: str(model_dir / WEIGHTS_NAME), pyfunc.CONFIG: str(model_dir / CONFIG_NAME),
                  pyfunc.TOKENIZER: str(tokenizer.model_file)}
-    if kind == "classify":
+    if kind in HEAD_KINDS:
         artifacts[pyfunc.HEAD] = str(model_dir / config["classifier"].get("head_file", HEAD_NAME))
     example = input_example(kind, cfg)
     tags = {**lineage, "lmpipe.stage": spec.stage, "lmpipe.task": spec.task or "", "lmpipe.kind": kind,
@@ -317,21 +322,21 @@ def check_model_dir(model_dir: Path, tokenizer: TokenizerInfo) -> tuple[dict[str
         raise DataError("no model directory: run the stage that writes it (e.g. `dvc repro pretrain`) "
                         "or remove it from register.models", path=str(model_dir))
     early = read_model_config(model_dir)
-    if pyfunc.model_kind(early) != "classify":
+    if pyfunc.model_kind(early) not in HEAD_KINDS:
         refuse_masked_lm(early, model_dir, "register.models", "a served generate or chat model writes text")
     listed = verify_manifest(model_dir)["files"]  # DataError without a manifest, or a file differs
     # weights and config.json agree, and the model was trained with this tokenizer
     _, config = load_model(model_dir, tokenizer=ExpectedTokenizer(
         tokenizer.fingerprint, str(tokenizer.directory), "re-run the training stages with this tokenizer"))
     required = [WEIGHTS_NAME, CONFIG_NAME]
-    if pyfunc.model_kind(config) == "classify":
+    if pyfunc.model_kind(config) in HEAD_KINDS:
         required.append(str(config["classifier"].get("head_file", HEAD_NAME)))
     unlisted = [name for name in required if name not in listed]
     if unlisted:
         raise DataError(f"{MANIFEST_NAME} does not list {', '.join(unlisted)}: not a complete stage output "
                         "(re-run the stage that writes it)", path=str(model_dir))
     kind = pyfunc.model_kind(config)
-    if kind == "classify":
+    if kind in HEAD_KINDS:
         head = model_dir / config["classifier"].get("head_file", HEAD_NAME)
         if not head.is_file():
             raise DataError(f"classifier without its head: no {head.name}", path=str(model_dir))
@@ -371,13 +376,15 @@ EVALUATION_FILE = "reports/evaluation.json"
 LM_SCORES = ("loss", "perplexity", "bpb")
 CLASSIFICATION_SCORES = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
 INSTRUCTION_SCORES = ("bleu", "rouge_l", "exact_match")
+TOKEN_CLASSIFICATION_SCORES = ("f1", "precision", "recall")
 
 
 def evaluation_metrics(directory: str, root: Path) -> dict[str, float]:
     """The evaluate stage's scores of the model at ``directory`` (relative to ``root``), read from
     ``reports/evaluation.json``: ``eval/<split or file>/<loss|perplexity|bpb>``, ``eval/speed/<key>``,
-    ``eval/<task>/<score>`` for classifiers and instruction models. {} when the file is missing or
-    does not name the model (evaluate did not score it); raises DataError when it is not JSON."""
+    ``eval/<task>/<score>`` for classifiers, token classifiers and instruction models. {} when the
+    file is missing or does not name the model (evaluate did not score it); raises DataError when it
+    is not JSON."""
     path = root / EVALUATION_FILE
     if not path.is_file():
         return {}
@@ -397,6 +404,10 @@ def evaluation_metrics(directory: str, root: Path) -> dict[str, float]:
         for result in models.values():
             if same(result):
                 found.update({f"eval/{task}/{k}": result.get(k) for k in CLASSIFICATION_SCORES})
+    for task, result in (data.get("token_classification") or {}).items():
+        for scores in (result.get("models") or {}).values():
+            if same(scores):
+                found.update({f"eval/{task}/{k}": scores.get(k) for k in TOKEN_CLASSIFICATION_SCORES})
     for task, result in (data.get("instruction") or {}).items():
         if same(result):
             found.update({f"eval/{task}/{k}": result.get(k) for k in INSTRUCTION_SCORES})
@@ -419,7 +430,7 @@ def lookup(data: Any, key: str) -> Any:
 def input_example(kind: str, cfg: RegisterConfig) -> tuple[pd.DataFrame, dict[str, Any] | None]:
     """(input, params) stored with the model. MLflow runs it once while logging, so generative
     examples ask for few tokens."""
-    if kind == "classify":
+    if kind in HEAD_KINDS:
         return pd.DataFrame({"text": [cfg.example_text]}), None
     return pd.DataFrame({"prompt": [cfg.example_prompt]}), {"max_new_tokens": SMOKE_TOKENS}
 
@@ -468,6 +479,12 @@ def smoke_test(name: str, version: int, kind: str, example: tuple[pd.DataFrame, 
         if label not in [str(x) for x in config["classifier"]["labels"]]:
             raise DataError(f"{uri} answered label {label!r}, not one of its labels")
         return f"{label} ({float(output['score'].iloc[0]):.3f})"
+    if kind == "tag":
+        spans = output["spans"].iloc[0]
+        types = {str(x)[2:] for x in config["classifier"]["labels"] if str(x) != "O"}
+        if not isinstance(spans, list) or any(s.get("label") not in types for s in spans):
+            raise DataError(f"{uri} answered {spans!r}, not a list of spans of its entity types")
+        return ", ".join(f"{s['text']} ({s['label']})" for s in spans) or "(no entities)"
     return str(output["text"].iloc[0])
 
 

@@ -1,5 +1,6 @@
-"""Config section ``finetune``: named tasks (instruction tuning or classification), each with its
-data sources, full or LoRA fine-tuning, optimisation, early stopping and hardware settings.
+"""Config section ``finetune``: named tasks (instruction tuning, classification or token
+classification), each with its data sources, full or LoRA fine-tuning, optimisation, early stopping
+and hardware settings.
 
 ```yaml
 finetune:
@@ -7,6 +8,7 @@ finetune:
     sft: {type: sft, method: lora, max_steps: 300}
     cls: {type: classification, pooling: last, train_data: {type: files, paths: [sst2/train.tsv],
           columns: {text: sentence}}}
+    ner: {type: token_classification, train_data: {type: files, paths: [conll2003/train.txt], format: conll}}
 ```
 Each task is one DVC ``foreach`` item (``finetune@sft``) and one ``lmpipe finetune --task NAME``.
 """
@@ -34,13 +36,15 @@ TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 # The fields each task type reads from a row; `columns` may map them to other column names.
 SFT_FIELDS = ("instruction", "input", "output", "messages", "system")
 CLASSIFICATION_FIELDS = ("text", "label")
+TOKEN_CLASSIFICATION_FIELDS = ("tokens", "tags")
 
 
 class _DataBase(Section):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Field -> column of this source, for fields named differently here (classification: text, "
-        "label; sft: instruction, input, output, messages, system), e.g. {text: sentence}.",
+        "label; token_classification: tokens, tags; sft: instruction, input, output, messages, system), e.g. "
+        "{text: sentence}.",
     )
     max_examples: int | None = Field(None, gt=0, description="Use at most the first N examples.")
 
@@ -62,8 +66,9 @@ class FilesData(_DataBase):
     type: Literal["files"]
     paths: list[str] = Field(..., min_length=1, description="Files or glob patterns, relative to the project root.",
                              json_schema_extra={"lmpipe_input": "paths"})
-    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
-        "auto", description="File format; 'auto' picks by extension."
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "conll"] = Field(
+        "auto", description="File format; 'auto' picks by extension. conll (token classification): a token and its "
+        "tag per line (tag in the last column), a blank line between sentences, -DOCSTART- lines skipped."
     )
 
 
@@ -180,7 +185,26 @@ class SFTTask(_TaskBase):
         return self
 
 
-class ClassificationTask(_TaskBase):
+class _HeadTask(_TaskBase):
+    """What the tasks with a head on the backbone share: test rows, the label set, head dropout."""
+
+    test_data: DataSource | None = Field(
+        None, json_schema_extra=OPERATIONAL,
+        description="Test rows scored once with the selected model (null: none). The default task uses the test "
+        "split's documents of its kind.",
+    )
+    labels: list[str] | None = Field(
+        None, description="The label set (token classification: the tags, O and B-/I- ones), in this order; null: "
+        "the sorted distinct labels of the training data.",
+    )
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the head.")
+
+    def _check_labels(self) -> None:
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: each label must be listed once")
+
+
+class ClassificationTask(_HeadTask):
     """Single-label text classification with a linear head on the pooled hidden states of the base
     model: a causal decoder, or a masked-LM encoder (the BERT-style path)."""
 
@@ -192,20 +216,11 @@ class ClassificationTask(_TaskBase):
         default_factory=lambda: split_source("val", "review"),
         description="Dev rows: early stopping, best-model selection and the reported metrics.",
     )
-    test_data: DataSource | None = Field(
-        None, json_schema_extra=OPERATIONAL,
-        description="Test rows scored once with the selected model (null: none). The default task uses "
-        "the test split's reviews.",
-    )
-    labels: list[str] | None = Field(
-        None, description="The label set, in this order; null: the sorted distinct labels of the training data."
-    )
     pooling: Literal["last", "mean", "first"] = Field(
         "last", description="last: hidden state of the final token (it has attended to all others); mean: "
         "average over the tokens; first: the first token, BERT's [CLS] position (a masked-LM base only: in a "
         "causal model it has seen nothing but itself).",
     )
-    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
     class_weights: Literal["none", "balanced"] | list[float] = Field(
         "none", description="Loss weight per class: none, balanced (n / (k * count), as scikit-learn), or a list "
         "in label order.",
@@ -217,11 +232,9 @@ class ClassificationTask(_TaskBase):
     @model_validator(mode="after")
     def _check(self) -> ClassificationTask:
         self._check_columns(CLASSIFICATION_FIELDS)
-        if self.labels is not None:
-            if len(self.labels) < 2:
-                raise ValueError("labels: a classifier needs at least 2 labels")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels: each label must be listed once")
+        self._check_labels()
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels: a classifier needs at least 2 labels")
         if isinstance(self.class_weights, list):
             if any(w <= 0 for w in self.class_weights):
                 raise ValueError("class_weights: every weight must be positive")
@@ -230,22 +243,56 @@ class ClassificationTask(_TaskBase):
         return self
 
 
-Task = Annotated[SFTTask | ClassificationTask, Field(discriminator="type")]
+class TokenClassificationTask(_HeadTask):
+    """Sequence labelling (named entities): a linear head on every token's hidden state, word tags
+    in the IOB2 scheme, scored at the entity level (seqeval)."""
+
+    type: Literal["token_classification"]
+    train_data: DataSource = Field(
+        default_factory=lambda: split_source("train", "entity"),
+        description="Training sentences: rows with a tokens list and a tags list of the same length (jsonl, "
+        "json, parquet, hf, the meta of split documents), or CoNLL files (format: conll).",
+    )
+    dev_data: DataSource = Field(
+        default_factory=lambda: split_source("val", "entity"),
+        description="Dev sentences: early stopping, best-model selection and the reported metrics.",
+    )
+    scheme: Literal["IOB2"] = Field("IOB2", description="Tagging scheme: IOB2 (B- opens every entity, I- continues it, O outside).")
+    strict: bool = Field(
+        True, description="Refuse a sentence where I-X follows O or a tag of another type (IOB2 requires B-X "
+        "there); false: read such an I-X as opening an entity, as conlleval does.",
+    )
+    monitor: Literal["f1", "token_accuracy", "loss"] = Field(
+        "f1", description="Dev metric for early stopping and best-model selection (f1: entity-level micro F1).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenClassificationTask:
+        self._check_columns(TOKEN_CLASSIFICATION_FIELDS)
+        self._check_labels()
+        bad = [t for t in self.labels or [] if t != "O" and not t.startswith(("B-", "I-"))]
+        if bad:
+            raise ValueError(f"labels: {bad[0]!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)")
+        return self
 
 
-def _default_tasks() -> dict[str, SFTTask | ClassificationTask]:
-    """The embedded default's tasks: its instruction pairs and reviews from data/split/."""
+Task = Annotated[SFTTask | ClassificationTask | TokenClassificationTask, Field(discriminator="type")]
+
+
+def _default_tasks() -> dict[str, SFTTask | ClassificationTask | TokenClassificationTask]:
+    """The embedded default's tasks: its instruction pairs, reviews and entity sentences from data/split/."""
     return {"sft": SFTTask(type="sft", sample_data=split_source("test", "instruction")),
-            "cls": ClassificationTask(type="classification", test_data=split_source("test", "review"))}
+            "cls": ClassificationTask(type="classification", test_data=split_source("test", "review")),
+            "ner": TokenClassificationTask(type="token_classification", test_data=split_source("test", "entity"))}
 
 
 class FinetuneConfig(Section):
-    """Fine-tune models/pretrain on named tasks (instruction tuning, classification; full or LoRA)."""
+    """Fine-tune models/pretrain on named tasks (instruction tuning, text or token classification; full or LoRA)."""
 
     tasks: dict[str, Task] = Field(
         default_factory=_default_tasks,
-        description="Task name -> task (type: sft | classification). Outputs go to models/finetune/<name>/ and "
-        "metrics/finetune_<name>.json.",
+        description="Task name -> task (type: sft | classification | token_classification). Outputs go to "
+        "models/finetune/<name>/ and metrics/finetune_<name>.json.",
     )
 
     @model_validator(mode="after")

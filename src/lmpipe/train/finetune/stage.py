@@ -1,17 +1,17 @@
-"""The ``finetune`` stage: instruction tuning and classification heads on the pretrained model,
-with full fine-tuning or LoRA, early stopping on the dev set and exact resume.
+"""The ``finetune`` stage: instruction tuning, classification and token classification heads on the
+pretrained model, with full fine-tuning or LoRA, early stopping on the dev set and exact resume.
 
 Reads ``models/pretrain/`` (or the task's ``init``), ``artifacts/tokenizer/`` (the model's recorded
 tokenizer fingerprint must match, else FingerprintMismatch) and each task's data sources (by
-default the embedded default's instruction pairs and reviews in ``data/split/``). The base may be
-a causal LM or, for classification, a masked-LM encoder (``pretrain.objective: mlm``, the
-BERT-style path); instruction tuning from a masked LM is refused from its config.json before
-anything else is read. Writes, per task (rank 0, atomically):
+default the embedded default's instruction pairs, reviews and entity documents in ``data/split/``).
+The base may be a causal LM or, for classification and token classification, a masked-LM encoder
+(``pretrain.objective: mlm``, the BERT-style path); instruction tuning from a masked LM is refused
+from its config.json before anything else is read. Writes, per task (rank 0, atomically):
 
 - ``models/finetune/<task>/``: ``model.safetensors`` + ``config.json`` (the GPT with any LoRA
   update merged in, the tokenizer fingerprint, the chat template or the classifier's labels and
-  pooling), ``head.safetensors`` (classification), ``adapter/`` (LoRA alone), ``eval.json``
-  (dev history, best step, confusion matrix or generated samples) and ``manifest.json``;
+  pooling), ``head.safetensors`` (classification, token classification), ``adapter/`` (LoRA alone),
+  ``eval.json`` (dev history, best step, confusion matrix, entity scores or generated samples) and ``manifest.json``;
 - ``metrics/finetune_<task>.json`` for DVC (for SFT with the generated answer to a held-out prompt);
 - ``plots/finetune/<task>/`` (one directory per task, replaced whole): ``dev.csv`` (dev metrics at
   each evaluation) and, for classification, ``confusion.png`` and ``predictions.csv`` (actual,
@@ -51,7 +51,7 @@ from lmpipe.io import (
     write_json,
     write_manifest,
 )
-from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, head_bytes
+from lmpipe.model.classifier import HEAD_FILE, ClassificationModel, TokenClassificationModel, head_bytes
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
 from lmpipe.model.io import (
     ExpectedTokenizer,
@@ -65,7 +65,7 @@ from lmpipe.tokenizer.train import TokenizerInfo, load_tokenizer
 from lmpipe.tracking import StageTracker
 from lmpipe.train.callbacks import DevEvaluation, TaskAsyncTracker, TrainingMonitor
 from lmpipe.train.checkpoint import ResumePoint
-from lmpipe.train.finetune import classify, sft
+from lmpipe.train.finetune import classify, sft, tagging
 from lmpipe.train.finetune.config import (
     ClassificationTask,
     DataSource,
@@ -73,6 +73,7 @@ from lmpipe.train.finetune.config import (
     FinetuneConfig,
     SFTTask,
     SplitData,
+    TokenClassificationTask,
 )
 from lmpipe.train.finetune.data import Batch, TrainBatches, eval_batches
 from lmpipe.train.loop import Run
@@ -84,7 +85,7 @@ from lmpipe.train.settings import run_key
 
 log = logging.getLogger(__name__)
 
-Task = SFTTask | ClassificationTask
+Task = SFTTask | ClassificationTask | TokenClassificationTask
 
 
 def run(cfg: FinetuneConfig, paths: Paths) -> dict[str, Any]:
@@ -117,6 +118,8 @@ def run_task(cfg: FinetuneConfig, task_name: str, paths: Paths, *, callbacks: Se
     L.seed_everything(task.seed, verbose=False)  # head and adapter init
     if isinstance(task, SFTTask):
         prepared = prepare_sft(task, paths, base, sp, info, task.max_length or block)
+    elif isinstance(task, TokenClassificationTask):
+        prepared = prepare_token_classification(task, paths, base, sp, info, task.max_length or block)
     else:
         prepared = prepare_classification(task, paths, base, sp, info, task.max_length or block)
     model = prepared.model.train()  # load_model returns eval mode; dropout must be live while training
@@ -321,6 +324,50 @@ def prepare_classification(task: ClassificationTask, paths: Paths, base: GPT, sp
         modules_to_save=("classifier",),
         data_fingerprint=digest([*(e.ids for e in [*train, *dev]),
                                  np.array([e.label for e in [*train, *dev]]), np.array(labels, dtype=str)]),
+    )
+
+
+def prepare_token_classification(task: TokenClassificationTask, paths: Paths, base: GPT, sp: Any,
+                                 info: TokenizerInfo, max_length: int) -> Prepared:
+    train_items = tagging.read_tagged(task.train_data, paths, task.strict)
+    labels = tagging.resolve_tags(train_items, task.labels)
+    piece = tagging.label_piece(base.config.bidirectional)
+    encoder = tagging.WordEncoder(sp, info.eos_id, max_length, piece)
+    splits = {"dev": tagging.read_tagged(task.dev_data, paths, task.strict)}
+    if task.test_data is not None:
+        splits["test"] = tagging.read_tagged(task.test_data, paths, task.strict)
+    train = tagging.build_examples(train_items, labels, encoder)
+    examples = {split: tagging.build_examples(items, labels, encoder) for split, items in splits.items()}
+    dev = examples["dev"]
+    objective = tagging.TokenClassificationObjective(labels, task.monitor)
+    collate = tagging.TagCollate(info.pad_id)
+    model = TokenClassificationModel(base, len(labels), task.head_dropout)
+    majority = tagging.majority_tagger(train_items)
+
+    def finish(merged: nn.Module, export: Export, tmp: Path) -> None:
+        assert isinstance(merged, TokenClassificationModel)
+        device = merged.classifier.weight.device
+        for split, items in splits.items():
+            batches = eval_batches(examples[split], collate, task.eval_batch_size)
+            export.numbers[f"{split}_loss"] = evaluate(merged, objective, batches)["loss"]
+            report = tagging.score_tagger(merged, items, examples[split], labels, info.pad_id, task.eval_batch_size,
+                                          device)
+            baseline = tagging.entity_scores([i.tags for i in items], tagging.tag_with(majority, items))["overall"]
+            export.numbers.update({f"{split}_{k}": v for k, v in report["overall"].items()})
+            export.numbers[f"{split}_majority_f1"] = baseline["f1"]
+            export.metrics_extra[f"{split}_per_entity"] = report["per_entity"]
+            export.details[split] = {**report, "majority": baseline, "labels": labels}
+        write_bytes(tmp / HEAD_FILE, head_bytes(merged))
+        export.save(merged.backbone, tmp, {"classifier": {"labels": labels, "level": "token", "scheme": task.scheme,
+                                                          "label_piece": piece, "head_file": HEAD_FILE}})
+
+    return Prepared(
+        model=model, objective=objective, collate=collate, train=train, dev=dev, finish=finish, gpt_config=base.config,
+        counts={"train_examples": len(train_items), "dev_examples": len(splits["dev"]),
+                "test_examples": len(splits.get("test", [])), "num_labels": len(labels),
+                "train_windows": len(train), "dev_windows": len(dev)},
+        modules_to_save=("classifier",),
+        data_fingerprint=digest([*(a for e in [*train, *dev] for a in (e.ids, e.target)), np.array(labels, dtype=str)]),
     )
 
 
