@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from test_finetune_helpers import config, one_thread, save_random_model  # noqa: F401
+from test_finetune_helpers import config, save_random_model
 from torch import nn
 
 from lmpipe.config import Paths
