@@ -279,3 +279,15 @@ def test_entity_documents_are_tagged_word_by_word() -> None:
         tagging.check_scheme(sentence, strict=True)
     assert {t[2:] for _, m in docs for t in m["tags"] if t != "O"} == {"PER", "LOC", "ORG"}
     assert synthetic_entity.detokenize(["In", "Oslo", ",", "Mara", "."]) == "In Oslo, Mara."
+
+
+def test_tagger_fine_tunes_from_a_masked_lm_encoder(project: Paths) -> None:
+    """The BERT-style path: a bidirectional base, each word's tag on its first piece."""
+    info = tokenizer_stage.read_tokenizer_info(project.tokenizer)
+    save_random_model(project.models / "pretrain_mlm", info.vocab_size, info.fingerprint, seed=1, bidirectional=True)
+    cfg = config(enc={"type": "token_classification", "init": "models/pretrain_mlm", "lr": 1e-2, "max_steps": 60,
+                      "eval_every": 20, "micro_batch_size": 16})
+    summary = {k.removeprefix("enc/"): v for k, v in run_task(cfg, "enc", project).items()}
+    assert summary["dev_f1"] > 0.8 > summary["dev_f1_initial"]
+    _, _, model_config = load_token_classifier(project.models / "finetune" / "enc")
+    assert model_config["classifier"]["label_piece"] == "first"
