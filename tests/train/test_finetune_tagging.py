@@ -291,3 +291,21 @@ def test_tagger_fine_tunes_from_a_masked_lm_encoder(project: Paths) -> None:
     assert summary["dev_f1"] > 0.8 > summary["dev_f1_initial"]
     _, _, model_config = load_token_classifier(project.models / "finetune" / "enc")
     assert model_config["classifier"]["label_piece"] == "first"
+
+
+def test_padding_in_a_batch_does_not_change_a_bidirectional_taggers_loss() -> None:
+    """A short window batched with a long one scores as when alone: the collated lengths keep a
+    masked-LM encoder from attending to the padding (training, dev sums and prediction all read them)."""
+    from lmpipe.model.classifier import TokenClassificationModel
+    from lmpipe.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    backbone = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, bidirectional=True))
+    model = TokenClassificationModel(backbone, 3, dropout=0.0).eval()
+    short = tagging.TagExample(np.array([2, 5, 6, 7]), np.array([-100, 0, 1, 2]), 0, 3)
+    long = tagging.TagExample(np.arange(2, 14), np.array([-100] + [2] * 11), 1, 11)
+    collate = tagging.TagCollate(pad_id=0)
+    objective = tagging.TokenClassificationObjective(["B-X", "I-X", "O"])
+    together = objective.eval_sums(model, collate([short, long]))
+    apart = objective.eval_sums(model, collate([short])) + objective.eval_sums(model, collate([long]))
+    torch.testing.assert_close(together[:3], apart[:3], atol=1e-4, rtol=1e-5)

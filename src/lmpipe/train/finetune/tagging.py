@@ -185,13 +185,15 @@ def build_examples(items: Sequence[TaggedSentence], labels: Sequence[str], encod
 
 
 class TagCollate:
-    """Right-padded ``input`` (pad id) and ``target`` (-100) tensors of a list of examples."""
+    """Right-padded ``input`` (pad id), ``length`` and ``target`` (-100) tensors of a list of
+    examples. ``length`` keeps a bidirectional backbone from attending to the padding."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, examples: list[TagExample]) -> Batch:
         return {"input": pad_rows([e.ids for e in examples], self.pad_id),
+                "length": torch.tensor([len(e.ids) for e in examples], dtype=torch.long),
                 "target": pad_rows([e.target for e in examples], IGNORE_INDEX)}
 
 
@@ -217,12 +219,12 @@ class TokenClassificationObjective(Objective):
         self.mode = "min" if monitor == "loss" else "max"
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        logits = model(batch["input"])
+        logits = model(batch["input"], batch["length"])
         return F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: Batch) -> Tensor:
-        logits = model(batch["input"]).float()
+        logits = model(batch["input"], batch["length"]).float()
         target = batch["target"]
         loss_sum = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         mask = target != IGNORE_INDEX
@@ -258,7 +260,7 @@ def predict_tags(model: nn.Module, examples: Sequence[TagExample], batches: Sequ
     model.eval()
     windows: list[list[str]] = []
     for batch in batches:
-        predicted = model(batch["input"].to(device)).argmax(-1).cpu().numpy()
+        predicted = model(batch["input"].to(device), batch["length"].to(device)).argmax(-1).cpu().numpy()
         for row, target in zip(predicted, batch["target"].numpy(), strict=True):
             windows.append([labels[p] for p in row[target != IGNORE_INDEX]])
     model.train(was_training)
