@@ -80,7 +80,7 @@ def test_tables_name_every_method_the_report_says_who_loses_and_shows_lm_eval(pr
     assert summary["cls.bag_of_words.accuracy"] == cls["bag_of_words"]["accuracy"]
     page = (paths.reports / "report.html").read_text()
     assert "Baselines: cls" in page and "Baselines: sft" in page
-    assert "The fine-tuned model finetuned loses to bag-of-words" in page  # a random-init head loses to it
+    assert "The fine-tuned model of cls loses to bag-of-words" in page  # a random-init head loses to it
     assert set(metrics["lm_eval"]) == {"lmpipe_cls", "lmpipe_perplexity_test"}  # evaluate.lm_eval runs it inside
     assert "lm-evaluation-harness: models/pretrain" in page and summary["lm_eval.lmpipe_cls.acc"] >= 0
 

@@ -482,7 +482,8 @@ def baselines_part(task: str, table: dict[str, Any]) -> str:
         for model in tuned:
             beaten = [b for t, b in table["loses_to"] if t == model]
             if beaten:
-                parts.append(f"<p class='missing'><b>The fine-tuned model {html.escape(model)} loses to "
+                who = f"The fine-tuned model of {task}" if model == "finetuned" else f"The fine-tuned model {model}"
+                parts.append(f"<p class='missing'><b>{html.escape(who)} loses to "
                              + ", ".join(f"{html.escape(method_name(b, rows[b], tuned))} ({fmt(rows[b][key], 4)})"
                                          for b in beaten)
                              + f"</b> on {what}: it scores {fmt(rows[model][key], 4)}.</p>")
