@@ -144,7 +144,7 @@ class _FixedLogits(nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, length: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits
 
 
@@ -160,7 +160,8 @@ def test_dev_entity_counts_match_seqeval() -> None:
             logits[row, word + 1, index[pt]] = 5.0
             target[row, word + 1] = index[gt]
     objective = tagging.TokenClassificationObjective(labels)
-    sums = objective.eval_sums(_FixedLogits(logits), {"input": torch.zeros(2, 5, dtype=torch.long), "target": target})
+    sums = objective.eval_sums(_FixedLogits(logits), {"input": torch.zeros(2, 5, dtype=torch.long), "target": target,
+                                                        "length": torch.tensor([5, 5])})
     ours = objective.metrics(sums)
     reference = tagging.entity_scores(gold, predicted)
     for key in ("precision", "recall", "f1", "token_accuracy"):
