@@ -92,6 +92,20 @@ def test_source_max_docs_caps_what_is_read(two_files: Paths, collect_config: Mak
     assert [d["text"] for d in collected(two_files) if d["source"] == "b"] == [f"b {i}" for i in range(50)]
 
 
+def test_pack_chars_joins_a_sentence_per_row_source_into_documents(paths: Paths, collect_config: MakeConfig) -> None:
+    (paths.root / "s.tsv").write_text("label\tsentence\n" + "".join(f"{i % 2}\tsentence number {i:02d}\n"
+                                                                   for i in range(30)))
+    cfg = collect_config(jsonl_source("s", "s.tsv", text_field="sentence", pack_chars=60, max_docs=5))
+    summary = run(cfg, paths)
+    docs = collected(paths)
+    assert summary["docs.s"] == len(docs) == 5  # max_docs counts the joined documents
+    assert docs[0]["text"] == "sentence number 00\nsentence number 01\nsentence number 02\nsentence number 03"
+    assert all(len(d["text"]) >= 60 and d["text"].count("\n") == 3 for d in docs)
+    assert json.loads(docs[1]["meta"]) == {"path": "s.tsv", "row": 4, "fields": {"label": "0"}, "records": 4}
+    run(collect_config(jsonl_source("s", "s.tsv", text_field="sentence", pack_chars=10_000)), paths)
+    assert [d["text"].count("\n") for d in collected(paths)] == [29]  # the short rest is one document
+
+
 def test_same_seed_same_output_other_seed_other_sample(two_files: Paths, collect_config: MakeConfig) -> None:
     def collect(seed: int) -> tuple[dict[str, str], list[str]]:
         run(collect_config(jsonl_source("a", "a.jsonl"), jsonl_source("b", "b.jsonl"), seed=seed), two_files)

@@ -147,6 +147,31 @@ def _expected_docs(source: Source) -> int | None:
     return source.max_docs
 
 
+def packed(records: Iterator[tuple[str, str]], pack_chars: int | None) -> Iterator[tuple[str, str]]:
+    """``records`` joined one per line into documents of at least ``pack_chars`` characters (the
+    last one may be shorter); each keeps the meta of its first record, with ``records``, how many
+    it joins. None: the records as they are."""
+    if pack_chars is None:
+        yield from records
+        return
+    lines: list[str] = []
+    size, first = 0, ""
+    for text, meta in records:
+        if not lines:
+            first = meta
+        lines.append(text)
+        size += len(text) + 1
+        if size - 1 >= pack_chars:
+            yield "\n".join(lines), _with_count(first, len(lines))
+            lines, size = [], 0
+    if lines:
+        yield "\n".join(lines), _with_count(first, len(lines))
+
+
+def _with_count(meta: str, count: int) -> str:
+    return encode_meta({**json.loads(meta), "records": count})
+
+
 def stage_source(source: Source, root: Path, seed: int, path: Path, progress: Progress) -> StagedSource:
     """Stream one source into the parquet file ``path`` (columns text, meta) and count it.
 
@@ -166,7 +191,7 @@ def stage_source(source: Source, root: Path, seed: int, path: Path, progress: Pr
             progress.update(task, completed=count)
 
         with contextlib.closing(_encoded_records(source, root, seed, stats, progress)) as records:
-            for text, meta in records:
+            for text, meta in packed(records, source.pack_chars):
                 texts.append(text)
                 metas.append(meta)
                 count += 1

@@ -21,6 +21,13 @@ class _SourceBase(Section):
         "at these proportions (and collect.max_docs).",
     )
     max_docs: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    pack_chars: int | None = Field(
+        None,
+        gt=0,
+        description="Join consecutive records, one per line, into documents of at least this many characters "
+        "(for data with a sentence per row, which the length and quality rules would drop one by one); "
+        "null: one document per record. max_docs counts the joined documents.",
+    )
 
 
 class HFSource(_SourceBase):
