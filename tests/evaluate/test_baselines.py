@@ -101,3 +101,20 @@ def test_verdict_names_each_baseline_that_wins_or_says_none_does() -> None:
     answers = {"zero_shot": {"bpb": 2.0}, "finetuned": {"bpb": 2.5}}  # bits per byte: lower is better
     assert baselines.loses_to({"metric": "bpb", "finetuned": ["finetuned"], "rows": answers}) == [
         ["finetuned", "zero_shot"]]
+
+
+@pytest.mark.parametrize("section", [
+    {"classification": {"cls": {"models": {"m": "models/m"},
+                                "data": {"type": "files", "paths": ["dev.tsv"]}}}},
+    {"token_classification": {"ner": {"models": {"m": "models/m"},
+                                      "data": {"type": "files", "paths": ["dev.conll"], "format": "conll"}}}},
+    {"instruction": {"sft": {"model": "models/m", "data": {"type": "hf", "path": "tatsu-lab/alpaca"}}}},
+])
+def test_rows_from_outside_the_split_need_the_baselines_train_rows_named(section: dict) -> None:
+    with pytest.raises(ValueError, match="train_data: set the baselines' labelled training rows"):
+        EvaluateConfig.model_validate(section)
+    task = next(iter(next(iter(section.values())).values()))
+    task["train_data"] = {"type": "files", "paths": ["train.tsv"]}
+    EvaluateConfig.model_validate(section)  # named: accepted
+    del task["train_data"], task["data"]
+    EvaluateConfig.model_validate(section)  # both from data/split: the defaults belong together

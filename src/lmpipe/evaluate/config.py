@@ -21,7 +21,7 @@ from typing import ClassVar, Literal, Self
 from pydantic import Field, model_validator
 
 from lmpipe.config import Section
-from lmpipe.train.finetune.config import DataSource, split_source
+from lmpipe.train.finetune.config import DataSource, SplitData, split_source
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -51,6 +51,17 @@ class Comparison(Section):
     )
 
 
+def _check_baseline_rows(task: ClassificationEval | InstructionEval | TokenClassificationEval) -> None:
+    """Rows scored from outside data/split need the baselines' training rows named as well: the
+    default (the split's train documents of the embedded kind) would be another task's, or none."""
+    data, train = task.data, task.train_data
+    if "train_data" not in task.model_fields_set and not isinstance(data, SplitData):
+        assert isinstance(train, SplitData)  # the default
+        raise ValueError(f"train_data: set the baselines' labelled training rows (data is read from {data.type}, "
+                         f"so the default, data/split/{train.split} documents of kind '{train.kind}', is not this "
+                         "task's); the fine-tuned model's train_data is the usual choice")
+
+
 class _PromptedTask(Section):
     """A task whose ``prompt`` template has one ``{placeholder}`` for the row's text."""
 
@@ -61,6 +72,7 @@ class _PromptedTask(Section):
     def _check_prompt(self) -> Self:
         if self.prompt.count("{" + self.placeholder + "}") != 1:
             raise ValueError(f"prompt must contain {{{self.placeholder}}} exactly once")
+        _check_baseline_rows(self)  # type: ignore[arg-type]  # each concrete task has data and train_data
         return self
 
 
@@ -76,7 +88,8 @@ class ClassificationEval(_PromptedTask):
     train_data: DataSource = Field(
         default_factory=lambda: split_source("train", "review"),
         description="Labelled training rows of the baselines: the majority class, the bag-of-words model and the "
-        "in-context examples of the prompted base model (the fine-tuned model's train split).")
+        "in-context examples of the prompted base model (the fine-tuned model's train split). Required when data "
+        "is not from data/split.")
     prompt: str = Field(
         "{text}\nSentiment:", description="Prompt of the prompted baselines and of lm-eval's multiple-choice task; "
         "{text} is the row's text, the label word follows it after a space.")
@@ -94,9 +107,15 @@ class TokenClassificationEval(Section):
                              description="Tagged sentences to score (tokens, tags; or CoNLL files).")
     train_data: DataSource = Field(
         default_factory=lambda: split_source("train", "entity"),
-        description="Tagged training sentences of the baseline that tags each word with its most frequent tag.")
+        description="Tagged training sentences of the baseline that tags each word with its most frequent tag. "
+        "Required when data is not from data/split.")
     strict: bool = Field(True, description="Refuse an I-X after O or another type in the data (IOB2).")
     batch_size: int = Field(64, gt=0, description="Sentences per batch.")
+
+    @model_validator(mode="after")
+    def _check_train_data(self) -> Self:
+        _check_baseline_rows(self)
+        return self
 
 
 class InstructionEval(_PromptedTask):
@@ -112,7 +131,8 @@ class InstructionEval(_PromptedTask):
     system_prompt: str | None = Field(None, description="System message for conversations without one.")
     train_data: DataSource = Field(
         default_factory=lambda: split_source("train", "instruction"),
-        description="Conversations the in-context examples of the prompted baselines are drawn from.")
+        description="Conversations the in-context examples of the prompted baselines are drawn from. Required when "
+        "data is not from data/split.")
     prompt: str = Field(
         "Instruction: {user}\nAnswer:", description="Prompt of the prompted base model; {user} is the last user "
         "turn, the reference answer follows it after a space (the embedded default's documents read this way).")
