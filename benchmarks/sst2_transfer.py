@@ -15,11 +15,12 @@ each with the same steps, learning rate, seed and data:
 - **pretrained then distilled**: ``models/distill``, the student distilled from it.
 
 Next to them are the task's two plain baselines on the same dev set: the majority class of train,
-and bag-of-words (TF-IDF word 1-2-grams + logistic regression, :func:`lmpipe.evaluate.baselines.bag_of_words`)
+and bag-of-words (TF-IDF word 1-2-grams + logistic regression), computed by evaluate's own
+:func:`lmpipe.evaluate.baselines.classification_baselines`,
 fitted on the task's train rows (``--set finetune.tasks.cls.train_data.max_examples=2000`` limits
 them for every row alike). Each fine-tune's ``metrics/finetune_<task>.json`` is kept as
-``metrics/transfer/<base>.json``; the markdown table (dev accuracy, macro F1, parameters, seconds)
-goes to stdout and, with ``--json``, the numbers to a file. The last fine-tune leaves its model at
+``metrics/transfer/<base>.json``; the markdown table (dev accuracy, macro F1, parameters, seconds; a
+finished fine-tune of the same settings is resumed, not retrained) goes to stdout and, with ``--json``, the numbers to a file. The last fine-tune leaves its model at
 ``models/finetune/<task>`` (run ``dvc repro`` to bring the pipeline's own back).
 """
 
@@ -30,27 +31,19 @@ import json
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lmpipe.config import Paths, load_params
-from lmpipe.evaluate.baselines import bag_of_words
+from lmpipe.evaluate.baselines import classification_baselines
+from lmpipe.evaluate.config import BaselineSettings, ClassificationEval
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.io import read_model_config, save_model
-from lmpipe.train.finetune.data import read_rows
 
 BASES = {"random init": "models/random_init", "pretrained": "models/pretrain",
          "pretrained then distilled": "models/distill"}
-
-
-def labelled(source: Any, root: Path) -> tuple[list[str], list[str]]:
-    """(texts, labels) of a task's data source, read as the finetune stage reads it."""
-    rows = list(read_rows(source, Paths(root)))
-    return [row.text("text") for row in rows], [str(row.get("label")) for row in rows]
 
 
 def write_random_init(root: Path, seed: int) -> Path:
@@ -94,16 +87,14 @@ def main() -> None:
     spec = tasks[args.task]
     if spec.type != "classification":
         parser.error(f"finetune.tasks.{args.task} is not a classification task")
-    train_texts, train_labels = labelled(spec.train_data, root)
-    dev_texts, dev_labels = labelled(spec.dev_data, root)
-    majority = Counter(train_labels).most_common(1)[0][0]
-    names = sorted(set(train_labels))
-    index = {name: i for i, name in enumerate(names)}
-    dev = np.array([index.get(y, -1) for y in dev_labels])
+    baselines = classification_baselines(args.task, ClassificationEval(models={"finetuned": "."}, data=spec.dev_data,
+                                                                       train_data=spec.train_data),
+                                         BaselineSettings(), Paths(root), None, None, torch.device("cpu"),
+                                         prompted=False)
     rows: dict[str, dict[str, Any]] = {
-        "majority class of train": {"dev_accuracy": float(np.mean(dev == index[majority]))},
-        "bag-of-words (TF-IDF + logistic regression)": {"dev_accuracy": float(np.mean(
-            bag_of_words(train_texts, np.array([index[y] for y in train_labels]), dev_texts) == dev))},
+        "majority class of train": {"dev_accuracy": baselines["majority"]["accuracy"]},
+        "bag-of-words (TF-IDF + logistic regression)": {"dev_accuracy": baselines["bag_of_words"]["accuracy"],
+                                                        "dev_macro_f1": baselines["bag_of_words"]["macro_f1"]},
     }
     kept = root / "metrics/transfer"
     kept.mkdir(parents=True, exist_ok=True)
@@ -116,7 +107,7 @@ def main() -> None:
             "dev_accuracy": metrics["dev_accuracy"], "dev_macro_f1": metrics["dev_macro_f1"],
             "dev_accuracy_initial": metrics["dev_accuracy_initial"], "steps": metrics["steps"],
             "best_step": metrics["best_step"], "parameters": metrics["total_parameters"], "seconds": round(seconds, 1)}
-    print(f"\nSST-2-style transfer, task {args.task}: {len(train_texts):,} train and {len(dev_texts):,} dev examples\n")
+    print(f"\nSST-2-style transfer, task {args.task}: {baselines['majority']['examples']:,} dev examples\n")
     print("| model | dev accuracy | dev macro F1 | parameters | fine-tune s |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
