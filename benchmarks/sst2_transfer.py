@@ -108,12 +108,13 @@ def main() -> None:
             "dev_accuracy_initial": metrics["dev_accuracy_initial"], "steps": metrics["steps"],
             "best_step": metrics["best_step"], "parameters": metrics["total_parameters"], "seconds": round(seconds, 1)}
     print(f"\nSST-2-style transfer, task {args.task}: {baselines['majority']['examples']:,} dev examples\n")
-    print("| model | dev accuracy | dev macro F1 | parameters | fine-tune s |")
-    print("|---|---|---|---|---|")
+    print("| model | dev accuracy | dev macro F1 | best step / steps run | parameters | fine-tune s |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         f1 = f"{row['dev_macro_f1']:.3f}" if "dev_macro_f1" in row else ""
         size = f"{row['parameters']:,}" if "parameters" in row else ""
-        print(f"| {name} | {row['dev_accuracy']:.3f} | {f1} | {size} | {row.get('seconds', '')} |")
+        steps = f"{row['best_step']:,} / {row['steps']:,}" if "steps" in row else ""
+        print(f"| {name} | {row['dev_accuracy']:.3f} | {f1} | {steps} | {size} | {row.get('seconds', '')} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
