@@ -7,7 +7,7 @@ process so that its peak RSS is the driver's own: the local engine with ``--cpus
 Prints MB/s (wall), MB/s per CPU, MB per CPU-second of the stage's kernels, and the driver's peak
 RSS; then checks that every run wrote the same files (manifest hashes).
 
-    .venv/bin/python benchmarks/clean_ray.py --mb 200 --cpus 2     # the comparison of docs/benchmarks.md
+    .venv/bin/python benchmarks/clean_ray.py --mb 200 --cpus 2 --repeat 3   # the comparison of docs/benchmarks.md
     .venv/bin/python benchmarks/clean_ray.py --mb 1000 --cpus 2 --only ray   # peak RSS on 1 GB
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import shutil
 import subprocess
@@ -55,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=float, default=200.0, help="Raw text to generate, in MB (default 200).")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the widest runs (default 2).")
     parser.add_argument("--only", choices=["local", "ray"], help="Run one engine only.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Rounds of every configuration; the table shows each one's fastest (default 1).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", nargs=3, metavar=("ROOT", "KIND", "CPUS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
+    if args.child:  # the stage's phase lines go to stderr, which the parent prints
+        logging.basicConfig(level=logging.INFO, format="  %(message)s")
+        logging.getLogger().handlers[0].addFilter(lambda record: record.getMessage().startswith("clean on Ray"))
         print(json.dumps(one_run(Path(args.child[0]), args.child[1], int(args.child[2]))))
         return 0
 
@@ -66,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         docs, size = make_corpus(root, args.mb, args.seed)
         print(f"corpus: {docs} docs, {size / 1e6:.1f} MB raw text ({root})")
-        runs = [("local", args.cpus), ("ray", 1), ("ray", args.cpus)]
-        results = []
-        for kind, cpus in runs:
-            if args.only and kind != args.only:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--child", str(root), kind, str(cpus)],
-                                 check=True, capture_output=True, text=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        runs = [(kind, cpus) for kind, cpus in [("local", args.cpus), ("ray", 1), ("ray", args.cpus)]
+                if not args.only or kind == args.only]
+        best: dict[tuple[str, int], dict[str, Any]] = {}
+        for attempt in range(args.repeat):  # the configurations in turn, so drifting load hits each
+            for kind, cpus in runs:
+                done = subprocess.run([sys.executable, __file__, "--child", str(root), kind, str(cpus)],
+                                      check=True, capture_output=True, text=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"round {attempt + 1}: {kind}, {cpus} CPUs: {result['wall_s']:.1f} s")
+                phases = [line for line in done.stderr.splitlines() if line.startswith("  clean on Ray")]
+                print(*phases, sep="\n") if phases else None
+                if (kind, cpus) not in best or result["wall_s"] < best[kind, cpus]["wall_s"]:
+                    best[kind, cpus] = result
+        results = [best[run] for run in runs]
         print(f"\n{'engine':<8} {'cpus':>4} {'docs out':>9} {'wall s':>7} {'MB/s':>7} {'MB/s/cpu':>9} "
               f"{'MB/cpu-s':>9} {'driver RSS MB':>13}")
         for r in results:
@@ -87,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Ray scaling 1 -> {args.cpus} CPUs: {ray_runs[1]['wall_s'] / ray_runs[args.cpus]['wall_s']:.2f}x")
         local = next((r for r in results if r["kind"] == "local"), None)
         if local and args.cpus in ray_runs:
-            print(f"Ray / local per CPU: {local['wall_s'] / ray_runs[args.cpus]['wall_s']:.2f}")
+            print(f"Ray / local at {args.cpus} CPUs: {local['wall_s'] / ray_runs[args.cpus]['wall_s']:.2f}x")
+        if local and 1 in ray_runs:  # the issue's target: >= 0.8
+            per_cpu = (local["mb"] / local["wall_s"] / local["cpus"]) / (ray_runs[1]["mb"] / ray_runs[1]["wall_s"])
+            print(f"Ray on 1 CPU / local per CPU: {1 / per_cpu:.2f}x")
         return 0 if same else 1
     finally:
         shutil.rmtree(root, ignore_errors=True)

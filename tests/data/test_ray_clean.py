@@ -70,6 +70,34 @@ def test_chain_keeps_the_far_end() -> None:
     assert removed.tolist() == [1] and dup_of.tolist() == [0]
 
 
+def test_shard_plan_cuts_the_kept_rows_of_consecutive_chunks_into_full_shards() -> None:
+    plan = ray_clean.shard_plan({0: 5, 1: 0, 2: 7, 4: 3}, shard_docs=4)
+    pieces = [json.loads(item["pieces"]) for item in plan]
+    assert [item["shard"] for item in plan] == [0, 1, 2, 3]
+    assert pieces == [[[0, 0, 4]], [[0, 4, 5], [2, 0, 3]], [[2, 3, 7]], [[4, 0, 3]]]
+    assert ray_clean.shard_plan({}, shard_docs=4) == []
+
+
+def test_filter_task_stages_the_text_and_returns_small_rows(tmp_path: Path) -> None:
+    """The filter task's rows carry no text, and its per-chunk stats row not the chunk either (a
+    pickled zero-row slice of a table would carry all of its buffers)."""
+    paths = Paths(tmp_path)
+    texts = _corpus()
+    write_raw(paths, texts, shard_docs=len(texts))
+    raw = sorted(paths.raw.glob("*.parquet"))[0]
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    out = ray_clean.filter_chunks(pa.table({"path": [str(raw)], "row_group": [0], "chunk": [3], "first_row": [0]}),
+                                  config(workers=1), [], str(stage), lsh=(14, 9))
+    docs, stats = ray_clean._documents(out), ray_clean._stats(out)
+    staged = pq.read_table(stage / "chunk-000003.parquet")
+    assert docs.num_rows == staged.num_rows > 100 and "text" not in docs.column_names
+    assert docs.column("order").to_pylist() == [(3 << 32) + row for row in range(docs.num_rows)]
+    assert docs.column("id").to_pylist() == staged.column("id").to_pylist()
+    assert len(stats.column("stats")[0].as_py()) < sum(map(len, texts)) / 10
+    assert [len(b) for b in docs.column("bands").to_pylist()] == [14 * 8] * docs.num_rows
+
+
 def _corpus() -> list[str]:
     texts = [t for t, _ in generate(240, noise_fraction=0.2, seed=3)]
     story = " ".join(GOOD)

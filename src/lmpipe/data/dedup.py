@@ -322,13 +322,16 @@ EDGE_SCHEMA = pa.schema([("lo", pa.int64()), ("hi", pa.int64()), ("band", pa.int
 
 def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int, signatures: bool = True) -> pa.Table:
     """One row per document and LSH band: (band hash, band, order key, signature); without the
-    signature (``signatures=False``, ``BAND_KEY_SCHEMA``), a twentieth of the bytes to shuffle."""
+    signature (``signatures=False``, ``BAND_KEY_SCHEMA``), a twentieth of the bytes to shuffle.
+    Without signatures, the band hashes may come from a ``bands`` column (:func:`band_column`)."""
     n = batch.num_rows
     schema = BAND_SCHEMA if signatures else BAND_KEY_SCHEMA
     if n == 0:
         return schema.empty_table()
-    sigs = signature_matrix(batch.column("sig"), num_perm)
-    keys = band_hashes(sigs, bands, rows)  # [n, bands]
+    if not signatures and "bands" in batch.column_names:
+        keys = signature_matrix(batch.column("bands"), 2 * bands).view(np.uint64)  # [n, bands]
+    else:
+        keys = band_hashes(signature_matrix(batch.column("sig"), num_perm), bands, rows)
     take = pa.array(np.repeat(np.arange(n), bands))
     columns = {"bucket": pa.array(keys.reshape(-1), pa.uint64()),
                "band": pa.array(np.tile(np.arange(bands, dtype=np.int32), n)),
@@ -398,6 +401,13 @@ def signature_column(signatures: np.ndarray) -> pa.BinaryArray:
     n, width = sigs.shape[0], sigs.shape[1] * 4 if sigs.ndim == 2 else 0
     offsets = np.arange(n + 1, dtype=np.int32) * width
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(sigs.tobytes())])
+
+
+def band_column(signatures: np.ndarray, bands: int, rows: int) -> pa.BinaryArray:
+    """The LSH band hashes of [n, num_perm] signatures as a binary column (``bands`` uint64 a row):
+    an eighth of the signature's bytes, all :func:`band_rows` needs to find candidate pairs."""
+    keys = np.ascontiguousarray(band_hashes(signatures, bands, rows))
+    return signature_column(keys.view(np.uint32).reshape(len(keys), 2 * bands))
 
 
 def partition_pairs(table: pa.Table, num_perm: int, min_equal: int, grouped: bool = False,

@@ -6,6 +6,9 @@ The output is the local engine's, byte for byte: the same documents, the same sh
 1. **Filter** (``map_batches``, one task per raw row group): :func:`lmpipe.data.clean.process_chunk`,
    the local engine's kernel, judges, decontaminates and redacts; it gives each survivor its exact
    key and MinHash signature. A survivor's *order key* is ``chunk << 32 | row``: input order.
+   The task writes its survivors' documents to a *stage file* of the chunk (``.stage/`` in the
+   output's temporary directory) and returns only what dedup needs (order key, id, language,
+   bytes, exact key, signature): the text never passes through Ray's object store or a shuffle.
 2. **Exact dedup** (hash shuffle): ``groupby`` on the exact key modulo the partition count puts
    every copy of a document in one partition; there, of each key's documents the one with the
    smallest order key is kept.
@@ -17,11 +20,13 @@ The output is the local engine's, byte for byte: the same documents, the same sh
    the local engine's rule, in order-key order: a document is removed when it matches an earlier
    *kept* one. The driver holds the candidates' order keys (8 bytes each) and the verified pairs,
    never a signature.
-4. **Write** (two shuffles): kept documents are counted per chunk, which gives each its global
-   row number and so its shard; each shard is written by one task, sorted by order key.
+4. **Write**: the kept order keys are grouped by chunk (a shuffle of 8 bytes a document) into a
+   *keep file* per chunk, which also gives each chunk's count and so each document's global row
+   number and shard; each shard is written by one task, which reads the stage and keep files of
+   the chunks it spans. The ``.stage/`` directory is removed before the manifest is written.
 
-Workers read the raw shards and write the clean ones by path: on a multi-node cluster the project
-directory must be on a filesystem every node mounts. Output goes into :func:`lmpipe.io.atomic_dir`
+Workers read the raw shards and write the stage files and the clean shards by path: on a
+multi-node cluster the project directory must be on a filesystem every node mounts. Output goes into :func:`lmpipe.io.atomic_dir`
 as on the local engine, so a failed task (after Ray's retries, ``MAX_RETRIES``) or a lost worker
 fails the stage and leaves no partial ``data/clean``.
 """
@@ -32,7 +37,9 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +68,7 @@ from lmpipe.data.dedup import (
     EDGE_SCHEMA,
     NearDuplicateIndex,
     StreamDedup,
+    band_column,
     band_rows,
     partition_pairs,
     resolve_near,
@@ -78,17 +86,17 @@ log = logging.getLogger(__name__)
 ROW_BITS = 32
 SHUFFLE_BYTES = 256 << 20  # raw (uncompressed) bytes per shuffle partition, at most
 
+ROW_MASK = (1 << ROW_BITS) - 1
+STAGE_NAME = ".stage"
 DOC_SCHEMA = pa.schema([
-    ("order", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
-    ("meta", pa.string()), ("lang", pa.string()), ("key", pa.uint64()), ("sig", pa.binary()),
-    ("bytes", pa.int64()), ("head", pa.string()), ("stats", pa.binary()),
+    ("order", pa.int64()), ("id", pa.string()), ("lang", pa.string()), ("key", pa.uint64()), ("sig", pa.binary()),
+    ("bands", pa.binary()), ("bytes", pa.int64()), ("stats", pa.binary()),
 ])
-DUP_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("dup_id", pa.string()),
-                        ("bytes", pa.int64()), ("head", pa.string())])
-INFO_SCHEMA = pa.schema([("order", pa.int64()), ("id", pa.string()), ("bytes", pa.int64()), ("head", pa.string())])
+STAGE_SCHEMA = pa.schema([(name, pa.string()) for name in (*COLUMNS, "lang")])
 ORDER_SCHEMA = pa.schema([("order", pa.int64())])
-SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
+CHUNK_SCHEMA = pa.schema([("chunk", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
                           ("languages", pa.string())])
+SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64())])
 
 # ------------------------------------------------------------------------------------- 1. filter
 
@@ -105,9 +113,27 @@ def _eval_index(box: list[Any]) -> NgramIndex | None:
     return _INDEX["index"]
 
 
-def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any]) -> pa.Table:
+def _stage_file(stage: str | Path, chunk: int) -> Path:
+    return Path(stage) / f"chunk-{chunk:06d}.parquet"
+
+
+def _keep_file(stage: str | Path, chunk: int) -> Path:
+    return Path(stage) / f"keep-{chunk:06d}.npy"
+
+
+def _replace_into(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename to ``path``: a retried task never leaves half a file behind."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any], stage: str,
+                  lsh: tuple[int, int] = (0, 0)) -> pa.Table:
     """Run the local engine's kernel on the raw row groups named in ``batch`` (path, row_group,
-    chunk, first_row). Returns one row per survivor plus one ``stats`` row per chunk."""
+    chunk, first_row); write each chunk's survivors to its stage file. Returns one row per
+    survivor (no text; its signature and, ``lsh`` = (bands, rows), its LSH band hashes) plus one
+    ``stats`` row per chunk."""
     index = _eval_index(index_box)
     out = []
     for item in batch.to_pylist():
@@ -121,14 +147,17 @@ def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any]) -> pa
         n = kept.num_rows
         texts = kept.column("text")
         sig = result.signatures
-        stats = dataclasses.replace(result, table=kept.slice(0, 0), keys=np.zeros(0, np.uint64), signatures=None)
+        # an empty table, not a zero-row slice: a pickled slice carries its whole buffers (the chunk)
+        stats = dataclasses.replace(result, table=kept.schema.empty_table(), keys=np.zeros(0, np.uint64), signatures=None)
+        staged = kept.select(STAGE_SCHEMA.names).cast(STAGE_SCHEMA)
+        _replace_into(_stage_file(stage, item["chunk"]),
+                      lambda tmp, staged=staged: pq.write_table(staged, tmp, compression="lz4"))
         docs = {
             "order": pa.array((item["chunk"] << ROW_BITS) + np.arange(n, dtype=np.int64)),
-            "id": kept.column("id"), "text": texts, "source": kept.column("source"), "meta": kept.column("meta"),
-            "lang": kept.column("lang"), "key": pa.array(result.keys, pa.uint64()),
+            "id": kept.column("id"), "lang": kept.column("lang"), "key": pa.array(result.keys, pa.uint64()),
             "sig": signature_column(sig) if sig is not None else pa.array([b""] * n, pa.binary()),
+            "bands": band_column(sig, *lsh) if sig is not None and lsh[0] else pa.array([b""] * n, pa.binary()),
             "bytes": pc.binary_length(pc.cast(texts, pa.large_binary())).cast(pa.int64()),
-            "head": pc.utf8_slice_codeunits(texts, 0, EXAMPLE_CHARS),
             "stats": pa.nulls(n, pa.binary()),
         }
         out.append(pa.table(docs, schema=DOC_SCHEMA))
@@ -188,27 +217,50 @@ def _unique(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("dup_id"))).drop_columns(["dup_id"])
 
 
-def _duplicates(batch: pa.Table, limit: int | None = None) -> pa.Table:
-    """Duplicates of a batch (all, or the ``limit`` first by order key: candidates for examples)."""
-    dups = batch.filter(pc.is_valid(batch.column("dup_id"))).select(DUP_SCHEMA.names)
-    return dups if limit is None else dups.sort_by("order").slice(0, limit)
+REMOVED_SCHEMA = pa.schema([("docs", pa.int64()), ("bytes", pa.int64()), ("languages", pa.string()),
+                            ("firsts", pa.string())])
 
 
-def _duplicate_langs(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch.column("dup_id"))).select(["lang"])
+def removed_summary(batch: pa.Table, limit: int, exact: bool = False) -> pa.Table:
+    """One row summing the documents a dedup rule removes in ``batch`` (for ``exact``, those with
+    a ``dup_id``; otherwise every row): count, bytes, documents per language, and the first
+    ``limit`` by order key as [order, id, duplicate's id] (candidates for the report's examples)."""
+    if exact:
+        batch = batch.filter(pc.is_valid(batch.column("dup_id")))
+    langs = collections.Counter(batch.column("lang").to_pylist())
+    firsts = batch.sort_by("order").slice(0, limit)
+    dup_ids = firsts.column("dup_id").to_pylist() if exact else [None] * firsts.num_rows
+    return pa.table({"docs": [batch.num_rows], "bytes": [int(pc.sum(batch.column("bytes")).as_py() or 0)],
+                     "languages": [json.dumps(langs)],
+                     "firsts": [json.dumps([[o, i, d] for o, i, d in zip(firsts.column("order").to_pylist(),
+                                                                       firsts.column("id").to_pylist(), dup_ids,
+                                                                       strict=True)])]},
+                    schema=REMOVED_SCHEMA)
 
 
-def _lang_counts(ds: Any) -> dict[str, int]:
-    """Documents per language of a dataset with a ``lang`` column (removed duplicates: small)."""
-    langs = _collect(ds, pa.schema([("lang", pa.string())])).column("lang").to_pylist()
-    return dict(collections.Counter(langs))
+def merge_removed(table: pa.Table, limit: int) -> tuple[int, int, dict[str, int], list[list[Any]]]:
+    """The rows of :func:`removed_summary` as one: (docs, bytes, per language, first ``limit``)."""
+    langs: collections.Counter[str] = collections.Counter()
+    for value in table.column("languages").to_pylist():
+        langs.update(json.loads(value))
+    firsts = sorted(row for value in table.column("firsts").to_pylist() for row in json.loads(value))[:limit]
+    return (int(sum(table.column("docs").to_pylist())), int(sum(table.column("bytes").to_pylist())), dict(langs),
+            firsts)
 
 
-def _removed(dups: Any, firsts: Any, limit: int) -> dict[str, Any]:
-    """Report entry of a dedup rule: count and bytes aggregated on the cluster, the first examples."""
-    examples = _collect(firsts, DUP_SCHEMA).sort_by("order").slice(0, limit).to_pylist()
-    return {"docs": int(dups.count()), "bytes": int(dups.sum("bytes") or 0),
-            "examples": [{"id": row["id"], "duplicate_of": row["dup_id"], "text": row["head"]} for row in examples]}
+def staged_docs(stage: Path, orders: Any) -> dict[int, tuple[str, str]]:
+    """(id, first ``EXAMPLE_CHARS`` characters) of a few staged documents, by order key: the
+    report's examples, read on the driver from the stage files of their chunks."""
+    by_chunk: dict[int, list[int]] = collections.defaultdict(list)
+    for order in {int(o) for o in orders}:
+        by_chunk[order >> ROW_BITS].append(order)
+    out: dict[int, tuple[str, str]] = {}
+    for chunk, wanted in sorted(by_chunk.items()):
+        table = pq.read_table(_stage_file(stage, chunk), columns=["id", "text"])
+        rows = table.take(pa.array([order & ROW_MASK for order in wanted]))
+        heads = pc.utf8_slice_codeunits(rows.column("text"), 0, EXAMPLE_CHARS).to_pylist()
+        out.update(zip(wanted, zip(rows.column("id").to_pylist(), heads, strict=True), strict=True))
+    return out
 
 
 # ----------------------------------------------------------------------------------- 3. near dedup
@@ -217,24 +269,55 @@ def _removed(dups: Any, firsts: Any, limit: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- 4. write
 
 
-def assign_shards(group: pa.Table, offsets: dict[int, int], shard_docs: int) -> pa.Table:
-    """The kept documents of one chunk with their shard: global row number // shard_docs."""
+def write_keep(group: pa.Table, stage: str) -> pa.Table:
+    """The kept order keys of one chunk, ascending, to its keep file; its count, bytes and languages."""
     group = group.sort_by("order")
     chunk = int(group.column("chunk")[0].as_py())
-    rows = offsets[chunk] + np.arange(group.num_rows, dtype=np.int64)
-    return group.drop_columns(["chunk"]).append_column("shard", pa.array(rows // shard_docs))
+    orders = group.column("order").to_numpy()
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save on a path would add ".npy" to the temporary's name
+            np.save(f, orders)
 
-
-def write_shard(group: pa.Table, directory: str) -> pa.Table:
-    """Write one output shard (the local engine's name, columns and compression)."""
-    group = group.sort_by("order")
-    shard = int(group.column("shard")[0].as_py())
-    table = conform(group, where=directory).combine_chunks()
-    pq.write_table(table, Path(directory) / f"part-{shard:05d}.parquet", compression="zstd")
+    _replace_into(_keep_file(stage, chunk), save)
     langs, counts = np.unique(group.column("lang").to_numpy(zero_copy_only=False).astype(str), return_counts=True)
-    return pa.table({"shard": [shard], "rows": [table.num_rows], "bytes": [int(pc.sum(group.column("bytes")).as_py())],
+    return pa.table({"chunk": [chunk], "rows": [len(orders)], "bytes": [int(pc.sum(group.column("bytes")).as_py())],
                      "languages": [json.dumps(dict(zip(langs.tolist(), counts.tolist(), strict=True)))]},
-                    schema=SHARD_SCHEMA)
+                    schema=CHUNK_SCHEMA)
+
+
+def shard_plan(rows: dict[int, int], shard_docs: int) -> list[dict[str, Any]]:
+    """Which kept rows of which chunks each output shard holds: the kept documents in order-key
+    order, ``shard_docs`` a shard, as on the local writer. ``rows``: kept documents per chunk."""
+    plan: list[dict[str, Any]] = []
+    pieces: list[list[int]] = []
+    room = shard_docs
+    for chunk in sorted(rows):
+        lo, count = 0, rows[chunk]
+        while lo < count:
+            take = min(room, count - lo)
+            pieces.append([chunk, lo, lo + take])
+            lo, room = lo + take, room - take
+            if room == 0:
+                plan.append({"shard": len(plan), "pieces": json.dumps(pieces)})
+                pieces, room = [], shard_docs
+    if pieces:
+        plan.append({"shard": len(plan), "pieces": json.dumps(pieces)})
+    return plan
+
+
+def write_shards(batch: pa.Table, stage: str, directory: str) -> pa.Table:
+    """Write the output shards of ``batch`` (rows of :func:`shard_plan`) from the stage and keep
+    files (the local engine's name, columns and compression)."""
+    out = []
+    for item in batch.to_pylist():
+        parts = []
+        for chunk, lo, hi in json.loads(item["pieces"]):
+            keep = np.load(_keep_file(stage, chunk))[lo:hi] & ROW_MASK
+            parts.append(pq.read_table(_stage_file(stage, chunk)).take(pa.array(keep)))
+        table = conform(pa.concat_tables(parts), where=directory).combine_chunks()
+        pq.write_table(table, Path(directory) / f"part-{item['shard']:05d}.parquet", compression="zstd")
+        out.append(pa.table({"shard": [item["shard"]], "rows": [table.num_rows]}, schema=SHARD_SCHEMA))
+    return pa.concat_tables(out) if out else SHARD_SCHEMA.empty_table()
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -300,16 +383,137 @@ def clean_locally(cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
         return clean.run(cfg, paths)
 
 
+def _dedup_and_write(ray: Any, cfg: CleanConfig, items: list[dict[str, Any]], index: NgramIndex | None,
+                     stage: Path, tmp: Path, cpus: int, shuffle_parts: int, started: float) -> tuple[_Tally, StreamDedup]:
+    """Steps 1-4 of the module docstring; the output shards go to ``tmp``. The tally and the
+    dedup rules' report entries, for :func:`lmpipe.data.clean.write_report`."""
+    parts = max(2, cpus)
+    remote = {"max_retries": MAX_RETRIES}
+    rdata = ray.data
+    index_box = [ray.put(index)] if index is not None and len(index) else []
+    nd = cfg.near_dedup
+    dedup = StreamDedup(cfg.exact_dedup.enabled, NearDuplicateIndex(nd.threshold, nd.num_perm) if nd.enabled else None,
+                        cfg.examples_per_rule, EXAMPLE_CHARS)
+    lsh = (dedup.near.bands, dedup.near.rows) if dedup.near is not None else (0, 0)
+    filtered = rdata.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        filter_chunks, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"cfg": cfg, "index_box": index_box, "stage": str(stage), "lsh": lsh}, **remote).materialize()
+    _phase("filtered %d raw chunks", started, len(items))
+    stats_rows = _collect(filtered.map_batches(_stats, batch_format="pyarrow", **remote), pa.schema(
+        [("order", pa.int64()), ("stats", pa.binary())])).sort_by("order")
+    docs = filtered.map_batches(_documents, batch_format="pyarrow", **remote)
+    limit = cfg.examples_per_rule
+
+    survivors = docs.select_columns(["order", "id", "lang", "bytes", "bands"], **remote)
+    judged = None
+    by_lang: dict[str, dict[str, int]] = {}  # dedup rule -> language -> documents removed (the report's by_language)
+    if cfg.exact_dedup.enabled:
+        # the hash shuffle: every document's dedup row (no text, no signature) moves once, to the
+        # group of its exact key
+        judged = docs.select_columns(["order", "id", "lang", "bytes", "bands", "key"], **remote).map_batches(
+            with_part, batch_format="pyarrow", fn_kwargs={"column": "key", "parts": shuffle_parts}, **remote) \
+            .groupby("part", num_partitions=shuffle_parts).map_groups(
+                exact_partition, batch_format="pyarrow", **remote).materialize()
+        _phase("exact dedup over %d partitions", started, shuffle_parts)
+        survivors = judged.map_batches(_unique, batch_format="pyarrow", **remote)
+        count, size, langs, firsts = merge_removed(_collect(judged.map_batches(
+            removed_summary, batch_format="pyarrow", fn_kwargs={"limit": limit, "exact": True}, **remote), REMOVED_SCHEMA),
+            limit)
+        heads = staged_docs(stage, [order for order, _, _ in firsts])
+        dedup.removed["exact_dedup"] = {"docs": count, "bytes": size, "examples": [
+            {"id": doc_id, "duplicate_of": dup_id, "text": heads[order][1]} for order, doc_id, dup_id in firsts]}
+        by_lang["exact_dedup"] = langs
+    drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
+    if dedup.near is not None:
+        near = dedup.near
+        bands = {"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}
+        # two band shuffles: the first moves only (band hash, order key) and finds the candidates,
+        # the documents sharing a bucket with another; the second moves the candidates'
+        # signatures only, to verify their pairs. Most documents share no bucket, so their
+        # signatures (num_perm * 4 bytes per band row) never cross the network: the filter's
+        # output holds them, and only the candidates' are read from it.
+        candidates = _collect(
+            survivors.select_columns(["order", "bands"], **remote)
+            .map_batches(band_rows, batch_format="pyarrow", fn_kwargs={**bands, "signatures": False}, **remote)
+            .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts},
+                         **remote)
+            .groupby("part", num_partitions=shuffle_parts)
+            .map_groups(shared_orders, batch_format="pyarrow", **remote),
+            ORDER_SCHEMA).column("order").to_numpy()
+        candidates = np.unique(candidates)  # a document shares buckets in several partitions
+        _phase("near dedup: %d candidate documents", started, len(candidates))
+        edges = EDGE_SCHEMA.empty_table()
+        if len(candidates):
+            edges = _collect(
+                docs.select_columns(["order", "sig"], **remote)
+                .map_batches(_rows_in, batch_format="pyarrow", fn_kwargs={"wanted": [ray.put(candidates)]}, **remote)
+                .map_batches(band_rows, batch_format="pyarrow", fn_kwargs=bands, **remote)
+                .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts},
+                         **remote)
+                .groupby("part", num_partitions=shuffle_parts)
+                .map_groups(near_partition, batch_format="pyarrow",
+                            fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
+                EDGE_SCHEMA)
+        removed, dup_of = resolve_near(edges)
+        _phase("near dedup: %d verified pairs", started, edges.num_rows)
+        entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
+        if len(removed):
+            drop = [ray.put(removed)]
+            _, entry["bytes"], by_lang["near_dedup"], _ = merge_removed(_collect(
+                survivors.select_columns(["order", "id", "lang", "bytes"], **remote)
+                .map_batches(_rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}, **remote)
+                .map_batches(removed_summary, batch_format="pyarrow", fn_kwargs={"limit": 0}, **remote), REMOVED_SCHEMA), 0)
+            shown = removed[:limit]
+            info = staged_docs(stage, np.concatenate([shown, dup_of[: len(shown)]]))
+            entry["examples"] = [{"id": info[int(k)][0], "duplicate_of": info[int(d)][0], "text": info[int(k)][1]}
+                                 for k, d in zip(shown, dup_of, strict=False)]
+        dedup.removed["near_dedup"] = entry
+    del filtered  # the object store keeps the blocks a live dataset references
+    # the kept documents' order keys, grouped by chunk into keep files (8 bytes a document)
+    chunks = _collect(survivors.select_columns(["order", "lang", "bytes"], **remote).map_batches(
+        _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}, **remote)
+        .groupby("chunk", num_partitions=parts).map_groups(
+            write_keep, batch_format="pyarrow", fn_kwargs={"stage": str(stage)}, **remote), CHUNK_SCHEMA)
+    survivors = judged = docs = None
+    _phase("kept documents listed", started)
+
+    tally = _Tally(rule_names(cfg))
+    empty = pa.table({"text": pa.array([], pa.string()), "lang": pa.array([], pa.string())})
+    for blob in stats_rows.column("stats").to_pylist():
+        result: ChunkResult = pickle.loads(blob)
+        tally.add(result, empty, cfg.examples_per_rule, {})
+    for rule, counts in by_lang.items():  # in dedup.removed's order, as the local engine's tally
+        for lang, n in counts.items():
+            slot = tally.dedup_by_language.setdefault(lang, {})
+            slot[rule] = slot.get(rule, 0) + n
+    rows = dict(zip(chunks.column("chunk").to_pylist(), chunks.column("rows").to_pylist(), strict=True))
+    total = sum(rows.values())
+    if total:
+        plan = shard_plan(rows, cfg.shard_docs)
+        shards = _collect(rdata.from_items(plan, override_num_blocks=len(plan)).map_batches(
+            write_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"stage": str(stage), "directory": str(tmp)},
+            **remote), SHARD_SCHEMA)
+        if shards.num_rows != len(plan) or sum(shards.column("rows").to_pylist()) != total:
+            raise DataError(f"Ray wrote {shards.num_rows} shards of {sum(shards.column('rows').to_pylist())} rows, "
+                            f"expected {total} rows", path=str(tmp))
+        tally.docs_out = total
+        tally.bytes_out = int(sum(chunks.column("bytes").to_pylist()))
+        for langs in chunks.column("languages").to_pylist():
+            for lang, count in json.loads(langs).items():
+                tally.languages[lang] = tally.languages.get(lang, 0) + count
+    else:  # as the local writer: an empty stream still writes one empty shard
+        pq.write_table(SCHEMA.empty_table(), tmp / "part-00000.parquet", compression="zstd")
+    _phase("%d shards written", started, total and len(plan))
+    return tally, dedup
+
+
 def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     files, index, eval_files = run_inputs(cfg, paths)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    parts = max(2, cpus)
-    remote = {"max_retries": MAX_RETRIES}
-    rdata = ray.data
     from ray.data.context import ShuffleStrategy
 
-    ctx = rdata.DataContext.get_current()
+    ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     ctx.raise_original_map_exception = True  # a task's DataError reaches the driver as itself
@@ -322,115 +526,11 @@ def _run(ray: Any, cfg: CleanConfig, paths: Paths) -> dict[str, Any]:
     shuffle_parts = max(4 * cpus, -(-sum(item["bytes"] for item in items) // SHUFFLE_BYTES))
     if not items:  # only empty shards: nothing to distribute
         return clean_locally(cfg, paths)
-    index_box = [ray.put(index)] if index is not None and len(index) else []
-    filtered = rdata.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        filter_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "index_box": index_box},
-        **remote).materialize()
-    _phase("filtered %d raw chunks", started, len(items))
-    stats_rows = _collect(filtered.map_batches(_stats, batch_format="pyarrow"), pa.schema(
-        [("order", pa.int64()), ("stats", pa.binary())])).sort_by("order")
-    docs = filtered.map_batches(_documents, batch_format="pyarrow")
-
-    nd = cfg.near_dedup
-    dedup = StreamDedup(cfg.exact_dedup.enabled, NearDuplicateIndex(nd.threshold, nd.num_perm) if nd.enabled else None,
-                        cfg.examples_per_rule, EXAMPLE_CHARS)
-    survivors, judged, dups = docs, None, None
-    by_lang: dict[str, dict[str, int]] = {}  # dedup rule -> language -> documents removed (the report's by_language)
-    if cfg.exact_dedup.enabled:
-        # the hash shuffle: every document moves once, to the group of its exact key
-        judged = docs.map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "key", "parts": shuffle_parts}) \
-            .groupby("part", num_partitions=shuffle_parts).map_groups(
-                exact_partition, batch_format="pyarrow", **remote).materialize()
-        _phase("exact dedup over %d partitions", started, shuffle_parts)
-        survivors = judged.map_batches(_unique, batch_format="pyarrow")
-        dups = judged.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"limit": cfg.examples_per_rule})
-        dedup.removed["exact_dedup"] = _removed(judged.map_batches(_duplicates, batch_format="pyarrow"),
-                                                dups, cfg.examples_per_rule)
-        by_lang["exact_dedup"] = _lang_counts(judged.map_batches(_duplicate_langs, batch_format="pyarrow"))
-    # the object store keeps the blocks a live dataset references: let each copy go once used
-    del filtered, docs
-    drop: list[Any] = []  # near duplicates, broadcast to the tasks that filter them out
-    if dedup.near is not None:
-        near = dedup.near
-        bands = {"num_perm": nd.num_perm, "bands": near.bands, "rows": near.rows}
-        sigs = survivors.select_columns(["order", "sig"])
-        # two band shuffles: the first moves only (band hash, order key) and finds the candidates,
-        # the documents sharing a bucket with another; the second moves the candidates'
-        # signatures only, to verify their pairs. Most documents share no bucket, so their
-        # signatures (num_perm * 4 bytes per band row) never cross the network.
-        candidates = _collect(
-            sigs.map_batches(band_rows, batch_format="pyarrow", fn_kwargs={**bands, "signatures": False}, **remote)
-            .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts})
-            .groupby("part", num_partitions=shuffle_parts)
-            .map_groups(shared_orders, batch_format="pyarrow", **remote),
-            ORDER_SCHEMA).column("order").to_numpy()
-        candidates = np.unique(candidates)  # a document shares buckets in several partitions
-        _phase("near dedup: %d candidate documents", started, len(candidates))
-        edges = EDGE_SCHEMA.empty_table()
-        if len(candidates):
-            edges = _collect(
-                sigs.map_batches(_rows_in, batch_format="pyarrow", fn_kwargs={"wanted": [ray.put(candidates)]})
-                .map_batches(band_rows, batch_format="pyarrow", fn_kwargs=bands, **remote)
-                .map_batches(with_part, batch_format="pyarrow", fn_kwargs={"column": "bucket", "parts": shuffle_parts})
-                .groupby("part", num_partitions=shuffle_parts)
-                .map_groups(near_partition, batch_format="pyarrow",
-                            fn_kwargs={"num_perm": nd.num_perm, "min_equal": near.min_equal}, **remote),
-                EDGE_SCHEMA)
-        removed, dup_of = resolve_near(edges)
-        _phase("near dedup: %d verified pairs", started, edges.num_rows)
-        entry: dict[str, Any] = {"docs": len(removed), "bytes": 0, "examples": []}
-        if len(removed):
-            drop = [ray.put(removed)]
-            shown = removed[: cfg.examples_per_rule]
-            wanted = pa.array(np.unique(np.concatenate([shown, dup_of[: len(shown)]])))
-            info = _collect(survivors.select_columns(["order", "id", "bytes", "head"]).map_batches(
-                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": wanted}), INFO_SCHEMA)
-            by_order = {row["order"]: row for row in info.to_pylist()}
-            entry["bytes"] = int(survivors.select_columns(["order", "bytes"]).map_batches(
-                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}).sum("bytes") or 0)
-            entry["examples"] = [{"id": by_order[int(k)]["id"], "duplicate_of": by_order[int(d)]["id"],
-                                  "text": by_order[int(k)]["head"]} for k, d in zip(shown, dup_of, strict=False)]
-            by_lang["near_dedup"] = _lang_counts(survivors.select_columns(["order", "lang"]).map_batches(
-                _rows_in, batch_format="pyarrow", fn_kwargs={"wanted": drop}).select_columns(["lang"]))
-        dedup.removed["near_dedup"] = entry
-    kept = survivors.select_columns(["order", *COLUMNS, "lang", "bytes"]).map_batches(
-        _kept, batch_format="pyarrow", fn_kwargs={"drop": drop}).materialize()
-    survivors = judged = dups = None
-    _phase("kept documents listed", started)
-    counts = _collect(kept.groupby("chunk", num_partitions=parts).count(),
-                      pa.schema([("chunk", pa.int64()), ("count()", pa.int64())]))
-    offsets, total = {}, 0
-    for chunk, count in sorted(zip(counts.column("chunk").to_pylist(), counts.column("count()").to_pylist(),
-                                   strict=True)):
-        offsets[int(chunk)] = total
-        total += int(count)
-
-    tally = _Tally(rule_names(cfg))
-    empty = pa.table({"text": pa.array([], pa.string()), "lang": pa.array([], pa.string())})
-    for blob in stats_rows.column("stats").to_pylist():
-        result: ChunkResult = pickle.loads(blob)
-        tally.add(result, empty, cfg.examples_per_rule, {})
-    for rule, counts in by_lang.items():  # in dedup.removed's order, as the local engine's tally
-        for lang, docs in counts.items():
-            slot = tally.dedup_by_language.setdefault(lang, {})
-            slot[rule] = slot.get(rule, 0) + docs
     with atomic_dir(paths.clean) as tmp:
-        if total:
-            numbered = kept.groupby("chunk", num_partitions=parts).map_groups(
-                assign_shards, batch_format="pyarrow", fn_kwargs={"offsets": offsets, "shard_docs": cfg.shard_docs},
-                **remote)
-            shards = _collect(numbered.groupby("shard", num_partitions=parts).map_groups(
-                write_shard, batch_format="pyarrow", fn_kwargs={"directory": str(tmp)}, **remote), SHARD_SCHEMA)
-            if shards.num_rows != -(-total // cfg.shard_docs) or sum(shards.column("rows").to_pylist()) != total:
-                raise DataError(f"Ray wrote {shards.num_rows} shards of {sum(shards.column('rows').to_pylist())} rows, "
-                                f"expected {total} rows", path=str(paths.clean))
-            tally.docs_out = total
-            tally.bytes_out = int(sum(shards.column("bytes").to_pylist()))
-            for langs in shards.column("languages").to_pylist():
-                for lang, count in json.loads(langs).items():
-                    tally.languages[lang] = tally.languages.get(lang, 0) + count
-        else:  # as the local writer: an empty stream still writes one empty shard
-            pq.write_table(SCHEMA.empty_table(), tmp / "part-00000.parquet", compression="zstd")
+        stage = tmp / STAGE_NAME
+        stage.mkdir()
+        tally, dedup = _dedup_and_write(ray, cfg, items, index, stage, tmp, cpus, shuffle_parts, started)
+        shutil.rmtree(stage)
         summary = write_report(cfg, tally, dedup, tmp, paths, eval_files)
     add_throughput(summary, started, cpu_started - tally.worker_cpu, cpus)
     log.info("clean on Ray: %d -> %d documents (%.1f MB/s)", summary["docs_in"], summary["docs_out"],
