@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -41,12 +44,25 @@ print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items()
 """
 
 
+def _probe(stage: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-c", _PROBE, stage, str(REPO / "params.yaml")], env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def probes() -> Iterator[dict[str, concurrent.futures.Future[subprocess.CompletedProcess[str]]]]:
+    """Every stage's probe process, two at a time (each is one fresh interpreter importing its stage;
+    most of the time is importing torch, which two cores do side by side)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield {s.name: pool.submit(_probe, s.name) for s in STAGE_LIST}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [s.name for s in STAGE_LIST])
-def test_every_module_a_stage_process_imports_is_a_dvc_dep(stage: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-c", _PROBE, stage, str(REPO / "params.yaml")], env=env,
-                          capture_output=True, text=True, timeout=120, check=True)
+def test_every_module_a_stage_process_imports_is_a_dvc_dep(stage: str, probes: dict[str, Any]) -> None:
+    proc = probes[stage].result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
     imported = {str(Path(f).resolve().relative_to(REPO)) for f in json.loads(proc.stdout)}
     assert imported, "the probe saw no lmpipe module"
     missing = sorted(imported - dvc_deps(stage))
