@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"round {attempt + 1}: {kind}, {cpus} CPUs: {result['wall_s']:.1f} s")
                 phases = [line for line in done.stderr.splitlines() if line.startswith("  clean on Ray")]
-                print(*phases, sep="\n") if phases else None
+                for line in phases:
+                    print(line)
                 if (kind, cpus) not in best or result["wall_s"] < best[kind, cpus]["wall_s"]:
                     best[kind, cpus] = result
         results = [best[run] for run in runs]

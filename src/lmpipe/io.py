@@ -89,10 +89,13 @@ def fingerprint_path(path: str | os.PathLike[str]) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", durable: bool = True,
+                 **open_kwargs: Any) -> Iterator[Any]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is untouched.
+    On an exception the temporary file is removed and ``path`` is untouched. ``durable=False``
+    skips the fsyncs, for scratch files that a crash may lose (they are rebuilt, never read back
+    after a restart): the rename still means a reader sees the whole file or none.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,10 +105,12 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: A
         with open(tmp, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -8,7 +8,7 @@ The output is the local engine's, byte for byte: the same documents, the same sh
    key and MinHash signature. A survivor's *order key* is ``chunk << 32 | row``: input order.
    The task writes its survivors' documents to a *stage file* of the chunk (``.stage/`` in the
    output's temporary directory) and returns only what dedup needs (order key, id, language,
-   bytes, exact key, signature): the text never passes through Ray's object store or a shuffle.
+   bytes, exact key, signature, LSH band hashes): the text never passes through Ray's object store or a shuffle.
 2. **Exact dedup** (hash shuffle): ``groupby`` on the exact key modulo the partition count puts
    every copy of a document in one partition; there, of each key's documents the one with the
    smallest order key is kept.
@@ -37,7 +37,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import pickle
 import shutil
 import time
@@ -79,7 +78,7 @@ from lmpipe.data.shards import COLUMNS, SCHEMA, conform
 from lmpipe.engine import MAX_RETRIES, EngineConfig, connect, current, user_errors
 from lmpipe.engine import collect as _collect
 from lmpipe.errors import DataError
-from lmpipe.io import atomic_dir
+from lmpipe.io import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,6 @@ DOC_SCHEMA = pa.schema([
     ("order", pa.int64()), ("id", pa.string()), ("lang", pa.string()), ("key", pa.uint64()), ("sig", pa.binary()),
     ("bands", pa.binary()), ("bytes", pa.int64()), ("stats", pa.binary()),
 ])
-STAGE_SCHEMA = pa.schema([(name, pa.string()) for name in (*COLUMNS, "lang")])
 ORDER_SCHEMA = pa.schema([("order", pa.int64())])
 CHUNK_SCHEMA = pa.schema([("chunk", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()),
                           ("languages", pa.string())])
@@ -121,13 +119,6 @@ def _keep_file(stage: str | Path, chunk: int) -> Path:
     return Path(stage) / f"keep-{chunk:06d}.npy"
 
 
-def _replace_into(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename to ``path``: a retried task never leaves half a file behind."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any], stage: str,
                   lsh: tuple[int, int] = (0, 0)) -> pa.Table:
     """Run the local engine's kernel on the raw row groups named in ``batch`` (path, row_group,
@@ -149,9 +140,9 @@ def filter_chunks(batch: pa.Table, cfg: CleanConfig, index_box: list[Any], stage
         sig = result.signatures
         # an empty table, not a zero-row slice: a pickled slice carries its whole buffers (the chunk)
         stats = dataclasses.replace(result, table=kept.schema.empty_table(), keys=np.zeros(0, np.uint64), signatures=None)
-        staged = kept.select(STAGE_SCHEMA.names).cast(STAGE_SCHEMA)
-        _replace_into(_stage_file(stage, item["chunk"]),
-                      lambda tmp, staged=staged: pq.write_table(staged, tmp, compression="lz4"))
+        # scratch, renamed into place whole (a retried task never leaves half a file); not fsynced
+        with atomic_write(_stage_file(stage, item["chunk"]), "wb", durable=False) as handle:
+            pq.write_table(conform(kept, where=path), handle, compression="lz4")
         docs = {
             "order": pa.array((item["chunk"] << ROW_BITS) + np.arange(n, dtype=np.int64)),
             "id": kept.column("id"), "lang": kept.column("lang"), "key": pa.array(result.keys, pa.uint64()),
@@ -274,11 +265,8 @@ def write_keep(group: pa.Table, stage: str) -> pa.Table:
     group = group.sort_by("order")
     chunk = int(group.column("chunk")[0].as_py())
     orders = group.column("order").to_numpy()
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save on a path would add ".npy" to the temporary's name
-            np.save(f, orders)
-
-    _replace_into(_keep_file(stage, chunk), save)
+    with atomic_write(_keep_file(stage, chunk), "wb", durable=False) as handle:
+        np.save(handle, orders)
     langs, counts = np.unique(group.column("lang").to_numpy(zero_copy_only=False).astype(str), return_counts=True)
     return pa.table({"chunk": [chunk], "rows": [len(orders)], "bytes": [int(pc.sum(group.column("bytes")).as_py())],
                      "languages": [json.dumps(dict(zip(langs.tolist(), counts.tolist(), strict=True)))]},
@@ -313,7 +301,7 @@ def write_shards(batch: pa.Table, stage: str, directory: str) -> pa.Table:
         parts = []
         for chunk, lo, hi in json.loads(item["pieces"]):
             keep = np.load(_keep_file(stage, chunk))[lo:hi] & ROW_MASK
-            parts.append(pq.read_table(_stage_file(stage, chunk)).take(pa.array(keep)))
+            parts.append(pq.read_table(_stage_file(stage, chunk), columns=list(COLUMNS)).take(pa.array(keep)))
         table = conform(pa.concat_tables(parts), where=directory).combine_chunks()
         pq.write_table(table, Path(directory) / f"part-{item['shard']:05d}.parquet", compression="zstd")
         out.append(pa.table({"shard": [item["shard"]], "rows": [table.num_rows]}, schema=SHARD_SCHEMA))
@@ -501,9 +489,9 @@ def _dedup_and_write(ray: Any, cfg: CleanConfig, items: list[dict[str, Any]], in
         for langs in chunks.column("languages").to_pylist():
             for lang, count in json.loads(langs).items():
                 tally.languages[lang] = tally.languages.get(lang, 0) + count
+        _phase("%d shards written", started, len(plan))
     else:  # as the local writer: an empty stream still writes one empty shard
         pq.write_table(SCHEMA.empty_table(), tmp / "part-00000.parquet", compression="zstd")
-    _phase("%d shards written", started, total and len(plan))
     return tally, dedup
 
 
