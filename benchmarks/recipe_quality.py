@@ -282,6 +282,10 @@ def main() -> None:
                         help="Where the recipe (pretrain section) and the tokenizer settings come from.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Change a pretrain key of the recipe, e.g. --set lr=3e-3 --set model.n_layer=6.")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
+                        help="Another row: the recipe with these pretrain keys changed (the bare loop keeps the "
+                        "recipe's), e.g. --variant 'seq 256:model.block_size=256,micro_batch_size=8'. Two more "
+                        "keys: vocab=N trains on a tokenizer of N pieces; bare makes the row a bare loop.")
     parser.add_argument("--vocab-size", type=int, default=4096, help="Tokenizer pieces (tokenizer.vocab_size).")
     parser.add_argument("--doc-bytes", type=int, default=2000, help="Documents end at a blank line after this.")
     parser.add_argument("--ablate", action="store_true", help="A row per recipe option, plus all winners.")
@@ -291,7 +295,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
     if len(args.corpus) < 2:
-        parser.error("give at least two --corpus files: a recipe is judged on more than one text")
+        print("note: one --corpus: a screening run; the benchmark judges a recipe on two texts or more", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -301,27 +305,44 @@ def main() -> None:
         off = [key for _, (_, without) in OPTIONS.items() for key in without]
         runs = {"base": [*args.overrides, *off]}
         runs.update({f"+{name}": [*runs["base"], *with_] for name, (with_, _) in OPTIONS.items()})
+    for spec in args.variant:
+        label, _, keys = spec.partition(":")
+        if not label or not keys or label in runs:
+            parser.error(f"--variant {spec!r}: expected a new LABEL:KEY=VALUE[,KEY=VALUE...]")
+        runs[label] = [*args.overrides, *keys.split(",")]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="lmpipe-recipe-") as tmp:
-        projects = {}
-        for index, corpus in enumerate(args.corpus):
-            name = corpus.stem if corpus.stem not in ("input", "valid", "train") else corpus.parent.name
-            projects[name] = prepare(corpus, Path(tmp) / f"corpus{index}", args.params, args.vocab_size, args.doc_bytes)
-            print(f"{name}: {projects[name]['train_bytes']:,} train bytes, {projects[name]['test_bytes']:,} held-out "
-                  f"bytes, {len(projects[name]['test_tokens']):,} held-out tokens", flush=True)
+        projects: dict[tuple[str, int], dict[str, Any]] = {}
+        names = [corpus.stem if corpus.stem not in ("input", "valid", "train") else corpus.parent.name
+                 for corpus in args.corpus]
+
+        def project(index: int, vocab: int) -> dict[str, Any]:
+            """The corpus's project at this many tokenizer pieces, prepared on first use."""
+            key = (names[index], vocab)
+            if key not in projects:
+                projects[key] = made = prepare(args.corpus[index], Path(tmp) / f"corpus{index}-{vocab}", args.params,
+                                               vocab, args.doc_bytes)
+                print(f"{names[index]} ({vocab:,} pieces): {made['train_bytes']:,} train bytes, "
+                      f"{made['test_bytes']:,} held-out bytes, {len(made['test_tokens']):,} held-out tokens", flush=True)
+            return projects[key]
 
         def measure(label: str, overrides: list[str]) -> None:
-            cfg = recipe(args.params, overrides, args.seconds, device, args.compile)
-            for name, project in projects.items():
-                results[name][label] = row = pipeline_run(cfg, project, device)
-                print(f"{name} {label}: bpb {row['bpb']:.4f} ({row['bpb'] / results[name]['bare']['bpb']:.3f} of "
-                      f"bare), {row['steps']:,} steps, {row['tokens_per_s']:,.0f} tokens/s", flush=True)
+            # Two keys of a row are not pretrain's: vocab=N (its own tokenizer) and bare (the bare loop).
+            vocab = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("vocab=")), args.vocab_size)
+            rest = [o for o in overrides if not o.startswith("vocab=") and o != "bare"]
+            cfg = recipe(args.params, rest, args.seconds, device, args.compile)
+            for index, name in enumerate(names):
+                made = project(index, vocab)
+                if "bare" in overrides:
+                    row = bare_run(cfg, made, args.seconds, device, args.compile)
+                else:
+                    row = pipeline_run(cfg, made, device)
+                results.setdefault(name, {})[label] = row
+                ratio = row["bpb"] / results[name]["bare"]["bpb"] if "bare" in results[name] else 1.0
+                print(f"{name} {label}: bpb {row['bpb']:.4f} ({ratio:.3f} of bare), {row['steps']:,} steps, "
+                      f"{row['parameters']:,} parameters, {row['tokens_per_s']:,.0f} tokens/s", flush=True)
 
-        for name, project in projects.items():
-            results[name] = {"bare": bare_run(configured, project, args.seconds, device, args.compile)}
-            row = results[name]["bare"]
-            print(f"{name} bare: bpb {row['bpb']:.4f}, {row['steps']:,} steps, {row['parameters']:,} parameters, "
-                  f"{row['tokens_per_s']:,.0f} tokens/s", flush=True)
+        measure("bare", [*args.overrides, "bare"])
         for label, overrides in runs.items():
             measure(label, overrides)
         if args.ablate:
