@@ -120,8 +120,8 @@ def test_mlm_objective_trains_a_bidirectional_model(paths: Paths) -> None:
 def test_muon_with_the_recipe_options_trains_one_global_step_per_step_and_checkpoints_both_optimizers(
         paths: Paths) -> None:
     model = {**TINY["model"], "qk_norm": True, "mlp": "relu2", "embed_scale": True, "tie_weights": False}
-    cfg = config(model=model, optimizer="muon", muon_lr=0.03, lr=1e-2, max_steps=12, log_every=1, eval_every=0,
-                 checkpoint_every=6, sample_tokens=0)
+    cfg = config(model=model, optimizer="muon", muon_lr=0.03, muon_ns_steps=3, lr=1e-2, max_steps=12, log_every=1,
+                 eval_every=0, checkpoint_every=6, sample_tokens=0)
     summary = train(cfg, paths)
     rows = (paths.plots / "pretrain_loss.csv").read_text().splitlines()[1:]
     losses = [float(row.split(",")[1]) for row in rows]
@@ -135,6 +135,7 @@ def test_muon_with_the_recipe_options_trains_one_global_step_per_step_and_checkp
     assert all("exp_avg" in v for v in adamw["state"].values())
     # One schedule, two peaks: Muon's learning rate is lr's scaled to muon_lr.
     assert muon["param_groups"][0]["lr"] == pytest.approx(adamw["param_groups"][0]["lr"] * 0.03 / 1e-2)
+    assert muon["param_groups"][0]["ns_steps"] == 3
     model_out, _ = load_model(paths.models / "pretrain")
     assert model_out.config.qk_norm and model_out.config.mlp == "relu2" and not model_out.config.tie_weights
 

@@ -131,10 +131,11 @@ def build_optimizer(model: nn.Module, cfg: OptimSettings, device: torch.device,
         fused=device.type == "cuda" or None)]
     matrices = [param for group in resolved if group["muon"] for param in group["params"]]
     if matrices:
-        # torch's defaults, Keller Jordan's: Nesterov momentum, five Newton-Schulz steps, the
+        # torch's defaults, Keller Jordan's: Nesterov momentum, five Newton-Schulz steps (muon_ns_steps), the
         # update scaled by sqrt(max(1, rows / cols)).
         optimizers.append(Muon(matrices, lr=cfg.muon_lr * learning_rate(0, cfg) / cfg.lr,
-                               momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
+                               momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                               ns_steps=cfg.muon_ns_steps))
     return optimizers
 
 

@@ -106,6 +106,8 @@ class OptimSettings(Section):
     muon_lr: float = Field(0.02, gt=0, description="muon: peak learning rate of the block matrices (the schedule "
                            "of lr, scaled to this peak).")
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum.")
+    muon_ns_steps: int = Field(5, ge=1, le=10, description="muon: Newton-Schulz steps per update (torch's "
+                               "coefficients are tuned for 5; fewer cost less and orthogonalize less exactly).")
     # Muon's decay is lr * weight_decay per step at a learning rate some 10x AdamW's, so it takes its
     # own, smaller value (0.01 in the usage example of Jordan's Muon repository).
     muon_weight_decay: float = Field(0.01, ge=0, description="muon: decoupled weight decay of the block matrices.")
