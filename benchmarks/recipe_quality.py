@@ -20,7 +20,8 @@ the training text only) and ``tokenize`` stage write the token files both sides 
 
 Both models are then scored by one function on the held-out tokens: every token predicted once
 (non-overlapping windows of the context length, the first opened by EOS), bits per byte = total
-loss in nats / ln 2 / the held-out text's UTF-8 bytes. With ``--ablate`` the pipeline trains a base
+loss in nats / ln 2 / the held-out text's UTF-8 bytes. The same score on the training text
+itself is printed next to it: where the two part, the run is memorising its text. With ``--ablate`` the pipeline trains a base
 recipe (every option below off), each option alone on top of it, the options that lowered the
 mean held-out bpb over the corpora together ("all winners"), and the ``--params`` recipe as is when
 it differs from the base. The markdown table gives each row's bpb and its ratio to the bare loop.
@@ -96,8 +97,20 @@ def prepare(corpus: Path, root: Path, params: Path, vocab_size: int, doc_bytes: 
     tokenizer_stage.run(sections.tokenizer, paths)
     tokenize_stage.run(TokenizeConfig(splits=["train", "val", "test"]), paths)
     meta = json.loads((paths.tokens / "meta.json").read_text())
+    tokens = {split: np.fromfile(paths.tokens / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+              for split in ("train", "test")}
     return {"paths": paths, "meta": meta, "train_bytes": cut, "test_bytes": len(data) - cut,
-            "test_tokens": np.fromfile(paths.tokens / "test.bin", dtype=meta["dtype"]).astype(np.int64)}
+            "train_tokens": tokens["train"], "test_tokens": tokens["test"]}
+
+
+def scores(logits_of: Callable[[Tensor], Tensor], project: dict[str, Any], block_size: int,
+           device: torch.device) -> dict[str, float]:
+    """Bits per byte on the held-out text (``bpb``) and on the training text itself (``train_bpb``):
+    the gap between the two is how much of what a run learnt does not carry to new text."""
+    eos = int(project["meta"]["eos_id"])
+    return {"bpb": bits_per_byte(logits_of, project["test_tokens"], eos, block_size, project["test_bytes"], device),
+            "train_bpb": bits_per_byte(logits_of, project["train_tokens"], eos, block_size, project["train_bytes"],
+                                       device)}
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -216,8 +229,7 @@ def bare_run(cfg: PretrainConfig, project: dict[str, Any], seconds: float, devic
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - start
     model.eval()
-    bpb = bits_per_byte(model, project["test_tokens"], int(meta["eos_id"]), T, project["test_bytes"], device)
-    return {"bpb": bpb, "steps": step, "tokens": step * B * T, "seconds": train_seconds,
+    return {**scores(model, project, T, device), "steps": step, "tokens": step * B * T, "seconds": train_seconds,
             "tokens_per_s": step * B * T / train_seconds, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -247,9 +259,7 @@ def pipeline_run(cfg: PretrainConfig, project: dict[str, Any], device: torch.dev
     summary = train(cfg, paths)
     seconds = time.perf_counter() - started
     model, _ = load_model(paths.models / "pretrain", device)
-    bpb = bits_per_byte(lambda x: model(x)[0], project["test_tokens"], int(project["meta"]["eos_id"]),
-                        model.config.block_size, project["test_bytes"], device)
-    return {"bpb": bpb, "steps": summary["steps"], "tokens": summary["train_tokens"], "seconds": seconds,
+    return {**scores(lambda x: model(x)[0], project, model.config.block_size, device), "steps": summary["steps"], "tokens": summary["train_tokens"], "seconds": seconds,
             "tokens_per_s": summary["tokens_per_s"], "parameters": summary["parameters"]}
 
 
@@ -258,8 +268,8 @@ def pipeline_run(cfg: PretrainConfig, project: dict[str, Any], device: torch.dev
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown: a row per corpus and run, then each run's mean ratio to the bare loop."""
-    lines = ["| corpus | run | parameters | steps | train tokens | tokens/s | held-out bpb | vs bare |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| corpus | run | parameters | steps | train tokens | tokens/s | training-text bpb | held-out bpb | vs bare |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ratios: dict[str, list[float]] = {}
     for corpus, runs in results.items():
         bare = runs["bare"]["bpb"]
@@ -267,7 +277,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             ratio = row["bpb"] / bare
             ratios.setdefault(name, []).append(ratio)
             lines.append(f"| {corpus} | {name} | {row['parameters']:,} | {row['steps']:,} | {row['tokens']:,} | "
-                         f"{row['tokens_per_s']:,.0f} | {row['bpb']:.4f} | {ratio:.3f} |")
+                         f"{row['tokens_per_s']:,.0f} | {row['train_bpb']:.4f} | {row['bpb']:.4f} | {ratio:.3f} |")
     lines += ["", "| run | mean bpb ratio to bare (lower is better) |", "|---|---:|"]
     lines += [f"| {name} | {statistics.mean(values):.3f} |" for name, values in ratios.items()]
     return "\n".join(lines)
@@ -339,7 +349,8 @@ def main() -> None:
                     row = pipeline_run(cfg, made, device)
                 results.setdefault(name, {})[label] = row
                 ratio = row["bpb"] / results[name]["bare"]["bpb"] if "bare" in results[name] else 1.0
-                print(f"{name} {label}: bpb {row['bpb']:.4f} ({ratio:.3f} of bare), {row['steps']:,} steps, "
+                print(f"{name} {label}: bpb {row['bpb']:.4f} ({ratio:.3f} of bare; training text "
+                      f"{row['train_bpb']:.4f}), {row['steps']:,} steps, "
                       f"{row['parameters']:,} parameters, {row['tokens_per_s']:,.0f} tokens/s", flush=True)
 
         measure("bare", [*args.overrides, "bare"])
