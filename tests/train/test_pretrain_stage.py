@@ -235,3 +235,97 @@ def test_max_time_ends_training_inside_the_budget_with_the_decay_done_and_resume
     # A rerun resumes the spent budget: nothing is left to train.
     again = train(cfg, paths)
     assert again["resumed_from_step"] == again["steps"] == summary["steps"]
+
+
+class ScrambleEmbeddings(Callback):
+    """From step ``after`` + 1 on, rolls the (tied) embedding rows by one at every step, as a run
+    that has stopped generalising would: the val loss after ``after`` gets worse and stays finite."""
+
+    def __init__(self, after: int, fail_at: int = 0) -> None:
+        self.after, self.fail_at = after, fail_at
+        self.weights_at_after: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.after:
+            self.weights_at_after = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        elif step > self.after:
+            with torch.no_grad():
+                pl_module.model.wte.weight.copy_(pl_module.model.wte.weight.roll(1, dims=0))
+        if self.fail_at and step == self.fail_at:
+            raise RuntimeError("stopped from outside")
+
+
+def val_losses(paths: Paths) -> dict[int, float]:
+    rows = [r.split(",") for r in (paths.plots / "pretrain_loss.csv").read_text().splitlines()[1:]]
+    return {int(step): float(val) for step, _, val in rows if val}
+
+
+SCRAMBLED = {"max_steps": 40, "lr": 1e-2, "eval_every": 10, "checkpoint_every": 10, "spike_factor": 0.0,
+             "sample_tokens": 0}
+
+
+def test_export_weights_best_exports_the_evaluation_with_the_lowest_val_loss(paths: Paths) -> None:
+    scramble = ScrambleEmbeddings(after=20)
+    summary = train(config(**SCRAMBLED), paths, extra_callbacks=[scramble])
+    losses = val_losses(paths)
+    assert sorted(losses) == [10, 20, 30, 40] and min(losses, key=losses.__getitem__) == 20
+    assert summary["steps"] == 40 and summary["export_step"] == 20 and summary["stopped_early"] == 0
+    assert summary["val_loss"] == losses[20] < losses[40]
+    metrics = json.loads((paths.metrics / "pretrain.json").read_text())
+    assert metrics["export_step"] == 20 and metrics["val_loss"] == losses[20]
+    model, _ = load_model(paths.models / "pretrain")
+    exported = model.state_dict()
+    assert exported.keys() == scramble.weights_at_after.keys()
+    assert all(torch.equal(exported[k], scramble.weights_at_after[k]) for k in exported)
+
+
+def test_export_weights_last_exports_the_last_step(paths: Paths) -> None:
+    final: dict[str, torch.Tensor] = {}
+
+    class KeepFinal(Callback):
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            final.update({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+    summary = train(config(**SCRAMBLED, export_weights="last"), paths,
+                    extra_callbacks=[ScrambleEmbeddings(after=20), KeepFinal()])
+    assert summary["export_step"] == 40 and summary["val_loss"] == val_losses(paths)[40]
+    exported = load_model(paths.models / "pretrain")[0].state_dict()
+    assert all(torch.equal(exported[k], final[k]) for k in exported)
+
+
+def test_patience_stops_on_the_val_loss_and_a_resumed_run_keeps_the_best_weights(paths: Paths) -> None:
+    cfg = config(**{**SCRAMBLED, "max_steps": 60}, patience=2)
+    scramble = ScrambleEmbeddings(after=20, fail_at=25)
+    with pytest.raises(RuntimeError, match="stopped from outside"):
+        train(cfg, paths, extra_callbacks=[scramble])
+    best = scramble.weights_at_after
+    # The rerun resumes from the step-20 checkpoint, which holds the best weights: step 20 is
+    # never evaluated again, yet it is what gets exported.
+    summary = train(cfg, paths, extra_callbacks=[ScrambleEmbeddings(after=20)])
+    assert summary["resumed_from_step"] == 20
+    assert summary["steps"] == 40 and summary["stopped_early"] == 1  # steps 30 and 40 did not improve
+    assert summary["export_step"] == 20
+    exported = load_model(paths.models / "pretrain")[0].state_dict()
+    assert all(torch.equal(exported[k], best[k]) for k in exported)
+    # Run again: the stopped run is finished and trains no further.
+    again = train(cfg, paths)
+    assert again["resumed_from_step"] == 40 and again["steps"] == 40 and again["export_step"] == 20
+
+
+def test_best_weights_counts_only_improvements_larger_than_min_delta() -> None:
+    from types import SimpleNamespace
+
+    from lmpipe.train.callbacks import BestWeights
+
+    trainer: Any = SimpleNamespace(should_stop=False)
+    selection = BestWeights(monitor="accuracy", mode="max", patience=2, min_delta=0.01)
+    for step, value in ((10, 0.5), (20, 0.505), (30, 0.6), (40, 0.605)):
+        selection.offer(trainer, step, {"accuracy": value}, lambda v=value: {"w": torch.tensor(v)})
+    assert selection.best == {"step": 30.0, "accuracy": 0.6} and float(selection.state["w"]) == pytest.approx(0.6)
+    assert selection.bad_evaluations == 1 and not trainer.should_stop
+    selection.offer(trainer, 50, {"accuracy": 0.3}, dict)
+    assert selection.stopped and trainer.should_stop
+    restored = BestWeights(monitor="accuracy", mode="max", patience=2, min_delta=0.01)
+    restored.load_state_dict(selection.state_dict())
+    assert restored.best == selection.best and restored.stopped and restored.bad_evaluations == 2

@@ -54,9 +54,12 @@ def test_stage_defaults_differ_only_where_declared_and_keep_the_shared_bounds() 
 
 
 def test_evaluation_cadence_keys_a_run_only_where_evaluations_pick_the_weights() -> None:
-    """Validation only watches a language model; dev evaluations choose the exported weights and
-    may stop training (fine-tuning, classification distillation), so their cadence changes a run."""
-    assert run_key(PretrainConfig(eval_every=7, eval_batches=3)) == run_key(PretrainConfig())
+    """Pretraining's val evaluations (export_weights: best) and dev evaluations (fine-tuning,
+    classification distillation) choose the exported weights and may stop training, so their
+    cadence changes a run; how big a dev batch is, or how often the loss is logged, does not."""
+    assert run_key(PretrainConfig(eval_every=7)) != run_key(PretrainConfig())
+    assert run_key(PretrainConfig(eval_batches=3)) != run_key(PretrainConfig())
+    assert run_key(PretrainConfig(log_every=3)) == run_key(PretrainConfig())
     for section in (DistillConfig, lambda **kw: ClassificationTask(type="classification", **kw)):
         assert run_key(section(eval_every=7)) != run_key(section())
         assert run_key(section(eval_batch_size=7)) == run_key(section())

@@ -1,5 +1,5 @@
 """Callbacks of the training loop: metrics and throughput, divergence guard, validation with bits
-per byte, dev evaluation with early stopping, sample generations and progress (a bar on a
+per byte, dev evaluation, model selection and early stopping on either, sample generations and progress (a bar on a
 terminal, plain lines elsewhere).
 
 All of them act on optimizer-step boundaries (``pl_module.stepped``) and return at once on other
@@ -374,16 +374,69 @@ class TrainingMonitor(Callback):
         self.guard.average = state["guard_average"]
 
 
+class BestWeights:
+    """Model selection and early stopping on one metric of the evaluations of a run, for
+    :class:`Validation` and :class:`DevEvaluation`: keeps a CPU copy of the weights of the best
+    evaluation (taken by the caller's ``snapshot``, on the ranks that export) and stops training
+    after ``patience`` evaluations without an improvement larger than ``min_delta`` (Prechelt 1998,
+    "Early stopping - but when?"). Its state lives in the owning callback's checkpoint state."""
+
+    def __init__(self, *, monitor: str, mode: str, patience: int, min_delta: float) -> None:
+        self.monitor, self.sign = monitor, -1.0 if mode == "min" else 1.0
+        self.patience, self.min_delta = patience, min_delta
+        self.best: dict[str, float] | None = None
+        self.state: dict[str, Tensor] = {}
+        self.bad_evaluations = 0
+        self.stopped = False
+
+    def offer(self, trainer: L.Trainer, step: int, metrics: dict[str, float],
+              snapshot: Callable[[], dict[str, Tensor]]) -> bool:
+        """Record an evaluation; True (and a new snapshot) when it is the best so far. Called on
+        every rank, which all see the same reduced metrics, so they agree on when to stop."""
+        value = metrics[self.monitor]
+        best = self.best[self.monitor] if self.best is not None else None
+        if best is None or self.sign * (value - best) > self.min_delta:
+            self.best, self.bad_evaluations = {"step": float(step), **metrics}, 0
+            self.state = snapshot()
+            return True
+        self.bad_evaluations += 1
+        if self.patience and self.bad_evaluations >= self.patience:
+            self.stopped = trainer.should_stop = True
+            log.info("early stopping at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
+                     step, self.monitor, best, int(self.best["step"]) if self.best else 0, self.bad_evaluations)
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_state": self.state, "bad_evaluations": self.bad_evaluations,
+                "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = dict(state["best"]) if state["best"] is not None else None
+        self.state = dict(state["best_state"])
+        self.bad_evaluations, self.stopped = int(state["bad_evaluations"]), bool(state["stopped"])
+
+
 class Validation(Callback):
     """Val loss (nats/token) and bits per byte every ``every`` steps and at the last step.
 
     bpb = loss * tokens / bytes / ln 2 with the val split's token and UTF-8 byte counts from
     meta.json: a tokenizer-independent number, comparable across vocabularies.
+
+    With ``selection`` the val loss also picks the weights to export (``snapshot`` copies them; see
+    :class:`BestWeights`) and can stop training early.
     """
 
     def __init__(self, *, every: int, batches: Callable[[int, int], Iterator[dict[str, torch.Tensor]]],
-                 tokens_per_byte: float | None, monitor: TrainingMonitor) -> None:
+                 tokens_per_byte: float | None, monitor: TrainingMonitor, selection: BestWeights | None = None,
+                 snapshot: Callable[[L.Trainer], dict[str, Tensor]] | None = None) -> None:
         self.every, self.batches, self.tokens_per_byte, self.monitor = every, batches, tokens_per_byte, monitor
+        if selection is not None and snapshot is None:
+            raise ValueError("Validation: a selection needs a snapshot of the weights")
+        self.selection, self.snapshot = selection, snapshot
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.selection is not None and self.selection.stopped:  # resumed from a run that had stopped early
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -405,25 +458,40 @@ class Validation(Callback):
         if trainer.is_global_zero:
             self.monitor.record_val(trainer.global_step, loss, bpb)
             log.info("step %d: val loss %.4f%s", trainer.global_step, loss, f", {bpb:.4f} bits/byte" if bpb else "")
+        if self.selection is not None and self.snapshot is not None:
+            metrics = {"loss": loss, **({"bpb": bpb} if bpb is not None else {})}
+            snapshot = self.snapshot
+            self.selection.offer(trainer, trainer.global_step, metrics, lambda: snapshot(trainer))
         return loss, bpb
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.selection.state_dict() if self.selection is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.selection is not None and state:
+            self.selection.load_state_dict(state)
 
 
 class DevEvaluation(Callback):
     """Scores the dev set at step 0 (the reference), every ``every`` steps and at the last step;
-    keeps a CPU copy of the trainable weights of the best evaluation after step 0; stops training
-    after ``patience`` evaluations without an improvement larger than ``min_delta`` (Prechelt 1998,
-    "Early stopping - but when?")."""
+    keeps a CPU copy of the trainable weights of the best evaluation after step 0 and stops early
+    (:class:`BestWeights`, on the objective's ``monitor``)."""
 
     def __init__(self, *, every: int, batches: Callable[[int, int], list[dict[str, Tensor]]], objective: Objective,
                  patience: int, min_delta: float, tracker: AsyncTracker) -> None:
-        self.every, self.batches, self.objective = every, batches, objective
-        self.patience, self.min_delta, self.tracker = patience, min_delta, tracker
+        self.every, self.batches, self.objective, self.tracker = every, batches, objective, tracker
+        self.selection = BestWeights(monitor=objective.monitor, mode=objective.mode, patience=patience,
+                                     min_delta=min_delta)
         self.history: list[dict[str, float]] = []
-        self.best: dict[str, float] | None = None
-        self.best_state: dict[str, Tensor] = {}
-        self.bad_evaluations = 0
-        self.stopped = False
         self._batches: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # collated once per (rank, world)
+
+    @property
+    def best(self) -> dict[str, float] | None:
+        return self.selection.best
+
+    @property
+    def stopped(self) -> bool:
+        return self.selection.stopped
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.stopped:  # resumed from a run that had already stopped early: nothing to train
@@ -453,43 +521,26 @@ class DevEvaluation(Callback):
         step = trainer.global_step
         self.history.append({"step": float(step), **metrics})
         if step > 0:  # step 0 is the reference point: the exported model is always a trained one
-            self._select(trainer, model, step, metrics)
+            self.selection.offer(trainer, step, metrics, lambda: {
+                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad})
         if trainer.is_global_zero:
             self.tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, step)
             log.info("step %d: dev %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def _select(self, trainer: L.Trainer, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
-        value = metrics[self.objective.monitor]
-        best = self.best[self.objective.monitor] if self.best is not None else None
-        sign = -1.0 if self.objective.mode == "min" else 1.0
-        if best is None or sign * (value - best) > self.min_delta:
-            self.best, self.bad_evaluations = {"step": float(step), **metrics}, 0
-            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-            return
-        self.bad_evaluations += 1
-        if self.patience and self.bad_evaluations >= self.patience:
-            self.stopped = trainer.should_stop = True
-            log.info("early stopping at step %d: dev %s has not improved on %.4f (step %d) for %d evaluations",
-                     step, self.objective.monitor, best, int(self.best["step"]) if self.best else 0,
-                     self.bad_evaluations)
-
     def restore_best(self, model: nn.Module) -> None:
         """Load the trainable weights of the best evaluation into ``model``."""
-        if self.best_state:
-            unexpected = model.load_state_dict(self.best_state, strict=False).unexpected_keys
+        if self.selection.state:
+            unexpected = model.load_state_dict(self.selection.state, strict=False).unexpected_keys
             if unexpected:
                 raise RuntimeError(f"best weights do not match the model: unexpected {unexpected[:3]}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best, "best_state": self.best_state,
-                "bad_evaluations": self.bad_evaluations, "stopped": self.stopped}
+        return {"history": self.history, **self.selection.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state["history"]]
-        self.best = dict(state["best"]) if state["best"] is not None else None
-        self.best_state = dict(state["best_state"])
-        self.bad_evaluations, self.stopped = int(state["bad_evaluations"]), bool(state["stopped"])
+        self.selection.load_state_dict(state)
 
 
 class SampleGenerations(Callback):

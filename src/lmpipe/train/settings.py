@@ -15,7 +15,8 @@ the stage's own:
 - :class:`EvalSettings`: how often the loop evaluates, with :class:`ValidationSettings` (a
   language model's val split, read by :class:`lmpipe.train.callbacks.Validation`) and
   :class:`DevEvalSettings` (a task's dev set, best weights and early stopping, read by
-  :class:`lmpipe.train.callbacks.DevEvaluation`).
+  :class:`lmpipe.train.callbacks.DevEvaluation`); :class:`EarlyStopSettings` (patience and
+  min_delta, of the dev set or, in ``pretrain``, of the val split).
 
 A field marked :data:`OPERATIONAL` changes how a run is executed or observed, not what it
 computes: a run resumed with other values of it is the same run. :func:`run_key` hashes a
@@ -176,7 +177,17 @@ class ValidationSettings(EvalSettings):
                               description="Micro-batches of the val split per evaluation (across devices).")
 
 
-class DevEvalSettings(EvalSettings):
+class EarlyStopSettings(Section):
+    """Early stopping on the metric that picks the exported weights (read by
+    :class:`lmpipe.train.callbacks.BestWeights`)."""
+
+    patience: int = Field(
+        5, ge=0, description="Early stopping: stop after this many evaluations without improvement (0: never stop early)."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: the smallest change that counts as an improvement.")
+
+
+class DevEvalSettings(EvalSettings, EarlyStopSettings):
     """A task's dev evaluation: its metrics pick the exported weights and can stop training early."""
 
     # Not operational here: which evaluations happen decides the exported weights and the step
@@ -184,10 +195,6 @@ class DevEvalSettings(EvalSettings):
     eval_every: int = Field(50, ge=0, description="Steps between dev evaluations (0: only at the end).")
     eval_batch_size: int = Field(64, gt=0, json_schema_extra=OPERATIONAL,
                                  description="Examples per dev-evaluation batch.")
-    patience: int = Field(
-        5, ge=0, description="Early stopping: stop after this many evaluations without improvement (0: never stop early)."
-    )
-    min_delta: float = Field(0.0, ge=0, description="Early stopping: the smallest change that counts as an improvement.")
 
 
 # Bases in reverse: pydantic lists the fields of the last base first, so --help shows

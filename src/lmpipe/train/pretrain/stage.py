@@ -4,9 +4,12 @@ Reads ``data/tokens/{train,val}.bin`` + ``meta.json`` (fingerprint checked again
 ``artifacts/tokenizer/tokenizer.json``) and, for sample generations, the tokenizer's
 sentencepiece model. Writes (rank 0, atomically):
 - ``models/pretrain/``: model.safetensors, config.json (with the tokenizer fingerprint, the
-  objective and, for a masked LM, its masking under ``mlm``: mask id, rate, special ids), manifest;
-- ``metrics/pretrain.json``: final train/val loss, val bits per byte, the train split's unigram
-  entropy (the loss a context-free model would reach), tokens/s and MFU;
+  objective and, for a masked LM, its masking under ``mlm``: mask id, rate, special ids), manifest.
+  The weights are those of the val evaluation with the lowest loss (``export_weights: best``,
+  evaluated every ``eval_every`` steps and at the last) or of the last step (``last``);
+- ``metrics/pretrain.json``: final train loss, the exported weights' val loss, val bits per byte
+  and step (``export_step``), the train split's unigram entropy (the loss a context-free model
+  would reach), tokens/s and MFU;
 - ``plots/pretrain_loss.csv`` (step, train_loss, val_loss) and ``plots/pretrain_loss.png``;
 - checkpoints under ``checkpoints/pretrain/<run key>/`` (not a DVC output); a rerun of the same
   config resumes from the newest complete one, chosen by rank 0, on any world size that can keep
@@ -33,7 +36,7 @@ from lmpipe.errors import ConfigError
 from lmpipe.io import atomic_dir, atomic_write, sha256_file, write_bytes, write_json, write_manifest
 from lmpipe.model.gpt import GPT, GPTConfig, estimate_flops_per_token
 from lmpipe.model.io import save_model
-from lmpipe.train.callbacks import AsyncTracker, SampleGenerations, TrainingMonitor, Validation
+from lmpipe.train.callbacks import AsyncTracker, BestWeights, SampleGenerations, TrainingMonitor, Validation
 from lmpipe.train.checkpoint import ResumePoint, ShardedFSDPStrategy
 from lmpipe.train.data import TokenDataModule, open_token_split, unigram_entropy
 from lmpipe.train.loop import Run, fit
@@ -102,13 +105,24 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
         evaluation=lambda monitor: _evaluation(cfg, paths, meta, datamodule, monitor, tracker, tokens_per_byte),
     ))
     trainer, monitor = fitted.trainer, fitted.monitor
-    strategy = trainer.strategy
-    # Full weights on rank 0 (FSDP gathers them from the shards).
-    state = (strategy.full_state_dict() if isinstance(strategy, ShardedFSDPStrategy)
-             else strategy.lightning_module_state_dict())
+    validation = fitted.callbacks[0]
+    assert isinstance(validation, Validation)
+    selection = validation.selection
+    exported: dict[str, float] | None
+    # The same choice on every rank (their val losses are reduced), as FSDP gathers on all of them.
+    if cfg.export_weights == "best" and selection is not None and selection.best is not None:
+        state = selection.state  # the best evaluation's weights, on rank 0
+        exported = selection.best
+    else:
+        state = full_weights(trainer)
+        exported = {"step": float(trainer.global_step), "loss": monitor.val[-1][1], "bpb": monitor.val[-1][2]} \
+            if monitor.val else None
     summary: dict[str, Any] = {**fitted.summary, "train_tokens": trainer.global_step * int(fitted.module.tokens_per_step)}
-    if monitor.val:
-        summary["val_loss"], summary["val_bpb"] = monitor.val[-1][1], monitor.val[-1][2]
+    if exported is not None:  # the val scores of the exported weights
+        summary["val_loss"], summary["val_bpb"] = exported["loss"], exported.get("bpb", float("nan"))
+        summary["export_step"] = int(exported["step"])
+    if selection is not None:
+        summary["stopped_early"] = int(selection.stopped)
     if "perf/mfu" in monitor.last:
         summary["mfu"] = monitor.last["perf/mfu"]
     if not trainer.is_global_zero:
@@ -118,6 +132,19 @@ def train(cfg: PretrainConfig, paths: Paths, extra_callbacks: Sequence[Callback]
     summary["parameters"] = model.num_parameters()
     summary["artifacts"] = export(cfg, paths, gpt_cfg, state, meta, summary, monitor)
     return summary
+
+
+def full_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The LightningModule's weights (``model.*``) as CPU copies on rank 0, {} on the other ranks;
+    under FSDP gathered from the shards, which every rank must take part in."""
+    strategy = trainer.strategy
+    if isinstance(strategy, ShardedFSDPStrategy):
+        state = strategy.full_state_dict()
+    elif trainer.is_global_zero:
+        state = strategy.lightning_module_state_dict()
+    else:
+        return {}
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def accumulation_steps(cfg: PretrainConfig, block_size: int, world_size: int,
@@ -180,9 +207,13 @@ def tokenizer_codec(tokenizer_dir: Path) -> tuple[Callable[[str], list[int]], Ca
 
 def _evaluation(cfg: PretrainConfig, paths: Paths, meta: dict[str, Any], datamodule: TokenDataModule,
                 monitor: TrainingMonitor, tracker: AsyncTracker, tokens_per_byte: float | None) -> list[Callback]:
-    """Validation (loss and bits per byte) and, for a causal LM, sample generations."""
+    """Validation (loss and bits per byte; with export_weights: best, the choice of the exported
+    weights and early stopping) and, for a causal LM, sample generations."""
+    selection = BestWeights(monitor="loss", mode="min", patience=cfg.patience, min_delta=cfg.min_delta) \
+        if cfg.export_weights == "best" or cfg.patience else None
     callbacks: list[Callback] = [Validation(
-        every=cfg.eval_every, tokens_per_byte=tokens_per_byte, monitor=monitor,
+        every=cfg.eval_every, tokens_per_byte=tokens_per_byte, monitor=monitor, selection=selection,
+        snapshot=full_weights if cfg.export_weights == "best" else (lambda trainer: {}),
         batches=lambda rank, world: datamodule.val_batches(cfg.eval_batches, rank, world),
     )]
     if cfg.objective == "clm" and cfg.sample_tokens > 0 and cfg.strategy != "fsdp":
@@ -229,12 +260,13 @@ def export(cfg: PretrainConfig, paths: Paths, gpt_cfg: GPTConfig, state: dict[st
         handle.write("step,train_loss,val_loss\n")
         handle.writelines(f"{step},{train},{val}\n" for step, (train, val) in sorted(rows.items()))
     png_path = paths.plots / "pretrain_loss.png"
-    write_bytes(png_path, loss_plot(monitor, summary.get("unigram_entropy")))
+    write_bytes(png_path, loss_plot(monitor, summary.get("unigram_entropy"), summary.get("export_step")))
     return [str(model_dir), str(metrics_path), str(csv_path), str(png_path)]
 
 
-def loss_plot(monitor: TrainingMonitor, unigram: float | None) -> bytes:
-    """PNG of train and val loss against step, with the unigram entropy as a reference line."""
+def loss_plot(monitor: TrainingMonitor, unigram: float | None, export_step: int | None = None) -> bytes:
+    """PNG of train and val loss against step, with the unigram entropy as a reference line and
+    the step of the exported weights."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,6 +279,8 @@ def loss_plot(monitor: TrainingMonitor, unigram: float | None) -> bytes:
         ax.plot([r[0] for r in monitor.val], [r[1] for r in monitor.val], marker="o", label="val")
     if unigram is not None:
         ax.axhline(unigram, color="grey", linestyle="--", label="unigram entropy")
+    if export_step is not None and monitor.val:
+        ax.axvline(export_step, color="green", linestyle=":", label=f"exported weights (step {export_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
