@@ -26,6 +26,11 @@ recipe (every option below off), each option alone on top of it, the options tha
 mean held-out bpb over the corpora together ("all winners"), and the ``--params`` recipe as is when
 it differs from the base. The markdown table gives each row's bpb and its ratio to the bare loop.
 On CUDA both sides train in bf16 (``--compile``: torch.compile on both).
+
+The pipeline validates only at its last step unless a row sets ``eval_every``. A row that then
+exports its best val evaluation (``export_weights: best``, the default) needs ``--val-share``: that
+share of the training documents becomes its val split, which it does not train on, so no weights
+are chosen by the held-out text.
 """
 
 from __future__ import annotations
@@ -82,14 +87,26 @@ def documents(text: str, min_bytes: int) -> list[str]:
     return docs
 
 
-def prepare(corpus: Path, root: Path, params: Path, vocab_size: int, doc_bytes: int) -> dict[str, Any]:
-    """Write the project at ``root`` for ``corpus``: splits, tokenizer, tokens. Returns the held-out facts."""
+def prepare(corpus: Path, root: Path, params: Path, vocab_size: int, doc_bytes: int,
+            val_share: float = 0.0) -> dict[str, Any]:
+    """Write the project at ``root`` for ``corpus``: splits, tokenizer, tokens. Returns the held-out facts.
+
+    With ``val_share``, one training document in round(1 / val_share) (evenly spread, as a random
+    split would) is the pipeline's val split, which ``export_weights: best`` selects on; the
+    pipeline trains on the others, the bare loop and the training-text score read them all. A
+    contiguous val part would not do: the text just before the held-out part is where its names
+    first occur (tinyshakespeare's last play). Without it the val split is the held-out text, read
+    only by the pipeline's final evaluation (``eval_every: 0``)."""
     data = corpus.read_bytes()
     cut = data.find(b"\n", int(0.9 * len(data))) + 1 or len(data)
-    parts = {"train": data[:cut].decode("utf-8"), "test": data[cut:].decode("utf-8")}
+    train_docs = documents(data[:cut].decode("utf-8"), doc_bytes)
+    test_docs = documents(data[cut:].decode("utf-8"), doc_bytes)
+    every = round(1 / val_share) if val_share else 0
+    val_docs = [d for i, d in enumerate(train_docs) if every and i % every == every - 1]
     paths = Paths(root)
-    for split, text in (("train", parts["train"]), ("val", parts["test"]), ("test", parts["test"])):
-        docs = documents(text, doc_bytes)
+    splits = {"train": [d for i, d in enumerate(train_docs) if not every or i % every != every - 1],
+              "val": val_docs or test_docs, "test": test_docs}
+    for split, docs in splits.items():
         writer = ShardWriter(paths.split / split)
         writer.write(make_table(doc_ids(docs), docs, [corpus.name] * len(docs), ["{}"] * len(docs)))
         writer.close()
@@ -98,9 +115,12 @@ def prepare(corpus: Path, root: Path, params: Path, vocab_size: int, doc_bytes: 
     tokenize_stage.run(TokenizeConfig(splits=["train", "val", "test"]), paths)
     meta = json.loads((paths.tokens / "meta.json").read_text())
     tokens = {split: np.fromfile(paths.tokens / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
-              for split in ("train", "test")}
+              for split in ("train", "val", "test")}
+    # Every document ends with EOS, so the val documents append to the training ones as whole documents.
+    train_tokens = np.concatenate([tokens["train"], tokens["val"]]) if val_docs else tokens["train"]
     return {"paths": paths, "meta": meta, "train_bytes": cut, "test_bytes": len(data) - cut,
-            "train_tokens": tokens["train"], "test_tokens": tokens["test"]}
+            "val_bytes": sum(len(d.encode("utf-8")) for d in val_docs), "train_tokens": train_tokens,
+            "test_tokens": tokens["test"]}
 
 
 def scores(logits_of: Callable[[Tensor], Tensor], project: dict[str, Any], block_size: int,
@@ -193,7 +213,7 @@ def bare_run(cfg: PretrainConfig, project: dict[str, Any], seconds: float, devic
                                    {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda" or None)
     forward = torch.compile(model) if compile_model else model
-    data = np.memmap(project["paths"].tokens / "train.bin", dtype=meta["dtype"], mode="r")
+    data = project["train_tokens"]  # the whole training text, with the pipeline's val part when there is one
     generator = torch.Generator().manual_seed(cfg.seed)
     T, B = gpt.block_size, cfg.micro_batch_size
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -238,11 +258,13 @@ def bare_run(cfg: PretrainConfig, project: dict[str, Any], seconds: float, devic
 
 def recipe(params: Path, overrides: list[str], seconds: float, device: torch.device,
            compile_model: bool) -> PretrainConfig:
-    """The ``pretrain`` section of ``params`` with ``overrides``, bounded by ``seconds`` of training."""
-    budget = [f"max_time={seconds}", "max_steps=1000000000", "eval_every=0", "eval_batches=4", "sample_tokens=0",
-              "checkpoint_every=0", "resume=false", "progress=false", "devices=1", "strategy=auto",
-              f"accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", f"compile={str(compile_model).lower()}"]
-    sections = load_params(params, [f"pretrain.{o}" for o in (*overrides, *budget)], sections=["pretrain"])
+    """The ``pretrain`` section of ``params`` with ``overrides``, bounded by ``seconds`` of training.
+    Evaluations only at the end and no samples unless ``overrides`` say otherwise."""
+    quiet = ["eval_every=0", "eval_batches=4", "sample_tokens=0"]
+    budget = [f"max_time={seconds}", "max_steps=1000000000", "checkpoint_every=0", "resume=false", "progress=false",
+              "devices=1", "strategy=auto", f"accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+              f"compile={str(compile_model).lower()}"]
+    sections = load_params(params, [f"pretrain.{o}" for o in (*quiet, *overrides, *budget)], sections=["pretrain"])
     return sections.pretrain
 
 
@@ -260,7 +282,8 @@ def pipeline_run(cfg: PretrainConfig, project: dict[str, Any], device: torch.dev
     seconds = time.perf_counter() - started
     model, _ = load_model(paths.models / "pretrain", device)
     return {**scores(lambda x: model(x)[0], project, model.config.block_size, device), "steps": summary["steps"], "tokens": summary["train_tokens"], "seconds": seconds,
-            "tokens_per_s": summary["tokens_per_s"], "parameters": summary["parameters"]}
+            "tokens_per_s": summary["tokens_per_s"], "parameters": summary["parameters"],
+            "export_step": summary.get("export_step", summary["steps"])}
 
 
 # ------------------------------------------------------------------------------ main
@@ -268,7 +291,7 @@ def pipeline_run(cfg: PretrainConfig, project: dict[str, Any], device: torch.dev
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown: a row per corpus and run, then each run's mean ratio to the bare loop."""
-    lines = ["| corpus | run | parameters | steps | train tokens | tokens/s | training-text bpb | held-out bpb | vs bare |",
+    lines = ["| corpus | run | parameters | steps (exported) | train tokens | tokens/s | training-text bpb | held-out bpb | vs bare |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ratios: dict[str, list[float]] = {}
     for corpus, runs in results.items():
@@ -276,7 +299,9 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         for name, row in runs.items():
             ratio = row["bpb"] / bare
             ratios.setdefault(name, []).append(ratio)
-            lines.append(f"| {corpus} | {name} | {row['parameters']:,} | {row['steps']:,} | {row['tokens']:,} | "
+            steps = f"{row['steps']:,}" + (f" ({row['export_step']:,})" if row.get("export_step", row["steps"]) != row["steps"]
+                                           else "")
+            lines.append(f"| {corpus} | {name} | {row['parameters']:,} | {steps} | {row['tokens']:,} | "
                          f"{row['tokens_per_s']:,.0f} | {row['train_bpb']:.4f} | {row['bpb']:.4f} | {ratio:.3f} |")
     lines += ["", "| run | mean bpb ratio to bare (lower is better) |", "|---|---:|"]
     lines += [f"| {name} | {statistics.mean(values):.3f} |" for name, values in ratios.items()]
@@ -297,6 +322,9 @@ def main() -> None:
                         "recipe's), e.g. --variant 'seq 256:model.block_size=256,micro_batch_size=8'. Two more "
                         "keys: vocab=N trains on a tokenizer of N pieces; bare makes the row a bare loop.")
     parser.add_argument("--vocab-size", type=int, default=4096, help="Tokenizer pieces (tokenizer.vocab_size).")
+    parser.add_argument("--val-share", type=float, default=0.0,
+                        help="Share of the training documents held back as the pipeline's val split, for rows that "
+                        "select their weights on it (eval_every > 0); the bare loop trains on all of it.")
     parser.add_argument("--doc-bytes", type=int, default=2000, help="Documents end at a blank line after this.")
     parser.add_argument("--ablate", action="store_true", help="A row per recipe option, plus all winners.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
@@ -331,7 +359,7 @@ def main() -> None:
             key = (names[index], vocab)
             if key not in projects:
                 projects[key] = made = prepare(args.corpus[index], Path(tmp) / f"corpus{index}-{vocab}", args.params,
-                                               vocab, args.doc_bytes)
+                                               vocab, args.doc_bytes, args.val_share)
                 print(f"{names[index]} ({vocab:,} pieces): {made['train_bytes']:,} train bytes, "
                       f"{made['test_bytes']:,} held-out bytes, {len(made['test_tokens']):,} held-out tokens", flush=True)
             return projects[key]
@@ -341,6 +369,9 @@ def main() -> None:
             vocab = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("vocab=")), args.vocab_size)
             rest = [o for o in overrides if not o.startswith("vocab=") and o != "bare"]
             cfg = recipe(args.params, rest, args.seconds, device, args.compile)
+            if cfg.eval_every and cfg.export_weights == "best" and not args.val_share and "bare" not in overrides:
+                parser.error(f"{label}: eval_every {cfg.eval_every} with export_weights: best would pick weights "
+                             "by the held-out text; hold a val split back with --val-share")
             for index, name in enumerate(names):
                 made = project(index, vocab)
                 if "bare" in overrides:
@@ -349,8 +380,11 @@ def main() -> None:
                     row = pipeline_run(cfg, made, device)
                 results.setdefault(name, {})[label] = row
                 ratio = row["bpb"] / results[name]["bare"]["bpb"] if "bare" in results[name] else 1.0
+                step = row.get("export_step", row["steps"])
+                exported = f" (exported step {step:,})" if step != row["steps"] else ""
                 print(f"{name} {label}: bpb {row['bpb']:.4f} ({ratio:.3f} of bare; training text "
-                      f"{row['train_bpb']:.4f}), {row['steps']:,} steps, "
+                      f"{row['train_bpb']:.4f}), {row['steps']:,} steps"
+                      f"{exported}, "
                       f"{row['parameters']:,} parameters, {row['tokens_per_s']:,.0f} tokens/s", flush=True)
 
         measure("bare", [*args.overrides, "bare"])
